@@ -1,0 +1,1 @@
+"""Orchestration: Dask clusters, plans, runs and the Zarr store. Imports pipelines and kernels."""

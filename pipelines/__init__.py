@@ -1,0 +1,1 @@
+"""Files -> arrays -> tables, and tables -> regressions, plots, reports. Imports kernels only."""

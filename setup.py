@@ -1,0 +1,52 @@
+"""zooscope: GPU-accelerated batch engine for weight-only diagnostics of neural-network zoos.
+
+The repository's top-level code folders install as one import namespace:
+``engine/`` -> ``zooscope.engine``, ``kernels/`` -> ``zooscope.kernels``,
+``pipelines/`` -> ``zooscope.pipelines`` (PyPI already has packages called
+``kernels`` and ``pipelines``, so they are never top-level imports).
+"""
+from setuptools import setup
+
+setup(
+    name="zooscope",
+    version="0.1.0",
+    description="Score whole zoos of trained neural networks from their weights alone.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["zooscope", "zooscope.engine", "zooscope.kernels", "zooscope.pipelines"],
+    package_dir={
+        "zooscope": "zooscope",
+        "zooscope.engine": "engine",
+        "zooscope.kernels": "kernels",
+        "zooscope.pipelines": "pipelines",
+    },
+    package_data={"zooscope": ["cluster.yaml"]},
+    install_requires=[
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "numba>=0.59",
+        "torch>=2.1",
+        "dask[distributed]>=2024.1",
+        "zarr>=3.0",
+        "pandas>=2.0",
+        "xarray>=2024.1",
+        "statsmodels>=0.14",
+        "scikit-learn>=1.3",
+        "matplotlib>=3.7",
+        "safetensors>=0.4",
+        "rich>=13",
+        "tqdm>=4.60",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "gpu": ["cupy-cuda12x>=13", "dask-cuda>=24.2"],
+        "cluster": ["dask-jobqueue>=0.8"],
+        "test": [
+            "pytest>=7",
+            "weightwatcher==0.7.7",
+            "powerlaw==1.5",
+        ],
+    },
+    entry_points={"console_scripts": ["zooscope=zooscope.cli:main"]},
+)

@@ -1,0 +1,5 @@
+import sys
+
+from zooscope.cli import main
+
+sys.exit(main())
