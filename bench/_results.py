@@ -1,0 +1,43 @@
+"""Shared by the bench scripts: describe the machine and append a result table to bench/RESULTS.md."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def machine() -> str:
+    """One line naming the CPU, core count and GPU (if any) of this machine."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, Python {platform.python_version()}"
+
+
+def record(title: str, table_markdown: str, notes: str = "") -> None:
+    """Append a dated section with the machine, the command that ran and a Markdown table to RESULTS.md."""
+    command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+    when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = [f"\n## {title}", "", f"- date: {when}", f"- machine: {machine()}", f"- command: `{command}`"]
+    if notes:
+        section.append(f"- notes: {notes}")
+    section += ["", table_markdown.strip(), ""]
+    with open(RESULTS, "a", encoding="utf-8") as fh:
+        fh.write("\n".join(section))
+    print(table_markdown)
