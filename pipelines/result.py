@@ -1,0 +1,60 @@
+"""The result of analysing one model (or one shard of it): what a task returns and the store appends."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+
+@dataclass
+class ModelResult:
+    """Per-layer results of one model or shard.
+
+    layers: one row per analysed layer matrix (zooscope column names, see ``pipelines.analyze``), in layer order,
+        with an integer ``layer_id`` column giving the position of the layer in the checkpoint.
+    esd: one fp64 eigenvalue array per row of ``layers`` (ascending; empty for a layer that failed).
+    hist_counts: ``(rows, bins)`` float64 weight-histogram counts per layer (``bins`` may be 0).
+    hist_edges: ``(rows, bins + 1)`` float64 bin edges per layer.
+    n_params: number of weights read (all tensors of the model or shard, biases included).
+    timings: seconds spent per phase (``read``, ``esd``, ``fit``, ``stats``...), summed over layers.
+    """
+
+    layers: pd.DataFrame
+    esd: list[np.ndarray]
+    hist_counts: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    hist_edges: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))
+    n_params: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.esd) != len(self.layers):
+            raise ValueError(f"{len(self.esd)} ESDs for {len(self.layers)} layer rows")
+        if self.hist_counts.shape[0] not in (0, len(self.layers)):
+            raise ValueError(f"{self.hist_counts.shape[0]} histograms for {len(self.layers)} layer rows")
+
+
+def merge_results(parts: list[ModelResult]) -> ModelResult:
+    """Join the results of a model's shards into one, rows ordered by ``layer_id`` (stable)."""
+    if not parts:
+        raise ValueError("no shard results to merge")
+    layers = pd.concat([p.layers for p in parts], ignore_index=True)
+    esd = [e for p in parts for e in p.esd]
+    bins = max((p.hist_counts.shape[1] for p in parts if len(p.layers)), default=0)
+    counts = [p.hist_counts if len(p.layers) else np.zeros((0, bins)) for p in parts]
+    edges = [p.hist_edges if len(p.layers) else np.zeros((0, bins + 1)) for p in parts]
+    hist_counts = np.concatenate(counts) if bins else np.zeros((len(layers), 0))
+    hist_edges = np.concatenate(edges) if bins else np.zeros((len(layers), 1))
+    order = np.argsort(layers["layer_id"].to_numpy(), kind="stable") if len(layers) else np.arange(0)
+    timings: dict[str, float] = {}
+    for p in parts:
+        for k, v in p.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+    return ModelResult(
+        layers=layers.iloc[order].reset_index(drop=True),
+        esd=[esd[i] for i in order],
+        hist_counts=hist_counts[order] if bins else hist_counts,
+        hist_edges=hist_edges[order] if bins else hist_edges,
+        n_params=sum(p.n_params for p in parts),
+        timings=timings,
+    )
