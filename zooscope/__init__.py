@@ -1,2 +1,94 @@
-"""zooscope: score whole zoos of trained neural networks from their weights alone."""
+"""zooscope: score whole zoos of trained neural networks from their weights alone.
+
+The few things a user imports:
+
+- ``analyze(model_or_path, **options)`` — one model to a WeightWatcher-style DataFrame.
+- ``scan(paths, store, ...)`` — a zoo of checkpoints into a Zarr store (in-process or on a Dask cluster).
+- ``open(store)`` — a store as pandas DataFrames (``.models``, ``.layers``, ``.drift``, ``.esd(row)``).
+- ``regress(models, y, ...)`` — metrics against accuracy per (dataset, series).
+"""
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["analyze", "scan", "open", "regress", "__version__"]
+
+#: WeightWatcher ``analyze()`` arguments and the zooscope option each one becomes.
+_WW_OPTION_NAMES = {
+    "min_evals": "min_evals", "max_evals": "max_evals", "max_N": "max_N", "pool": "pool",
+    "conv2d_norm": "conv2d_norm", "mp_fit": "mp_fit", "randomize": "randomize", "detX": "detX",
+    "fix_fingers": "fix_fingers", "xmax": "xmax",
+}
+
+
+def _options_from_kwargs(kwargs: dict[str, Any]):
+    """Translate WeightWatcher-style keyword arguments into ``AnalysisOptions``; unknown names raise."""
+    from zooscope.pipelines.analyze import AnalysisOptions
+
+    fields = set(AnalysisOptions.__dataclass_fields__)
+    options: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "svd_method":
+            if value not in ("fast", "accurate"):
+                raise ValueError(f"svd_method must be 'fast' or 'accurate', got {value!r}")
+            options["esd_backend"] = "scipy-gesdd" if value == "accurate" else "auto"
+        elif key == "pl_package":
+            if value not in ("ww", "powerlaw"):
+                raise ValueError(f"pl_package must be 'ww' or 'powerlaw', got {value!r}")
+            options["pl_mode"] = value
+        elif key == "fit":
+            if value not in ("PL", "power_law"):
+                raise ValueError(f"only the power-law fit (fit='PL') is supported, got {value!r}")
+        elif key == "layers":
+            options["layers"] = tuple(value)
+        elif key in _WW_OPTION_NAMES:
+            options[_WW_OPTION_NAMES[key]] = value
+        elif key in fields:
+            options[key] = value
+        else:
+            raise TypeError(f"analyze() got an unknown option {key!r}; known: "
+                            f"{sorted(fields | set(_WW_OPTION_NAMES) | {'svd_method', 'pl_package', 'fit'})}")
+    return AnalysisOptions(**options)
+
+
+def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
+    """Analyse one model and return one row per layer matrix with WeightWatcher 0.7's column names.
+
+    model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz), a ``torch.nn.Module`` or a state
+        dict. options: ``AnalysisOptions`` fields or WeightWatcher's ``analyze()`` argument names.
+    ww_compat: write failed fits as WeightWatcher does (alpha = −1 ...) instead of NaN with status 'failed'.
+    For an ``nn.Module``, ``layer_id`` counts ``named_modules()`` as WeightWatcher does.
+    """
+    from zooscope.pipelines.analyze import analyze_checkpoint, to_weightwatcher_frame
+    from zooscope.pipelines.readers import open_checkpoint
+
+    opts = _options_from_kwargs(options)
+    with open_checkpoint(model) as ckpt:
+        result = analyze_checkpoint(ckpt, opts)
+    frame = to_weightwatcher_frame(result.layers, result.esd, failed_as_minus_one=ww_compat)
+    if hasattr(model, "named_modules"):
+        module_ids = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        frame["layer_id"] = frame["name"].map(module_ids).fillna(frame["layer_id"]).astype(int)
+    return frame
+
+
+def scan(paths=(), store: str = "zoo.zarr", **kwargs: Any):
+    """Analyse every checkpoint under ``paths`` (or a ``manifest=``) into the Zarr ``store``. See ``engine.scan``."""
+    from zooscope.engine.scan import scan as _scan
+
+    return _scan(paths, store, **kwargs)
+
+
+def open(path: str, *, latest: bool = False):  # noqa: A001 - mirrors xarray.open / zarr.open
+    """Open a zooscope store read-only: ``.models``, ``.layers``, ``.drift`` DataFrames and ``.esd(row)``."""
+    from zooscope.engine.store import open_store
+
+    return open_store(path, latest=latest)
+
+
+def regress(models, y: str, **kwargs: Any):
+    """Regress model-level metrics against ``y`` per group. See ``zooscope.pipelines.regress.regress``."""
+    from zooscope.pipelines.regress import regress as _regress
+
+    return _regress(models, y, **kwargs)

@@ -1,0 +1,283 @@
+"""Analyse one model (or one shard of it): tensors -> layer matrices -> eigenvalues -> fits and metrics.
+
+``analyze_checkpoint`` is a pure function of the checkpoint's tensors and the options: it never opens a store
+or a cluster, so a Dask task can call it (``analyze_path``) and return the small ``ModelResult``.
+Tensors are read one at a time; at most one layer's weights are in memory at once.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from zooscope.kernels import esd as esd_kernels
+from zooscope.kernels import powerlaw, spectral, weightstats
+from zooscope.pipelines.layers import LayerError, LayerInfo, layer_matrices, plan_layers
+from zooscope.pipelines.readers import Checkpoint, open_checkpoint
+from zooscope.pipelines.result import ModelResult
+
+#: WeightWatcher releases whose defaults can be reproduced (spec §10).
+WW_VERSIONS = ("0.7.5", "0.7.7")
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """What to compute per layer. Names follow WeightWatcher's ``analyze()`` arguments where they mean the same.
+
+    min_evals: skip layers with fewer than this many eigenvalues (M·rf pooled, M per slice). ``None`` takes the
+        default of ``ww_version`` (10 for 0.7.5, 8 for 0.7.7).
+    max_evals, max_N: skip layers with more eigenvalues / a longer side than this.
+    ww_version: the WeightWatcher release whose defaults and small-N fit are reproduced.
+    pool: one row per Conv2D layer (slices pooled) rather than one per kernel position.
+    conv2d_norm: WeightWatcher's Conv2D rescale (pooled eigenvalues x 1/2).
+    esd_backend, precision: passed to ``kernels.esd.eigenvalues`` (``auto`` routes by shape).
+    esd_table: a ``kernels.esd.RoutingTable`` measured by ``zooscope bench svd --tune`` (None: built-in rule).
+    fit_backend: ``numba`` (CPU), ``numpy`` (reference) or ``cuda``.
+    fix_fingers: None or ``"clip_xmax"``; xmax: WeightWatcher's ``xmax`` (None, or an int k clipping the top k).
+    pl_mode: ``"ww"`` (WeightWatcher's WWFit) or ``"powerlaw"`` (the powerlaw package's candidates and D).
+    bootstrap: number of bootstrap replicas for the goodness-of-fit p-value and alpha interval (0: none).
+    mp_fit, randomize, detX: WeightWatcher's optional metric groups.
+    weightstats, hist_bins: weight moments, node strength and a histogram per layer.
+    seed: seeds every random draw (randomize, bootstrap); a layer's draws depend only on (seed, layer_id).
+    layers: restrict to these layer names (key prefixes); empty means all.
+    """
+
+    min_evals: int | None = None
+    max_evals: int = 15000
+    max_N: int = 50000
+    ww_version: str = "0.7.5"
+    pool: bool = True
+    conv2d_norm: bool = True
+    esd_backend: str = "auto"
+    precision: str = "fp64"
+    esd_table: Any = None
+    fit_backend: str = "numba"
+    fix_fingers: str | None = None
+    xmax: int | None = None
+    pl_mode: str = "ww"
+    bootstrap: int = 0
+    mp_fit: bool = False
+    randomize: bool = False
+    detX: bool = False
+    weightstats: bool = True
+    hist_bins: int = 64
+    seed: int = 0
+    layers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.ww_version not in WW_VERSIONS:
+            raise ValueError(f"ww_version must be one of {WW_VERSIONS}, got {self.ww_version!r}")
+        if self.min_evals is None:
+            object.__setattr__(self, "min_evals", 8 if self.ww_version == "0.7.7" else 10)
+        if not 0 < self.min_evals < self.max_evals:
+            raise ValueError(f"need 0 < min_evals < max_evals, got {self.min_evals} and {self.max_evals}")
+        if self.max_N < self.max_evals:
+            raise ValueError(f"max_N ({self.max_N}) must be at least max_evals ({self.max_evals})")
+        object.__setattr__(self, "layers", tuple(self.layers))
+
+    def as_params(self) -> dict[str, Any]:
+        """The options as plain JSON-able values (what the store records as analysis parameters)."""
+        params = dataclasses.asdict(self)
+        params["esd_table"] = None if self.esd_table is None else "tuned"
+        params["layers"] = list(self.layers)
+        return params
+
+    def fit_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``kernels.powerlaw.fit``."""
+        options: dict[str, Any] = {"mode": self.pl_mode, "small_n": self.ww_version == "0.7.7"}
+        if self.fix_fingers:
+            options["fix_fingers"] = self.fix_fingers
+        if self.xmax is not None:
+            options["clip_top"] = abs(int(self.xmax))
+        if self.bootstrap:
+            options["bootstrap"] = self.bootstrap
+        return options
+
+
+def analyze_path(path: str, options: AnalysisOptions, keys: list[str] | None = None) -> ModelResult:
+    """Open the checkpoint at ``path`` and analyse it (only ``keys`` when given: one shard). A Dask task body."""
+    with open_checkpoint(path) as ckpt:
+        return analyze_checkpoint(ckpt, options, keys=keys)
+
+
+def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[str] | None = None) -> ModelResult:
+    """Analyse the layers of ``ckpt`` (restricted to ``keys`` if given) into a ``ModelResult``.
+
+    Layers whose weights are unusable (NaN/Inf, degenerate) become rows with ``status="error"`` and a message
+    naming the file and tensor; a failed power-law fit gives ``status="failed"``; other layers go on.
+    """
+    wanted = set(keys) if keys is not None else None
+    all_keys = ckpt.keys()
+    n_params = sum(int(np.prod(ckpt.shape(k))) for k in all_keys if wanted is None or k in wanted)
+    infos = [
+        info
+        for info in plan_layers(
+            ckpt,
+            min_evals=options.min_evals,
+            max_evals=options.max_evals,
+            max_N=options.max_N,
+            pool=options.pool,
+            module_types=ckpt.module_types(),
+        )
+        if info.skip_reason is None
+        and (wanted is None or info.key in wanted)
+        and (not options.layers or info.name in options.layers)
+    ]
+    timings = {"read": 0.0, "esd": 0.0, "fit": 0.0, "stats": 0.0}
+    rows: list[dict[str, Any]] = []
+    esds: list[np.ndarray] = []
+    stacks_for_random: list[list[np.ndarray] | None] = []
+    hists: list[tuple[np.ndarray, np.ndarray]] = []
+    for info in infos:
+        t0 = time.perf_counter()
+        tensor = ckpt.read(info.key)
+        timings["read"] += time.perf_counter() - t0
+        stats_row, hist = _weight_stats(tensor, info, options, timings)
+        try:
+            stacks = layer_matrices(tensor, info, pool=options.pool, conv2d_norm=options.conv2d_norm)
+        except LayerError as err:
+            for slice_id in range(1 if options.pool else info.n_slices):
+                rows.append({**_identity(info, slice_id, options), **stats_row, "status": "error",
+                             "error": f"{ckpt.path}: {err}"})
+                esds.append(np.zeros(0))
+                stacks_for_random.append(None)
+                hists.append(hist)
+            continue
+        del tensor
+        for slice_id, stack in enumerate(stacks):
+            t0 = time.perf_counter()
+            backend = esd_kernels.resolve_backend(
+                stack.shape[0], stack.shape[1], stack.shape[2], options.precision, options.esd_table
+            ) if options.esd_backend == "auto" else options.esd_backend
+            per_slice = esd_kernels.eigenvalues(stack, backend=backend, precision=options.precision)
+            timings["esd"] += time.perf_counter() - t0
+            row = {**_identity(info, slice_id, options), **stats_row, "status": "ok", "error": "",
+                   "esd_backend": backend, "num_evals": per_slice.size}
+            row.update(esd_kernels.singular_value_stats(per_slice, info.N))
+            rows.append(row)
+            esds.append(np.sort(per_slice.ravel()))
+            stacks_for_random.append([stack] if options.randomize else None)
+            hists.append(hist)
+    _fit_and_measure(rows, esds, stacks_for_random, options, timings)
+    layers = pd.DataFrame(rows)
+    counts, edges = _stack_hists(hists, options.hist_bins if options.weightstats else 0)
+    return ModelResult(layers=layers, esd=esds, hist_counts=counts, hist_edges=edges, n_params=n_params,
+                       timings=timings)
+
+
+def _identity(info: LayerInfo, slice_id: int, options: AnalysisOptions) -> dict[str, Any]:
+    row = {
+        "layer_id": info.layer_id,
+        "name": info.name,
+        "layer_type": info.layer_type,
+        "N": info.N,
+        "M": info.M,
+        "Q": info.N / info.M,
+        "rf": info.rf if options.pool else 1,
+    }
+    if not options.pool:
+        row["slice_id"] = slice_id
+    return row
+
+
+def _weight_stats(tensor: np.ndarray, info: LayerInfo, options: AnalysisOptions,
+                  timings: dict[str, float]) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+    bins = options.hist_bins
+    if not options.weightstats:
+        return {}, (np.zeros(0), np.zeros(1))
+    t0 = time.perf_counter()
+    try:
+        stats, counts, edges = weightstats.layer_stats(tensor, bins=bins, layer_type=info.layer_type)
+    except ValueError:  # non-finite weights: the layer row carries the error, stats stay empty
+        stats, counts, edges = {}, np.full(bins, np.nan), np.full(bins + 1, np.nan)
+    timings["stats"] += time.perf_counter() - t0
+    return stats, (counts, edges)
+
+
+def _fit_and_measure(rows: list[dict[str, Any]], esds: list[np.ndarray],
+                     stacks_for_random: list[list[np.ndarray] | None], options: AnalysisOptions,
+                     timings: dict[str, float]) -> None:
+    """Fit every ok layer's ESD (batched, so a GPU backend fits them in one launch) and add the metrics."""
+    ok = [i for i, row in enumerate(rows) if row["status"] == "ok"]
+    t0 = time.perf_counter()
+    fits = powerlaw.fit_many([esds[i] for i in ok], backend=options.fit_backend, **options.fit_options())
+    timings["fit"] += time.perf_counter() - t0
+    for i, fit in zip(ok, fits):
+        row, evals = rows[i], esds[i]
+        record = fit.as_dict()
+        row.update({k: v for k, v in record.items() if k != "status"})
+        row["fit_backend"] = options.fit_backend
+        if fit.status != "success":
+            row["status"] = "failed"
+        n, m = row["N"], row["M"]
+        row.update(spectral.norm_metrics(evals, fit.alpha, n=n, m=m))
+        rng = np.random.default_rng([options.seed, row["layer_id"], row.get("slice_id", 0)])
+        if options.mp_fit:
+            row.update(spectral.mp_fit(evals, n=n, m=m))
+        if options.detX:
+            row.update(spectral.detx(evals))
+        if options.randomize:
+            stacks = stacks_for_random[i]
+            rand_evals = spectral.randomized_eigenvalues(stacks[0], rng=rng, backend=row["esd_backend"],
+                                                         replicas=5 if m * row["rf"] < 100 else 1)
+            rand_single = spectral.randomized_eigenvalues(stacks[0], rng=rng, backend=row["esd_backend"],
+                                                          replicas=1)
+            row.update(spectral.randomize_metrics(evals, rand_evals, rand_single, n=n, m=m))
+
+
+def _stack_hists(hists: list[tuple[np.ndarray, np.ndarray]], bins: int) -> tuple[np.ndarray, np.ndarray]:
+    if not hists or bins == 0:
+        return np.zeros((len(hists), 0)), np.zeros((len(hists), 1))
+    return (np.stack([np.asarray(c, dtype=np.float64) for c, _ in hists]),
+            np.stack([np.asarray(e, dtype=np.float64) for _, e in hists]))
+
+
+#: WeightWatcher 0.7's per-layer columns (default options), in its order after ``layer_id, name``.
+_WW_COLUMNS = sorted(
+    ["D", "M", "N", "Q", "alpha", "alpha_weighted", "entropy", "has_esd", "lambda_max", "layer_type",
+     "log_alpha_norm", "log_norm", "log_spectral_norm", "longname", "matrix_rank", "norm", "num_evals",
+     "num_pl_spikes", "rank_loss", "rf", "sigma", "spectral_norm", "stable_rank", "status", "sv_max",
+     "sv_min", "warning", "weak_rank_loss", "xmax", "xmin"]
+)
+_OPTIONAL_WW_COLUMNS = (
+    "num_spikes", "sigma_mp", "mp_softrank", "W_scale", "bulk_max", "bulk_min",
+    "max_rand_eval", "rand_distance", "ww_softrank", "ww_maxdist", "rand_num_spikes", "rand_sigma_mp",
+    "rand_mp_softrank", "rand_W_scale", "rand_bulk_max", "rand_bulk_min",
+    "detX_num", "detX_val", "detX_val_unrescaled", "num_fingers", "raw_alpha", "Lambda", "slice_id",
+)
+
+
+def to_weightwatcher_frame(layers: pd.DataFrame, esd: list[np.ndarray] | None = None, *,
+                           failed_as_minus_one: bool = True) -> pd.DataFrame:
+    """Layer rows in WeightWatcher 0.7's layout: its column names and order, ``status`` success/failed.
+
+    With ``failed_as_minus_one`` a failed fit reads as WeightWatcher writes it: alpha, D, sigma, xmin and
+    num_pl_spikes are −1, warning is 'over-trained', alpha_weighted = −log10 λmax and (when the ESDs aligned
+    with ``layers`` are given) log_alpha_norm = log10 Σ λ⁻¹. Layers with ``status="error"`` are dropped
+    (WeightWatcher would have crashed on them).
+    """
+    keep = (layers["status"] != "error").to_numpy()
+    frame = layers[keep].copy()
+    frame["longname"] = frame["name"]
+    frame["has_esd"] = True
+    frame["status"] = np.where(frame["status"] == "ok", "success", "failed")
+    failed = (frame["status"] == "failed").to_numpy()
+    if failed_as_minus_one and failed.any():
+        for column in ("alpha", "D", "sigma", "xmin", "num_pl_spikes"):
+            frame.loc[failed, column] = -1
+        frame.loc[failed, "warning"] = "over-trained"
+        frame.loc[failed, "alpha_weighted"] = -np.log10(frame.loc[failed, "lambda_max"].astype(float))
+        if esd is not None:
+            kept_esd = [e for e, k in zip(esd, keep) if k]
+            with np.errstate(divide="ignore"):
+                frame.loc[failed, "log_alpha_norm"] = [
+                    np.log10(np.sum(1.0 / e)) for e, f in zip(kept_esd, failed) if f
+                ]
+    columns = ["layer_id", "name"] + sorted(
+        [c for c in _WW_COLUMNS if c in frame] + [c for c in _OPTIONAL_WW_COLUMNS if c in frame]
+    )
+    return frame[columns].reset_index(drop=True)
