@@ -1,0 +1,157 @@
+"""Run planned tasks in-process or on a Dask cluster and yield their results as they finish.
+
+Each task opens its checkpoint on the worker and reads only its own tensors (``pipelines.analyze.analyze_path``);
+the client sends paths and tensor names, never weights. A file that cannot be read comes back as its
+``CheckpointError`` (not retried: the file will not get better); any other exception is retried ``retries``
+times by Dask, and a worker that dies mid-task has its task rescheduled by the scheduler.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from zooscope.engine.plan import Task
+from zooscope.pipelines.analyze import AnalysisOptions, analyze_path
+from zooscope.pipelines.readers import CheckpointError
+from zooscope.pipelines.result import ModelResult
+
+#: Test hook: a task of this model_id ends its process with ``os._exit(1)`` ...
+EXIT_ON_ENV = "ZOOSCOPE_TEST_EXIT_ON"
+#: ... unless this marker file exists (the hook creates it before exiting, so the retry succeeds).
+EXIT_MARKER_ENV = "ZOOSCOPE_TEST_EXIT_MARKER"
+
+
+def run_task(path: str, options: AnalysisOptions, keys: Sequence[str] | None,
+             model_id: str) -> ModelResult | CheckpointError:
+    """The task body: analyse ``keys`` of ``path``; a bad file is returned as its ``CheckpointError``.
+
+    ``timings['wall']`` of the result is the task's wall time in seconds.
+    """
+    _test_exit_hook(model_id)
+    t0 = time.perf_counter()
+    try:
+        result = analyze_path(path, options, list(keys) if keys is not None else None)
+    except CheckpointError as err:
+        return err
+    result.timings["wall"] = time.perf_counter() - t0
+    return result
+
+
+def _test_exit_hook(model_id: str) -> None:
+    if os.environ.get(EXIT_ON_ENV) != model_id:
+        return
+    marker = os.environ.get(EXIT_MARKER_ENV)
+    if marker:
+        try:
+            Path(marker).touch(exist_ok=False)
+        except FileExistsError:
+            return
+    os._exit(1)
+
+
+def execute(
+    tasks: Sequence[Task],
+    options: AnalysisOptions,
+    *,
+    client: Any = None,
+    retries: int = 2,
+    progress: bool = True,
+) -> Iterator[tuple[Task, ModelResult | Exception]]:
+    """Run ``tasks`` and yield ``(task, result or exception)`` as each finishes (completion order).
+
+    ``client=None`` runs them one by one in this process; otherwise they are submitted to the Dask
+    ``client`` (GPU-wanting tasks ask for ``resources={"GPU": 1}`` when some worker offers that resource).
+    A progress bar on stderr counts models, shards and bytes.
+    """
+    with _Progress(tasks, enabled=progress) as bar:
+        outcomes = _in_process(tasks, options) if client is None else _on_cluster(tasks, options, client, retries)
+        for task, outcome in outcomes:
+            bar.advance(task)
+            yield task, outcome
+
+
+def _in_process(tasks: Sequence[Task], options: AnalysisOptions) -> Iterator[tuple[Task, Any]]:
+    for task in tasks:
+        try:
+            outcome = run_task(task.path, options, task.keys, task.model_id)
+        except Exception as err:  # noqa: BLE001 - one model's failure must not end the scan
+            outcome = err
+        yield task, outcome
+
+
+def _on_cluster(tasks: Sequence[Task], options: AnalysisOptions, client: Any,
+                retries: int) -> Iterator[tuple[Task, Any]]:
+    from distributed import as_completed
+
+    gpu = has_gpu_workers(client)
+    run_id = uuid.uuid4().hex[:8]
+    by_key: dict[str, Task] = {}
+    futures = []
+    for i, task in enumerate(tasks):
+        key = f"analyze-{run_id}-{i}"
+        by_key[key] = task
+        futures.append(client.submit(
+            run_task, task.path, options, task.keys, task.model_id,
+            key=key, retries=retries, pure=False,
+            resources={"GPU": 1} if gpu and task.wants_gpu else None,
+        ))
+    for future in as_completed(futures):
+        try:
+            outcome = future.result()
+        except Exception as err:  # noqa: BLE001 - e.g. KilledWorker after repeated worker deaths
+            outcome = err
+        task = by_key[future.key]
+        future.release()
+        yield task, outcome
+
+
+def has_gpu_workers(client: Any) -> bool:
+    """Whether some worker of ``client``'s cluster advertises a ``GPU`` resource."""
+    workers = client.scheduler_info().get("workers", {})
+    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers.values())
+
+
+class _Progress:
+    """One rich progress bar over bytes, with model and shard counts (disabled: does nothing)."""
+
+    def __init__(self, tasks: Sequence[Task], *, enabled: bool) -> None:
+        self.enabled = enabled and len(tasks) > 0
+        self.shards_left: dict[str, int] = {}
+        for task in tasks:
+            self.shards_left[task.content_hash] = self.shards_left.get(task.content_hash, 0) + 1
+        self.n_models, self.n_shards = len(self.shards_left), len(tasks)
+        self.models_done = self.shards_done = 0
+        self.total_bytes = sum(t.nbytes for t in tasks)
+
+    def __enter__(self) -> "_Progress":
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn, TransferSpeedColumn)
+
+            self.bar = Progress(
+                TextColumn("scan"), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
+                TextColumn("models {task.fields[models]}  shards {task.fields[shards]}"),
+                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+            )
+            self.bar.start()
+            self.task_id = self.bar.add_task("scan", total=self.total_bytes, **self._fields())
+        return self
+
+    def _fields(self) -> dict[str, str]:
+        return {"models": f"{self.models_done}/{self.n_models}", "shards": f"{self.shards_done}/{self.n_shards}"}
+
+    def advance(self, task: Task) -> None:
+        self.shards_done += 1
+        self.shards_left[task.content_hash] -= 1
+        if self.shards_left[task.content_hash] == 0:
+            self.models_done += 1
+        if self.enabled:
+            self.bar.update(self.task_id, advance=task.nbytes, **self._fields())
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.bar.stop()

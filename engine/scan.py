@@ -1,0 +1,309 @@
+"""``scan``: checkpoints (paths and/or a manifest CSV) -> content hashes -> plan -> tasks -> the Zarr store.
+
+Only models whose content hash the store does not hold are analysed (a nightly rerun over a growing directory
+analyses only what is new or changed; a changed file of a known ``model_id`` becomes its next ``version`` and
+the old rows stay; a bad file already recorded with the same hash is not retried). Shards of a model are merged
+in layer order and the model is appended to the store as soon as its last shard finishes: this process is the
+store's only writer, so a crash loses at most the models in flight and a rerun picks up the rest.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+
+from zooscope.engine.cluster import available_cores, make_client
+from zooscope.engine.plan import Task, plan
+from zooscope.engine.run import execute
+from zooscope.engine.store import ZooStore
+from zooscope.pipelines.analyze import AnalysisOptions
+from zooscope.pipelines.readers import CheckpointError, content_hash, discover, model_files
+from zooscope.pipelines.result import ModelResult, merge_results
+from zooscope.pipelines.summary import SUMMARY_METRICS, model_summary
+
+#: With ``cluster="auto"``, start a LocalCluster only for at least this much work (bytes to read) ...
+AUTO_LOCAL_BYTES = 256 * 1024**2
+#: ... spread over at least this many tasks, on a machine with at least two cores; else run in-process.
+AUTO_LOCAL_TASKS = 2
+
+#: Model-row columns that scan writes itself; a manifest column may not reuse these names.
+RESERVED_COLUMNS = frozenset({
+    "model_id", "path", "content_hash", "version", "status", "error", "n_layers", "n_params", "seconds",
+    "scanned_at", "file_stat", *SUMMARY_METRICS, *(f"robust_{m}" for m in SUMMARY_METRICS),
+})
+
+
+class ScanUsageError(ValueError):
+    """The scan cannot start: no inputs, a bad manifest, or a bad argument."""
+
+
+@dataclass
+class ScanReport:
+    """What a scan did. ``failed`` lists ``(path, message naming the file)`` per model recorded as an error."""
+
+    store: str
+    n_ok: int = 0
+    n_error: int = 0
+    n_skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    cluster: str = "none"
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every analysed model is ok, 3 when some failed."""
+        return 3 if self.n_error else 0
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One model to scan: absolute ``path``, its ``model_id`` and the manifest's metadata columns."""
+
+    path: str
+    model_id: str
+    metadata: tuple[tuple[str, Any], ...] = ()
+
+
+def scan(
+    paths: Sequence[str | os.PathLike] = (),
+    store: str | os.PathLike | None = None,
+    *,
+    manifest: str | os.PathLike | None = None,
+    options: AnalysisOptions = AnalysisOptions(),
+    cluster: str = "auto",
+    config: str | os.PathLike | None = None,
+    workers: int | None = None,
+    shard_bytes: int | None = None,
+    rehash: bool = False,
+    commit_seconds: float = 10.0,
+    progress: bool = True,
+    client: Any = None,
+) -> ScanReport:
+    """Analyse every new or changed checkpoint of ``paths`` and ``manifest`` into the store at ``store``.
+
+    cluster: a profile of ``cluster.yaml`` (``config``, else the packaged one) such as ``none`` (in-process),
+        ``local``, ``local-cuda``, ``slurm``, ``address``; or ``auto``: ``local`` when there are at least
+        ``AUTO_LOCAL_TASKS`` tasks and ``AUTO_LOCAL_BYTES`` bytes to read on a machine with ≥ 2 cores, else
+        ``none`` (so a small zoo or a rerun with nothing new starts no cluster). ``client``: an existing
+        ``distributed.Client`` to use instead (``cluster`` is then ignored).
+    shard_bytes: models larger than this (bytes on disk) are split into shards (default 2 GiB).
+    rehash: hash every file even when its size and mtime match what the store recorded for that path.
+    commit_seconds: completed models are committed to the store at least this often (and every 64 models, and
+        at the end); a crash loses at most the models completed since the last commit. 0: commit every model.
+    Raises ``ScanUsageError`` for no inputs, a bad manifest, or a store recorded with other analysis options;
+    ``StoreLockedError`` when another live process writes the store. Errors of single models never raise: they become error rows (see ``ScanReport.failed``).
+    """
+    t0 = time.perf_counter()
+    if store is None:
+        raise ScanUsageError("no store given: pass store=PATH (--store on the command line)")
+    models = collect_inputs(paths, manifest)
+    if not models:
+        raise ScanUsageError("no checkpoints found in " + ", ".join(map(str, [*paths, *([manifest] if manifest else [])])))
+    report = ScanReport(store=str(store))
+    try:
+        zoo = ZooStore.open(str(store), "a", params=options.as_params(), flush_seconds=commit_seconds)
+    except ValueError as err:  # not a store, or a store made with other analysis options
+        raise ScanUsageError(str(err)) from err
+    try:
+        hashes, stats, failures = _hash_all(models, zoo.models(), rehash)
+        done = set(zoo.committed_hashes())
+        for model, message in failures:  # unreadable before any task: recorded now, with a path-derived hash
+            digest = "unreadable:" + hashlib.sha256(model.path.encode()).hexdigest()
+            if digest in done:
+                report.n_skipped += 1
+                continue
+            row = _model_row(model, digest, "", message, None)
+            zoo.append(row, None)
+            report.n_error += 1
+            report.failed.append((model.path, row["error"]))
+        readable = [m for m in models if m.path in hashes]
+        tasks = plan(readable, done_hashes=done, shard_bytes=shard_bytes, hashes=hashes,
+                     wants_gpu=wants_gpu(options))
+        by_hash = {hashes[m.path]: m for m in readable}
+        report.n_skipped += len(readable) - len({t.content_hash for t in tasks})
+        report.cluster = "client" if client is not None else resolve_cluster(cluster, tasks)
+        context = nullcontext(client) if client is not None else make_client(report.cluster, config=config,
+                                                                           workers=workers)
+        with context as active:
+            for task, parts in _models_as_completed(execute(tasks, options, client=active, progress=progress)):
+                model = by_hash[task.content_hash]
+                error = _first_error(parts)
+                result = None if error else merge_results(parts)
+                row = _model_row(model, task.content_hash, stats.get(model.path, ""), error, result)
+                zoo.append(row, result)
+                if error:
+                    report.n_error += 1
+                    report.failed.append((model.path, row["error"]))
+                else:
+                    report.n_ok += 1
+    finally:
+        zoo.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def collect_inputs(paths: Iterable[str | os.PathLike], manifest: str | os.PathLike | None = None) -> list[ModelInput]:
+    """The models named by ``paths`` (files, model directories, directories of checkpoints) and ``manifest``.
+
+    A path that does not exist is kept as one model (it becomes an error row). Manifest CSV: ``path`` (relative
+    to the manifest's folder unless absolute), optional ``model_id`` (only for a path that is one model), and
+    any other columns, kept as model metadata. A path listed twice is scanned once (first listing wins).
+    """
+    found: dict[str, ModelInput] = {}
+    for given in paths:
+        for model in _expand(Path(given)):
+            found.setdefault(model.path, model)
+    if manifest is not None:
+        for model in read_manifest(manifest):
+            found.setdefault(model.path, model)
+    return list(found.values())
+
+
+def read_manifest(manifest: str | os.PathLike) -> list[ModelInput]:
+    """Models of a manifest CSV (see ``collect_inputs``)."""
+    manifest = Path(manifest)
+    try:
+        table = pd.read_csv(manifest)
+    except (OSError, ValueError) as err:
+        raise ScanUsageError(f"cannot read manifest {manifest}: {err}") from err
+    if "path" not in table.columns:
+        raise ScanUsageError(f"manifest {manifest} needs a 'path' column; it has {', '.join(map(str, table.columns))}")
+    meta_columns = [c for c in table.columns if c not in ("path", "model_id")]
+    clash = sorted(set(meta_columns) & RESERVED_COLUMNS)
+    if clash:
+        raise ScanUsageError(f"manifest {manifest}: columns {', '.join(clash)} are reserved for scan results; "
+                             "rename them")
+    models = []
+    for i, row in table.iterrows():
+        if pd.isna(row["path"]) or not str(row["path"]).strip():
+            raise ScanUsageError(f"manifest {manifest}, row {i + 2}: empty path")
+        path = manifest.parent / str(row["path"]).strip()
+        metadata = tuple((c, _plain(row[c])) for c in meta_columns)
+        expanded = _expand(path)
+        model_id = row.get("model_id")
+        if model_id is not None and not pd.isna(model_id):
+            if len(expanded) != 1:
+                raise ScanUsageError(f"manifest {manifest}, row {i + 2}: model_id {model_id!r} given for {path}, "
+                                     f"which holds {len(expanded)} models")
+            expanded = [ModelInput(expanded[0].path, str(model_id))]
+        models += [ModelInput(m.path, m.model_id, metadata) for m in expanded]
+    return models
+
+
+def resolve_cluster(cluster: str, tasks: Sequence[Task]) -> str:
+    """The profile ``cluster='auto'`` stands for, given the planned tasks (other names pass through)."""
+    if cluster != "auto":
+        return cluster
+    big = len(tasks) >= AUTO_LOCAL_TASKS and sum(t.nbytes for t in tasks) >= AUTO_LOCAL_BYTES
+    return "local" if big and available_cores() >= 2 else "none"
+
+
+def wants_gpu(options: AnalysisOptions) -> bool:
+    """Whether tasks with these options can use a GPU (eigenvalue backend auto/torch/cupy, or the CUDA fit)."""
+    return options.esd_backend == "auto" or options.esd_backend.startswith(("cupy", "torch")) \
+        or options.fit_backend == "cuda"
+
+
+def file_stat(path: str) -> str:
+    """``"files:bytes:newest mtime in ns"`` of a model's files: cheap evidence that a file did not change."""
+    files = model_files(path)
+    stats = [f.stat() for f in files]
+    return f"{len(stats)}:{sum(s.st_size for s in stats)}:{max(s.st_mtime_ns for s in stats)}"
+
+
+def _expand(path: Path) -> list[ModelInput]:
+    if not path.exists():
+        return [ModelInput(os.path.abspath(path), path.stem or path.name)]
+    return [ModelInput(os.path.abspath(s.path), s.model_id) for s in discover([path])]
+
+
+def _plain(value: Any) -> Any:
+    """A manifest cell as a plain Python value (numpy scalars -> int/float/str/bool)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _hash_all(models: Sequence[ModelInput], known: pd.DataFrame,
+              rehash: bool) -> tuple[dict[str, str], dict[str, str], list[tuple[ModelInput, str]]]:
+    """Content hashes by path (reusing the store's hash where path and file stat match), file stats by path,
+    and the models whose files cannot be read, with the message."""
+    cached: dict[tuple[str, str], str] = {}
+    if not rehash and len(known) and {"path", "file_stat", "content_hash"} <= set(known.columns):
+        cached = {(p, s): h for p, s, h in zip(known["path"], known["file_stat"], known["content_hash"])
+                  if isinstance(s, str) and s}
+    stats: dict[str, str] = {}
+    failures: list[tuple[ModelInput, str]] = []
+    for model in models:
+        try:
+            stats[model.path] = file_stat(model.path)
+        except (CheckpointError, OSError) as err:
+            failures.append((model, str(err)))
+    hashes = {m.path: cached[(m.path, stats[m.path])] for m in models if (m.path, stats.get(m.path)) in cached}
+    todo = [m for m in models if m.path in stats and m.path not in hashes]
+
+    def one(model: ModelInput) -> tuple[ModelInput, str | None, str]:
+        try:
+            return model, content_hash(model.path), ""
+        except (CheckpointError, OSError) as err:
+            return model, None, str(err)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(8, available_cores()))) as pool:  # hashlib releases the GIL
+        for model, digest, message in pool.map(one, todo):
+            if digest is None:
+                failures.append((model, message))
+            else:
+                hashes[model.path] = digest
+    return hashes, stats, failures
+
+
+def _models_as_completed(outcomes: Iterable[tuple[Task, Any]]) -> Iterable[tuple[Task, list[Any]]]:
+    """Group task outcomes by model; yield ``(task, outcomes of all its shards in shard order)`` when complete."""
+    pending: dict[str, dict[int, Any]] = {}
+    for task, outcome in outcomes:
+        parts = pending.setdefault(task.content_hash, {})
+        parts[task.shard] = outcome
+        if len(parts) == task.n_shards:
+            del pending[task.content_hash]
+            yield task, [parts[i] for i in range(task.n_shards)]
+
+
+def _first_error(parts: list[Any]) -> str:
+    for part in parts:
+        if isinstance(part, BaseException):
+            return str(part) or type(part).__name__
+    return ""
+
+
+def _model_row(model: ModelInput, digest: str, stat: str, error: str, result: ModelResult | None) -> dict[str, Any]:
+    """The ``/models`` row of one model (docs/INTERFACES.md, Table columns; the store adds ``version``)."""
+    row: dict[str, Any] = {
+        "model_id": model.model_id,
+        "path": model.path,
+        "content_hash": digest,
+        "status": "error" if error else "ok",
+        "error": error if not error or model.path in error else f"{model.path}: {error}",
+        "n_layers": 0 if result is None else len(result.layers),
+        "n_params": 0 if result is None else int(result.n_params),
+        "seconds": math.nan if result is None else float(result.timings.get("wall", math.nan)),
+        "scanned_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "file_stat": stat,
+        **dict(model.metadata),
+    }
+    if result is not None and len(result.layers):
+        def esd(layer_row: pd.Series):
+            return result.esd[layer_row.name]
+
+        ww = model_summary(result.layers, "ww", esd=esd)
+        robust = model_summary(result.layers, "robust")
+        row.update({m: ww[m] for m in SUMMARY_METRICS if m in ww})
+        row.update({f"robust_{m}": robust[m] for m in SUMMARY_METRICS if m in robust})
+    return row
+

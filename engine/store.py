@@ -1,0 +1,866 @@
+"""The zooscope store: a Zarr v3 group of append-only tables, committed by counters written last.
+
+Layout (one directory, or any zarr ``StoreLike``)::
+
+    models/<column>   1-D, one row per model          (dimension ``model``)
+    layers/<column>   1-D, one row per layer matrix   (dimension ``layer``), plus model_row, esd_start, esd_count
+    drift/<column>    1-D, one row per drift record   (dimension ``drift``)
+    esd/values        1-D fp64, every eigenvalue; layer i owns values[esd_start[i] : esd_start[i] + esd_count[i]]
+    hist/counts       (layers x bins) fp64, hist/edges (layers x bins+1) fp64, once any layer has a histogram
+    attrs             schema_version, zooscope_version, params, counters {n_models, n_layers, n_esd, n_hist,
+                      n_drift}, columns {table: {column: array name}}
+
+Columns are numeric (float64 / int64 / bool) or variable-length strings. A column missing from some rows holds
+its kind's fill value: NaN, -1, False or "". A column whose values no longer fit its kind (an int column that
+receives NaN, a number column that receives text) is rewritten once as a wider kind under the array name
+``<column>~<kind>``; the committed column map names the array, and ``to_xarray`` restores the column names.
+
+Commit protocol: appended rows are buffered and flushed in batches; a flush writes every data array first and then
+advances the counters (and the column map) in one atomic attrs write. Readers see only rows below the counters, so
+a crash at any point leaves the committed store intact; opening for writing truncates whatever lies beyond the
+counters and deletes arrays the column map does not name. Exactly one writer: ``mode="a"`` takes the lock of
+``engine.lock`` (local directories; other stores are trusted to have one writer). Data and commit are ordered for
+process crashes (every chunk and the attrs are replaced atomically by zarr's local store); nothing is fsynced, so a
+power loss may need ``zooscope check`` and a rescan.
+
+Reading: ``open_store(path)`` (``zooscope.open``) gives DataFrames; ``xarray.open_zarr(path, group="layers",
+consolidated=False)`` opens a table directly (rows beyond ``attrs["counters"]`` are uncommitted while a writer
+runs; ``ZooStore.to_xarray`` cuts them off).
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime as _dt
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.core.sync import sync as _zarr_sync
+
+from zooscope import __version__
+from zooscope.engine.lock import LOCK_NAME, StoreLockedError, WriterLock
+from zooscope.pipelines.result import ModelResult
+
+__all__ = ["ZooStore", "StoreView", "StoreLockedError", "open_store", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+TABLES = ("models", "layers", "drift")
+GROUPS = ("models", "layers", "esd", "hist", "drift")
+COUNTER_OF = {"models": "n_models", "layers": "n_layers", "drift": "n_drift"}
+COUNTERS = ("n_models", "n_layers", "n_esd", "n_hist", "n_drift")
+DIMS = {"models": "model", "layers": "layer", "drift": "drift"}
+INDEX_NAMES = {"models": "model_row", "layers": "layer_row", "drift": "drift_row"}
+#: the leading model columns, in this order (the user's metadata and summary metrics follow)
+MODEL_COLUMNS = ("model_id", "path", "content_hash", "version", "status", "error", "n_layers", "n_params",
+                 "seconds", "scanned_at")
+ROW_CHUNK = 4096
+ESD_CHUNK = 1 << 18  # 2 MiB of fp64: a flush rewrites at most one partial chunk per array
+HIST_CHUNK = 1024
+
+_KINDS = ("bool", "int", "float", "str")  # promotion order
+_DTYPE = {"bool": np.dtype(bool), "int": np.dtype(np.int64), "float": np.dtype(np.float64), "str": np.dtype(object)}
+_FILL = {"bool": False, "int": -1, "float": np.nan, "str": ""}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# columns: pandas pieces -> one numpy array per column in a storage kind
+
+
+def _normalize(s: pd.Series) -> tuple[str | None, np.ndarray | None]:
+    """The storage kind of one column piece and its values in that kind; (None, None) when all are missing."""
+    dt = s.dtype
+    if pd.api.types.is_bool_dtype(dt):
+        if not s.isna().any():
+            return "bool", s.to_numpy(dtype=bool)
+        return "float", s.astype("float64").to_numpy(na_value=np.nan)
+    if pd.api.types.is_integer_dtype(dt):
+        if s.isna().any():
+            return "float", s.to_numpy(dtype=np.float64, na_value=np.nan)
+        return "int", s.to_numpy(dtype=np.int64)
+    if pd.api.types.is_float_dtype(dt):
+        return "float", s.to_numpy(dtype=np.float64, na_value=np.nan)
+    missing = s.isna().to_numpy()
+    if missing.all():
+        return None, None
+    if pd.api.types.is_datetime64_any_dtype(dt):
+        return "str", np.array(["" if m else v.isoformat() for v, m in zip(s, missing)], dtype=object)
+    inferred = pd.api.types.infer_dtype(s, skipna=True)
+    if inferred in ("integer", "boolean") and not missing.any():
+        kind = "int" if inferred == "integer" else "bool"
+        return kind, s.to_numpy(dtype=_DTYPE[kind])
+    if inferred in ("integer", "boolean", "floating", "mixed-integer-float", "decimal"):
+        return "float", np.array([np.nan if m else float(v) for v, m in zip(s, missing)], dtype=np.float64)
+    if inferred == "string":
+        return "str", s.to_numpy(dtype=object, na_value="")
+    return "str", np.array(["" if m else str(v) for v, m in zip(s, missing)], dtype=object)
+
+
+def _convert(values: np.ndarray, kind: str, to: str) -> np.ndarray:
+    """Values of storage kind ``kind`` as kind ``to`` (``to`` is never narrower)."""
+    if kind == to:
+        return values
+    if to == "str":
+        if kind == "float":
+            return np.array(["" if np.isnan(v) else repr(float(v)) for v in values], dtype=object)
+        return np.array([str(v) for v in values.tolist()], dtype=object)
+    return values.astype(_DTYPE[to])
+
+
+def _kind_of(dtype: np.dtype) -> str:
+    return {"b": "bool", "i": "int", "u": "int", "f": "float"}.get(np.dtype(dtype).kind, "str")
+
+
+def _wider(a: str, b: str) -> str:
+    return a if _KINDS.index(a) >= _KINDS.index(b) else b
+
+
+def _assemble(groups: list[tuple[np.ndarray, pd.DataFrame]], n: int,
+              kinds: dict[str, str]) -> dict[str, tuple[str, np.ndarray]]:
+    """The columns of a batch of ``n`` rows made of frames placed at row positions ``pos`` (``groups``).
+
+    kinds: the stored kind of each existing column; every existing column is in the result (absent rows filled),
+    followed by new columns in order of first appearance. Returns column -> (kind, values of length n).
+    """
+    pieces: dict[str, list[tuple[np.ndarray, str, np.ndarray]]] = {}
+    order = list(kinds)
+    for pos, frame in groups:
+        if not frame.columns.is_unique:
+            raise ValueError(f"duplicate column names: {sorted(frame.columns[frame.columns.duplicated()])}")
+        for col in frame.columns:
+            kind, values = _normalize(frame[col])
+            if col not in pieces and col not in kinds:
+                order.append(col)
+            if kind is not None:
+                pieces.setdefault(col, []).append((pos, kind, values))
+    out = {}
+    for col in order:
+        kind = kinds.get(col, "bool" if col in pieces else "float")
+        for _, k, _ in pieces.get(col, ()):
+            kind = _wider(kind, k)
+        values = np.full(n, _FILL[kind], dtype=_DTYPE[kind])
+        for pos, k, v in pieces.get(col, ()):
+            values[pos] = _convert(v, k, kind)
+        out[str(col)] = (kind, values)
+    return out
+
+
+def _group_frames(frames: list[pd.DataFrame]) -> list[tuple[np.ndarray, pd.DataFrame]]:
+    """Concatenate frames of identical columns and dtypes (losslessly), remembering each row's batch position."""
+    starts = np.cumsum([0] + [len(f) for f in frames])
+    by_sig: dict[tuple, list[int]] = {}
+    for i, f in enumerate(frames):
+        by_sig.setdefault((tuple(f.columns), tuple(f.dtypes)), []).append(i)
+    groups = []
+    for members in by_sig.values():
+        pos = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in members])
+        frame = frames[members[0]] if len(members) == 1 else pd.concat([frames[i] for i in members],
+                                                                        ignore_index=True)
+        groups.append((pos, frame))
+    return groups
+
+
+def _group_rows(rows: list[dict[str, Any]]) -> list[tuple[np.ndarray, pd.DataFrame]]:
+    """Rows (dicts) as frames of rows sharing keys and value types, with each row's batch position."""
+    by_sig: dict[tuple, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_sig.setdefault(tuple((k, type(v)) for k, v in row.items()), []).append(i)
+    return [(np.array(members), pd.DataFrame.from_records([rows[i] for i in members], columns=list(rows[members[0]])))
+            for members in by_sig.values()]
+
+
+Write = tuple[zarr.Array, slice, np.ndarray]  # rows ``slice`` of an array get ``values``
+ArraySpec = tuple[str, str, str, int, tuple[int, ...], tuple[str, ...]]  # group, name, kind, rows, chunks, dims
+
+
+def _gather(coros: list) -> list:
+    """Run zarr coroutines concurrently on zarr's event loop: one round trip instead of one per array."""
+    async def _all() -> list:
+        return list(await asyncio.gather(*coros))
+
+    return _zarr_sync(_all()) if coros else []
+
+
+def _resize_all(arrays: list[tuple[zarr.Array, int]]) -> None:
+    """Give each array ``rows`` rows (metadata writes, concurrently); chunks beyond are deleted."""
+    _gather([arr.async_array.resize((rows,) + arr.shape[1:]) for arr, rows in arrays])
+
+
+def _write_all(writes: list[Write]) -> None:
+    """Grow arrays that are too short (geometrically, in whole chunks), then write every region concurrently.
+
+    One region per array: concurrent partial writes to one chunk would lose data (zarr-python #3514, #3682).
+    """
+    writes = [w for w in writes if w[1].stop > w[1].start]
+    ends = {id(arr): (arr, sel.stop) for arr, sel, _ in writes}
+    if len(ends) != len(writes):
+        raise RuntimeError("internal error: two writes to one array in a flush")
+    _resize_all([(arr, _round_up(max(end, 2 * arr.shape[0]), arr.chunks[0]))
+                 for arr, end in ends.values() if arr.shape[0] < end])
+    _gather([arr.async_array.setitem(sel, values) for arr, sel, values in writes])
+
+
+def _json_safe(params: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(params), default=str))
+
+
+def _round_up(n: int, chunk: int) -> int:
+    return -(-n // chunk) * chunk
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ZooStore:
+    """A zooscope store opened for reading (``mode="r"``) or appending (``mode="a"``, single writer).
+
+    Use ``ZooStore.open(path, mode)`` as a context manager. Appends are buffered and committed every
+    ``flush_every`` models, every ``flush_seconds`` seconds, when ``max_pending_values`` eigenvalues wait, on
+    ``flush()`` and on ``close()``; readers (of this object or another process) see committed rows only.
+    """
+
+    def __init__(self, root: zarr.Group, location: Any, mode: str, lock: WriterLock | None, *,
+                 flush_every: int, flush_seconds: float, max_pending_values: int) -> None:
+        self._root = root
+        self._location = location
+        self.mode = mode
+        self._lock = lock
+        self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self.max_pending_values = max_pending_values
+        self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._load_meta()
+        self._pending_rows: list[dict[str, Any]] = []
+        self._pending_results: list[ModelResult | None] = []
+        self._pending_drift: list[pd.DataFrame] = []
+        self._pending_values = 0
+        self._last_flush = time.monotonic()
+        self._known: dict[str, tuple[int, str]] | None = None  # model_id -> (max version, hash), incl. pending
+        self._pairs: set[tuple[str, str]] | None = None  # (model_id, content_hash), incl. pending
+        self._hist_bins: int | None = self._hist_width()
+
+    # -- opening and closing -----------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike | Any, mode: str = "r", *, params: dict[str, Any] | None = None,
+             flush_every: int = 256, flush_seconds: float = 10.0, max_pending_values: int = 1 << 23) -> "ZooStore":
+        """Open the store at ``path`` (a directory, a zarr store URL or ``StoreLike``).
+
+        mode: ``"r"`` read the committed state; ``"a"`` create if missing, take the writer lock, truncate
+            anything beyond the counters (a crashed writer's leftovers) and append.
+        params: the analysis parameters (JSON-able dict) recorded at creation; given for an existing store they
+            must equal the recorded ones (``set_params`` replaces them deliberately).
+        Raises ``StoreLockedError`` when another live writer holds the lock, ``FileNotFoundError`` when ``"r"``
+        finds no store.
+        """
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        options = dict(flush_every=flush_every, flush_seconds=flush_seconds, max_pending_values=max_pending_values)
+        local = _local_dir(path)
+        location = str(local) if local is not None else path
+        if mode == "r":
+            try:
+                root = zarr.open_group(location, mode="r", zarr_format=3)
+            except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+                raise FileNotFoundError(f"no zooscope store at {path}") from exc
+            _check_schema(root, path)
+            return cls(root, location, "r", None, **options)
+        lock = None
+        if local is not None:
+            if local.is_dir() and not (local / "zarr.json").exists() and any(
+                    p.name != LOCK_NAME and not p.name.startswith(LOCK_NAME) for p in local.iterdir()):
+                raise ValueError(f"{local} exists and is not a zarr store; choose a new path for the store")
+            local.mkdir(parents=True, exist_ok=True)
+            lock = WriterLock(local)
+        try:
+            root = zarr.open_group(location, mode="a", zarr_format=3)
+            if "schema_version" not in root.attrs:
+                for name in GROUPS:
+                    root.require_group(name)
+                root.attrs.update({"schema_version": SCHEMA_VERSION, "zooscope_version": __version__,
+                                   "params": _json_safe(params or {}),
+                                   "counters": {c: 0 for c in COUNTERS}, "columns": {t: {} for t in TABLES}})
+            _check_schema(root, path)
+            store = cls(root, location, "a", lock, **options)
+            store._recover()
+            if params is not None:
+                store._match_params(params)
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
+        return store
+
+    def __enter__(self) -> "ZooStore":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Flush what is pending, trim the arrays to the counters and release the writer lock."""
+        if self.mode != "a" or self._root is None:
+            return
+        try:
+            self.flush()
+            self._truncate()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+            self._root = None  # type: ignore[assignment]
+
+    def reload(self) -> None:
+        """Re-read the committed counters (a reader following a running writer)."""
+        if self.mode == "a":
+            raise RuntimeError("reload() is for readers; a writer's view is always current")
+        self._root = zarr.open_group(self._location, mode="r", zarr_format=3)
+        self._arrays.clear()
+        self._load_meta()
+        self._known = self._pairs = None
+
+    # -- metadata ----------------------------------------------------------------------------------------------
+
+    def _load_meta(self) -> None:
+        attrs = dict(self._root.attrs)
+        self._counters: dict[str, int] = {c: int(attrs["counters"].get(c, 0)) for c in COUNTERS}
+        self._columns: dict[str, dict[str, str]] = {t: dict(attrs["columns"].get(t, {})) for t in TABLES}
+        self._esd_index: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The analysis parameters recorded in the store."""
+        return dict(self._root.attrs.get("params", {}))
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The committed row counts: n_models, n_layers, n_esd, n_hist, n_drift."""
+        return dict(self._counters)
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        """Record ``params`` as the store's analysis parameters (replacing any)."""
+        self._writable()
+        self._root.attrs.update({"params": _json_safe(params)})
+
+    def _match_params(self, params: dict[str, Any]) -> None:
+        old, new = self.params, _json_safe(params)
+        if not old:
+            self.set_params(new)
+        elif old != new:
+            diff = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            self.close()
+            raise ValueError(f"analysis parameters differ from those recorded in the store ({', '.join(diff)}); "
+                             f"use another store, or ZooStore.set_params() to replace them deliberately")
+
+    def _writable(self) -> None:
+        if self.mode != "a" or self._root is None:
+            raise RuntimeError("the store is not open for writing (ZooStore.open(path, mode='a'))")
+
+    # -- arrays ------------------------------------------------------------------------------------------------
+
+    def _array(self, group: str, name: str) -> zarr.Array:
+        key = (group, name)
+        if key not in self._arrays:
+            self._arrays[key] = self._root[f"{group}/{name}"]
+        return self._arrays[key]
+
+    def _has(self, group: str, name: str) -> bool:
+        return (group, name) in self._arrays or f"{group}/{name}" in self._root
+
+    def _create_many(self, specs: list[ArraySpec]) -> list[zarr.Array]:
+        """New arrays with room for ``rows`` rows each (whole chunks), created concurrently; a leftover of a
+        failed flush under the same name is replaced."""
+        def spec(kind: str, rows: int, chunks: tuple[int, ...], dims: tuple[str, ...]) -> dict[str, Any]:
+            return dict(shape=(_round_up(max(rows, 1), chunks[0]),) + chunks[1:], chunks=chunks,
+                        dtype=str if kind == "str" else _DTYPE[kind], fill_value=_FILL[kind], dimension_names=dims)
+
+        made = _gather([self._root[g]._async_group.create_array(name, **spec(*rest), overwrite=True)
+                        for g, name, *rest in specs])
+        arrays = [zarr.Array(a) for a in made]
+        self._arrays.update({(g, name): arr for (g, name, *_), arr in zip(specs, arrays)})
+        return arrays
+
+    def _hist_width(self) -> int | None:
+        return self._array("hist", "counts").shape[1] if self._counters["n_hist"] else None
+
+    def _truncate(self) -> None:
+        """Cut every array to its committed length."""
+        lengths = {("esd", "values"): self._counters["n_esd"], ("hist", "counts"): self._counters["n_hist"],
+                   ("hist", "edges"): self._counters["n_hist"]}
+        for table in TABLES:
+            for name in self._columns[table].values():
+                lengths[(table, name)] = self._counters[COUNTER_OF[table]]
+        arrays = [(self._array(g, name), n) for (g, name), n in lengths.items() if self._has(g, name)]
+        _resize_all([(arr, n) for arr, n in arrays if arr.shape[0] > n])
+
+    def _recover(self) -> None:
+        """Undo an interrupted flush: delete arrays the column map does not name, truncate to the counters."""
+        for table in TABLES:
+            named = set(self._columns[table].values())
+            for name in list(self._root[table].array_keys()):
+                if name not in named:
+                    del self._root[table][name]
+        self._truncate()
+
+    # -- writing -----------------------------------------------------------------------------------------------
+
+    def _ensure_index(self) -> None:
+        if self._known is None:
+            n = self._counters["n_models"]
+            known: dict[str, tuple[int, str]] = {}
+            pairs: set[tuple[str, str]] = set()
+            if n:
+                ids, versions, hashes = (self._column("models", c, n) for c in ("model_id", "version",
+                                                                                  "content_hash"))
+                for mid, v, h in zip(ids.tolist(), versions.tolist(), hashes.tolist()):
+                    if v >= known.get(mid, (0, ""))[0]:
+                        known[mid] = (int(v), h)
+                    if h:
+                        pairs.add((mid, h))
+            self._known, self._pairs = known, pairs
+
+    def _column(self, table: str, col: str, n: int) -> np.ndarray:
+        name = self._columns[table].get(col)
+        if name is None:
+            kind = "str" if col in ("model_id", "content_hash") else "int"
+            return np.full(n, _FILL[kind], dtype=_DTYPE[kind])
+        values = self._array(table, name)[:n]
+        return values if values.dtype.kind in "biuf" else values.astype(object)
+
+    def append(self, model_row: dict[str, Any], result: ModelResult | None) -> None:
+        """Append one model: its row, and (unless ``result`` is None, an error row) its layers, ESDs, histograms.
+
+        model_row needs ``model_id``; the store fills ``version`` (next per model_id; a given one must be that),
+        ``status`` ('ok', or 'error' without a result), ``error`` (""), ``n_layers``, ``n_params`` and
+        ``scanned_at`` when absent. A non-empty ``content_hash`` already stored for the model_id is refused.
+        The model is committed by the next flush.
+        """
+        self._writable()
+        if "model_id" not in model_row:
+            raise ValueError("a model row needs a 'model_id'")
+        row = dict(model_row)
+        mid = row["model_id"] = str(row["model_id"])
+        h = row["content_hash"] = str(row.get("content_hash") or "")
+        self._ensure_index()
+        if h and (mid, h) in self._pairs:
+            raise ValueError(f"model {mid!r} with content hash {h[:16]}... is already in the store")
+        version = self._known.get(mid, (0, ""))[0] + 1
+        if int(row.setdefault("version", version)) != version:
+            raise ValueError(f"model {mid!r}: version {row['version']} given, the next version is {version}")
+        if result is None:
+            row["status"] = "error"
+        row.setdefault("status", "ok")
+        row.setdefault("error", "")
+        row.setdefault("n_layers", len(result.layers) if result is not None else 0)
+        if result is not None:
+            row.setdefault("n_params", result.n_params)
+            bins = result.hist_counts.shape[1] if result.hist_counts.size else None
+            if bins is not None:
+                if self._hist_bins is not None and bins != self._hist_bins:
+                    raise ValueError(f"model {mid!r}: histograms of {bins} bins, the store holds "
+                                     f"{self._hist_bins}-bin histograms")
+                self._hist_bins = bins
+            self._pending_values += sum(len(e) for e in result.esd)
+        row.setdefault("scanned_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        row = {**{k: row[k] for k in MODEL_COLUMNS if k in row}, **row}
+        self._pending_rows.append(row)
+        self._pending_results.append(result)
+        self._known[mid] = (version, h)
+        if h:
+            self._pairs.add((mid, h))
+        if (len(self._pending_rows) >= self.flush_every or self._pending_values >= self.max_pending_values
+                or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
+
+    def append_drift(self, df: pd.DataFrame) -> None:
+        """Append drift rows (any columns) and commit them together with anything pending."""
+        self._writable()
+        self._pending_drift.append(df.reset_index(drop=True))
+        self.flush()
+
+    def flush(self) -> None:
+        """Write everything pending, then advance the counters in one attrs write (the commit)."""
+        self._writable()
+        if not (self._pending_rows or self._pending_drift):
+            return
+        c = dict(self._counters)
+        columns = copy.deepcopy(self._columns)
+        garbage: list[tuple[str, str]] = []
+        writes: list[Write] = []
+        n_models = len(self._pending_rows)
+
+        frames, model_rows, counts = [], [], []
+        for i, res in enumerate(self._pending_results):
+            if res is not None and len(res.layers):
+                frames.append(res.layers)
+                model_rows.append(np.full(len(res.layers), c["n_models"] + i, dtype=np.int64))
+                counts.extend(len(e) for e in res.esd)
+        n_layers = sum(len(f) for f in frames)
+        layer_cols = self._table_batch("layers", _group_frames(frames), n_layers)
+        esd_count = np.asarray(counts, dtype=np.int64)
+        ends = c["n_esd"] + np.cumsum(esd_count)
+        layer_cols["model_row"] = ("int", np.concatenate(model_rows) if frames else np.zeros(0, np.int64))
+        layer_cols["esd_start"] = ("int", ends - esd_count)
+        layer_cols["esd_count"] = ("int", esd_count)
+
+        self._write_table("models", self._table_batch("models", _group_rows(self._pending_rows), n_models),
+                          c, columns, garbage, writes)
+        self._write_table("layers", layer_cols, c, columns, garbage, writes)
+        self._write_esd(c, writes)
+        self._write_hist(c, n_layers, writes)
+        if self._pending_drift:
+            drift = _group_frames(self._pending_drift)
+            n_drift = sum(len(f) for f in self._pending_drift)
+            self._write_table("drift", self._table_batch("drift", drift, n_drift), c, columns, garbage, writes)
+        _write_all(writes)
+        self._commit(c, columns)
+        for group, name in garbage:
+            del self._root[group][name]
+            self._arrays.pop((group, name), None)
+        self._pending_rows, self._pending_results, self._pending_drift = [], [], []
+        self._pending_values = 0
+        self._last_flush = time.monotonic()
+
+    def _table_batch(self, table: str, groups: list[tuple[np.ndarray, pd.DataFrame]],
+                     n: int) -> dict[str, tuple[str, np.ndarray]]:
+        kinds = {col: _kind_of(self._array(table, name).dtype) for col, name in self._columns[table].items()}
+        return _assemble(groups, n, kinds)
+
+    def _write_table(self, table: str, batch: dict[str, tuple[str, np.ndarray]], c: dict[str, int],
+                     columns: dict[str, dict[str, str]], garbage: list[tuple[str, str]],
+                     writes: list[Write]) -> None:
+        """Plan the writes of a batch's columns at rows [counter, counter + n), creating new and widened
+        arrays now, and advance the counter in ``c``; superseded arrays go to ``garbage``."""
+        start = c[COUNTER_OF[table]]
+        n = len(next(iter(batch.values()))[1]) if batch else 0
+        rows = slice(start, start + n)
+        specs: list[ArraySpec] = []
+        planned: list[tuple[slice, np.ndarray]] = []
+        for col, (kind, values) in batch.items():
+            name = columns[table].get(col)
+            if name is not None and _kind_of(self._array(table, name).dtype) == kind:
+                writes.append((self._array(table, name), rows, values))
+                continue
+            region = (rows, values)
+            if name is not None:  # widen: rewrite the committed values in the wider kind, in the same write
+                old = self._array(table, name)
+                old_kind = _kind_of(old.dtype)
+                committed = old[:start] if start else np.zeros(0, _DTYPE[old_kind])
+                committed = committed.astype(object) if old_kind == "str" else committed
+                region = (slice(0, start + n), np.concatenate([_convert(committed, old_kind, kind), values]))
+                garbage.append((table, name))
+            name = columns[table][col] = col if name is None else f"{col}~{kind}"  # new: earlier rows = fill
+            specs.append((table, name, kind, start + n, (ROW_CHUNK,), (DIMS[table],)))
+            planned.append(region)
+        for arr, (sel, values) in zip(self._create_many(specs), planned):
+            writes.append((arr, sel, values))
+        c[COUNTER_OF[table]] = start + n
+
+    def _write_esd(self, c: dict[str, int], writes: list[Write]) -> None:
+        values = [np.asarray(e, dtype=np.float64) for r in self._pending_results if r is not None for e in r.esd]
+        total = sum(len(v) for v in values)
+        if not total:
+            return
+        start = c["n_esd"]
+        if not self._has("esd", "values"):
+            self._create_many([("esd", "values", "float", start + total, (ESD_CHUNK,), ("eig",))])
+        arr = self._array("esd", "values")
+        writes.append((arr, slice(start, start + total), np.concatenate(values)))
+        c["n_esd"] = start + total
+
+    def _write_hist(self, c: dict[str, int], n_layers: int, writes: list[Write]) -> None:
+        """Histogram rows aligned with the new layer rows (NaN for layers without one), once any layer has one.
+
+        Runs after the layers table advanced ``c["n_layers"]`` by ``n_layers``.
+        """
+        bins = self._hist_bins
+        if bins is None or not n_layers:
+            return
+        start = c["n_layers"] - n_layers
+        if not c["n_hist"]:  # first histograms: earlier layers read as NaN
+            self._create_many([("hist", "counts", "float", start + n_layers, (HIST_CHUNK, bins), ("layer", "bin")),
+                               ("hist", "edges", "float", start + n_layers, (HIST_CHUNK, bins + 1),
+                                ("layer", "edge"))])
+        counts = np.full((n_layers, bins), np.nan)
+        edges = np.full((n_layers, bins + 1), np.nan)
+        row = 0
+        for res in self._pending_results:
+            k = len(res.layers) if res is not None else 0
+            if k and res.hist_counts.size:
+                counts[row:row + k] = res.hist_counts
+                edges[row:row + k] = res.hist_edges
+            row += k
+        for name, block in (("counts", counts), ("edges", edges)):
+            arr = self._array("hist", name)
+            writes.append((arr, slice(start, start + n_layers), block))
+        c["n_hist"] = start + n_layers
+
+    def _commit(self, counters: dict[str, int], columns: dict[str, dict[str, str]]) -> None:
+        """The commit point: one atomic write of the root attrs with the new counters and column map."""
+        self._root.attrs.update({"counters": counters, "columns": columns, "zooscope_version": __version__})
+        self._counters, self._columns = dict(counters), columns
+        self._esd_index = None
+
+    # -- reading -----------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self._counters["n_models"]
+
+    def __repr__(self) -> str:
+        c = self._counters
+        return (f"<ZooStore {self._location} mode={self.mode!r}: {c['n_models']} models, {c['n_layers']} layers, "
+                f"{c['n_esd']} eigenvalues, {c['n_drift']} drift rows>")
+
+    def _read_table(self, table: str) -> pd.DataFrame:
+        n = self._counters[COUNTER_OF[table]]
+        data = {col: self._column(table, col, n) for col in self._columns[table]}
+        return pd.DataFrame(data, index=pd.RangeIndex(n, name=INDEX_NAMES[table]))
+
+    def models(self, latest: bool = False) -> pd.DataFrame:
+        """One row per committed model, indexed by model row; ``latest``: only each model_id's highest version."""
+        df = self._read_table("models")
+        if latest and len(df):
+            df = df.loc[np.sort(df.groupby("model_id", sort=False)["version"].idxmax().to_numpy())]
+        return df
+
+    def layers(self, models: pd.DataFrame | Iterable[int] | Iterable[str] | str | None = None) -> pd.DataFrame:
+        """One row per committed layer matrix, indexed by layer row (the argument of ``esd``/``hist``).
+
+        models: restrict to these models — a models DataFrame (its index), model rows (ints) or model_ids (all
+        their versions).
+        """
+        df = self._read_table("layers")
+        if models is None:
+            return df
+        return df[df["model_row"].isin(self._model_rows(models))]
+
+    def _model_rows(self, models: Any) -> np.ndarray:
+        if isinstance(models, pd.DataFrame):
+            return models.index.to_numpy()
+        items = [models] if isinstance(models, str) else list(models)
+        if all(isinstance(m, (int, np.integer)) for m in items):
+            return np.asarray(items, dtype=np.int64)
+        ids = self._column("models", "model_id", self._counters["n_models"])
+        return np.flatnonzero(np.isin(ids, [str(m) for m in items]))
+
+    def esd(self, layer_row: int) -> np.ndarray:
+        """The eigenvalues (fp64, ascending as analysed) of layer row ``layer_row``."""
+        n = self._counters["n_layers"]
+        if not 0 <= layer_row < n:
+            raise IndexError(f"layer row {layer_row} out of range: the store holds {n} layer rows")
+        if self._esd_index is None:
+            self._esd_index = (self._column("layers", "esd_start", n), self._column("layers", "esd_count", n))
+        start, count = int(self._esd_index[0][layer_row]), int(self._esd_index[1][layer_row])
+        if not count:
+            return np.zeros(0)
+        return self._array("esd", "values")[start:start + count]
+
+    def esds(self, layer_rows: Iterable[int] | None = None) -> list[np.ndarray]:
+        """The eigenvalues of several layer rows (default: all), read in one pass over the span they cover."""
+        n = self._counters["n_layers"]
+        rows = np.arange(n) if layer_rows is None else np.asarray(list(layer_rows), dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"layer rows out of range: the store holds {n} layer rows")
+        if self._esd_index is None:
+            self._esd_index = (self._column("layers", "esd_start", n), self._column("layers", "esd_count", n))
+        start, count = self._esd_index[0][rows], self._esd_index[1][rows]
+        if not count.sum():
+            return [np.zeros(0) for _ in rows]
+        lo, hi = int(start[count > 0].min()), int((start + count).max())
+        span = self._array("esd", "values")[lo:hi]
+        return [span[s - lo:s - lo + c].copy() for s, c in zip(start.tolist(), count.tolist())]
+
+    def hist(self, layer_row: int) -> tuple[np.ndarray, np.ndarray]:
+        """The weight histogram of layer row ``layer_row``: counts (bins,) and edges (bins + 1,); NaN if none."""
+        n = self._counters["n_hist"]
+        if not n:
+            raise LookupError("the store holds no weight histograms")
+        if not 0 <= layer_row < n:
+            raise IndexError(f"layer row {layer_row} out of range: the store holds {n} histogram rows")
+        return self._array("hist", "counts")[layer_row], self._array("hist", "edges")[layer_row]
+
+    def drift(self) -> pd.DataFrame:
+        """The committed drift rows."""
+        return self._read_table("drift")
+
+    def committed_hashes(self) -> set[str]:
+        """Content hashes of the committed models (non-empty ones)."""
+        n = self._counters["n_models"]
+        return {h for h in self._column("models", "content_hash", n).tolist() if h}
+
+    def model_versions(self) -> dict[str, tuple[int, str]]:
+        """model_id -> (highest version, its content hash), counting models appended but not yet flushed."""
+        self._ensure_index()
+        return dict(self._known)
+
+    def to_xarray(self, table: str = "layers"):
+        """A committed table (``models``, ``layers``, ``drift``, ``esd`` or ``hist``) as a lazy ``xarray.Dataset``.
+
+        Equivalent to ``xarray.open_zarr(path, group=table, consolidated=False)`` cut to the committed rows, with
+        widened columns under their column names.
+        """
+        import xarray as xr
+
+        if table not in GROUPS:
+            raise ValueError(f"table must be one of {GROUPS}, got {table!r}")
+        ds = xr.open_zarr(self._location, group=table, consolidated=False, zarr_format=3)
+        if table in TABLES:
+            names = self._columns[table]
+            ds = ds[list(names.values())].rename({v: k for k, v in names.items() if k != v})
+            return ds.isel({DIMS[table]: slice(0, self._counters[COUNTER_OF[table]])})
+        if table == "esd":
+            return ds.isel(eig=slice(0, self._counters["n_esd"])) if "eig" in ds.dims else ds
+        return ds.isel(layer=slice(0, self._counters["n_hist"])) if "layer" in ds.dims else ds
+
+    # -- integrity ---------------------------------------------------------------------------------------------
+
+    def check(self) -> list[str]:
+        """Integrity problems of the committed store (empty when sound): counters against array lengths, ESD
+        offsets contiguous and within n_esd, valid model rows, histogram rows, duplicate (model_id, hash) pairs,
+        consecutive versions per model_id."""
+        c = self._counters
+        problems = []
+        expected = [("esd", "values", c["n_esd"])] if c["n_esd"] else []
+        if c["n_hist"]:
+            expected += [("hist", "counts", c["n_hist"]), ("hist", "edges", c["n_hist"])]
+            if c["n_hist"] != c["n_layers"]:
+                problems.append(f"n_hist = {c['n_hist']} but n_layers = {c['n_layers']}")
+        for table in TABLES:
+            expected += [(table, name, c[COUNTER_OF[table]]) for name in self._columns[table].values()]
+        for group, name, n in expected:
+            if not self._has(group, name):
+                problems.append(f"{group}/{name}: array missing")
+            elif self._array(group, name).shape[0] < n:
+                problems.append(f"{group}/{name}: {self._array(group, name).shape[0]} rows, fewer than the "
+                                f"committed {n}")
+        for col in ("model_row", "esd_start", "esd_count"):
+            if c["n_layers"] and col not in self._columns["layers"]:
+                problems.append(f"layers/{col}: column missing")
+        if problems:
+            return problems
+
+        n_layers = c["n_layers"]
+        if n_layers:
+            start = self._column("layers", "esd_start", n_layers)
+            count = self._column("layers", "esd_count", n_layers)
+            ends = np.cumsum(count)
+            bad = np.flatnonzero((count < 0) | (start != ends - count))
+            if len(bad):
+                problems.append(f"layers: ESD offsets not contiguous at layer rows {_few(bad)}")
+            if ends[-1] != c["n_esd"]:
+                problems.append(f"layers: ESD counts sum to {ends[-1]}, n_esd = {c['n_esd']}")
+            model_row = self._column("layers", "model_row", n_layers)
+            bad = np.flatnonzero((model_row < 0) | (model_row >= c["n_models"]))
+            if len(bad):
+                problems.append(f"layers: model_row outside 0..{c['n_models'] - 1} at layer rows {_few(bad)}")
+            bad = np.flatnonzero(np.diff(model_row) < 0)
+            if len(bad):
+                problems.append(f"layers: model rows not in order at layer rows {_few(bad + 1)}")
+        if c["n_hist"]:
+            counts, edges = self._array("hist", "counts"), self._array("hist", "edges")
+            if edges.shape[1] != counts.shape[1] + 1:
+                problems.append(f"hist: {counts.shape[1]} bins but {edges.shape[1]} edges per row")
+        n_models = c["n_models"]
+        if n_models:
+            models = pd.DataFrame({col: self._column("models", col, n_models)
+                                   for col in ("model_id", "content_hash", "version")})
+            hashed = models[models["content_hash"] != ""]
+            dup = hashed[hashed.duplicated(["model_id", "content_hash"], keep=False)]
+            for mid, h in dup[["model_id", "content_hash"]].drop_duplicates().itertuples(index=False):
+                problems.append(f"models: ({mid!r}, {h[:16]}...) stored more than once")
+            for mid, versions in models.groupby("model_id")["version"]:
+                if sorted(versions) != list(range(1, len(versions) + 1)):
+                    problems.append(f"models: versions of {mid!r} are {sorted(versions)}, not 1..{len(versions)}")
+        return problems
+
+
+def _few(rows: np.ndarray, k: int = 5) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:k])
+    return shown + (f" ... ({len(rows)} in all)" if len(rows) > k else "")
+
+
+def _local_dir(path: Any) -> Path | None:
+    """The local directory a path names (None for URLs and store objects)."""
+    if isinstance(path, (str, os.PathLike)):
+        text = os.fspath(path)
+        if "://" not in text or text.startswith("file://"):
+            return Path(text.removeprefix("file://")).expanduser()
+    return None
+
+
+def _check_schema(root: zarr.Group, path: Any) -> None:
+    version = root.attrs.get("schema_version")
+    if version is None or "counters" not in root.attrs:
+        raise ValueError(f"{path} is a zarr group but not a zooscope store")
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"{path} has store schema {version}; this zooscope ({__version__}) reads up to "
+                         f"{SCHEMA_VERSION}: upgrade zooscope")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class StoreView:
+    """A read-only view of a store as DataFrames (what ``zooscope.open`` returns).
+
+    ``latest=True`` keeps only the newest version of each model_id, in ``.models`` and ``.layers``.
+    """
+
+    def __init__(self, store: ZooStore, latest: bool = False) -> None:
+        self.store = store
+        self.latest = latest
+
+    @property
+    def models(self) -> pd.DataFrame:
+        """One row per model (index: model row)."""
+        return self.store.models(latest=self.latest)
+
+    @property
+    def layers(self) -> pd.DataFrame:
+        """One row per layer matrix (index: layer row, the argument of ``esd``)."""
+        return self.store.layers(self.models if self.latest else None)
+
+    @property
+    def drift(self) -> pd.DataFrame:
+        """Distance-from-initialization rows."""
+        return self.store.drift()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The analysis parameters recorded in the store."""
+        return self.store.params
+
+    def esd(self, layer_row: int) -> np.ndarray:
+        """Eigenvalues of layer row ``layer_row``."""
+        return self.store.esd(layer_row)
+
+    def esds(self, layer_rows: Iterable[int] | None = None) -> list[np.ndarray]:
+        """Eigenvalues of several layer rows (default: every row of ``.layers``)."""
+        return self.store.esds(self.layers.index if layer_rows is None else layer_rows)
+
+    def hist(self, layer_row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Weight histogram (counts, edges) of layer row ``layer_row``."""
+        return self.store.hist(layer_row)
+
+    def to_xarray(self, table: str = "layers"):
+        """A table as a lazy ``xarray.Dataset`` (see ``ZooStore.to_xarray``)."""
+        return self.store.to_xarray(table)
+
+    def check(self) -> list[str]:
+        """Integrity problems (empty when sound)."""
+        return self.store.check()
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def __repr__(self) -> str:
+        return repr(self.store).replace("<ZooStore", "<zooscope store", 1)
+
+
+def open_store(path: str | os.PathLike | Any, latest: bool = False) -> StoreView:
+    """Open a store read-only as DataFrames: ``.models``, ``.layers``, ``.drift``, ``.esd(layer_row)``."""
+    return StoreView(ZooStore.open(path, "r"), latest=latest)

@@ -1,0 +1,574 @@
+"""Read checkpoints lazily, one tensor at a time.
+
+Sources: a ``.safetensors`` file (header parsed here, each tensor read with one seek + read), a Hugging Face
+directory (``model.safetensors.index.json`` / ``model[-0000k-of-0000n].safetensors`` /
+``pytorch_model[-0000k-of-0000n].bin`` with ``pytorch_model.bin.index.json`` when present; shards opened on first
+use), a PyTorch state-dict file ``.pt/.pth/.bin`` (``torch.load(weights_only=True)``, memory-mapped when the file
+is a zip archive), ``.npz``, and in memory a ``torch.nn.Module`` or a dict of tensors/arrays.
+
+``read`` returns float16/bfloat16 tensors as float32 arrays and float32/float64/integer tensors unchanged; bool,
+complex and float8 tensors are refused with a :class:`CheckpointError`. Every problem with the input (missing,
+unreadable, truncated, unknown format, unsupported dtype) is a :class:`CheckpointError` naming the file and, when
+known, the tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import sys
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
+_ST_SHARD = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
+_BIN_SHARD = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")
+_ST_INDEX = "model.safetensors.index.json"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+_HASH_BLOCK = 8 << 20
+
+# safetensors dtype code -> (our dtype name, little-endian numpy storage dtype or None when unsupported)
+_ST_DTYPES: dict[str, tuple[str, str | None]] = {
+    "F64": ("float64", "<f8"), "F32": ("float32", "<f4"), "F16": ("float16", "<f2"), "BF16": ("bfloat16", "<u2"),
+    "I64": ("int64", "<i8"), "I32": ("int32", "<i4"), "I16": ("int16", "<i2"), "I8": ("int8", "i1"),
+    "U64": ("uint64", "<u8"), "U32": ("uint32", "<u4"), "U16": ("uint16", "<u2"), "U8": ("uint8", "u1"),
+    "BOOL": ("bool", None), "F8_E4M3": ("float8_e4m3fn", None), "F8_E5M2": ("float8_e5m2", None),
+    "C64": ("complex64", None),
+}
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
+_READABLE = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
+             "uint64", "uint32", "uint16", "uint8"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (file ``path``, optionally tensor ``tensor``) cannot be read as asked."""
+
+    def __init__(self, path: str | os.PathLike | None, tensor: str | None, message: str):
+        self.path = "" if path is None else str(path)
+        self.tensor = tensor
+        self.message = message
+        parts = [self.path] if self.path else []
+        parts += [f"tensor '{tensor}'"] if tensor else []
+        super().__init__(": ".join([*parts, message]))
+
+    def __reduce__(self):  # keep the three fields when pickled (Dask sends errors between processes)
+        return (type(self), (self.path, self.tensor, self.message))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One model found by :func:`discover`: ``path`` (file or HF directory) and a stable ``model_id``."""
+
+    path: str
+    model_id: str
+
+
+@dataclass(frozen=True)
+class _Meta:
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+
+def _check_readable(path: str, key: str, dtype: str) -> None:
+    if dtype not in _READABLE:
+        raise CheckpointError(path, key, f"unsupported dtype {dtype} (readable: floating point and integer tensors)")
+
+
+def _numpy_out(arr: np.ndarray) -> np.ndarray:
+    """float16 -> float32; other numeric dtypes unchanged (in native byte order)."""
+    return arr.astype(np.float32 if arr.dtype.kind == "f" and arr.itemsize == 2 else arr.dtype.newbyteorder("="),
+                      copy=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shards: one file (or one in-memory mapping) holding some of a model's tensors
+
+
+class _SafetensorsShard:
+    """A ``.safetensors`` file; the header is parsed and checked against the file size on first use."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] | None = None
+        self._base = 0
+
+    def _header(self) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+        if self._entries is not None:
+            return self._entries
+        p = self.path
+        try:
+            size = os.path.getsize(p)
+            with open(p, "rb") as fh:
+                head = fh.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(p, None, f"not a safetensors file: only {size} bytes")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8:
+                    raise CheckpointError(p, None, f"truncated or not a safetensors file: header of {n} bytes "
+                                                   f"but the file has {size} bytes")
+                raw = fh.read(n)
+        except OSError as exc:
+            raise CheckpointError(p, None, f"cannot read: {exc.strerror or exc}") from exc
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise CheckpointError(p, None, f"corrupt safetensors header: {exc}") from exc
+        if not isinstance(header, dict):
+            raise CheckpointError(p, None, "corrupt safetensors header: not a JSON object")
+        self._base = 8 + n
+        entries = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                code, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(p, key, f"corrupt safetensors header entry {info!r}") from exc
+            if code not in _ST_DTYPES:
+                raise CheckpointError(p, key, f"unknown safetensors dtype {code!r}")
+            if end - start != math.prod(shape) * _ST_ITEMSIZE[code] or start < 0:
+                raise CheckpointError(p, key, f"corrupt header: offsets {start}..{end} do not fit shape {shape} "
+                                              f"of {code}")
+            if self._base + end > size:
+                raise CheckpointError(p, key, f"truncated file: the tensor ends at byte {self._base + end} "
+                                              f"but the file has {size} bytes")
+            entries[key] = (code, shape, start, end)
+        self._entries = entries
+        return entries
+
+    def keys(self) -> list[str]:
+        return list(self._header())
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._header()
+
+    def meta(self, key: str) -> _Meta:
+        code, shape, start, end = self._header()[key]
+        return _Meta(shape, _ST_DTYPES[code][0], end - start)
+
+    def read(self, key: str) -> np.ndarray:
+        code, shape, start, end = self._header()[key]
+        name, storage = _ST_DTYPES[code]
+        _check_readable(self.path, key, name)
+        out = np.empty(shape, dtype=storage)
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._base + start)
+                got = fh.readinto(memoryview(out.reshape(-1)).cast("B"))
+        except OSError as exc:
+            raise CheckpointError(self.path, key, f"read failed: {exc.strerror or exc}") from exc
+        if got != end - start:
+            raise CheckpointError(self.path, key, f"truncated file: read {got} of {end - start} bytes")
+        if code == "BF16":  # bfloat16 is the upper half of a float32: exact widening
+            return (out.astype(np.uint32) << 16).view(np.float32)
+        return _numpy_out(out)
+
+    def close(self) -> None:
+        pass
+
+
+def _flatten_tensors(obj: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """(dotted key, value) for every tensor/array in nested mappings; other values are skipped."""
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            yield from _flatten_tensors(v, f"{prefix}{k}.")
+    elif isinstance(obj, np.ndarray) or _is_torch_tensor(obj):
+        yield prefix[:-1], obj
+
+
+def _unwrap(obj: Any) -> Any:
+    """The state dict inside a training checkpoint dict (its ``state_dict`` or ``model`` entry)."""
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            return obj
+        obj = inner
+    return obj
+
+
+def _is_torch_tensor(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.Tensor)
+
+
+def _torch_dtype_name(t: Any) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+class _MappingShard:
+    """Tensors/arrays held in a mapping (an in-memory source or a loaded torch file)."""
+
+    def __init__(self, path: str, tensors: Mapping[str, Any], copy: bool):
+        self.path = path
+        self._tensors = dict(_flatten_tensors(_unwrap(tensors)))
+        self._copy = copy
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._tensors
+
+    def meta(self, key: str) -> _Meta:
+        t = self._tensors[key]
+        if isinstance(t, np.ndarray):
+            return _Meta(tuple(t.shape), t.dtype.name, int(t.nbytes))
+        return _Meta(tuple(t.shape), _torch_dtype_name(t), t.numel() * t.element_size())
+
+    def read(self, key: str) -> np.ndarray:
+        t = self._tensors[key]
+        dtype = self.meta(key).dtype
+        _check_readable(self.path, key, dtype)
+        if isinstance(t, np.ndarray):
+            out = _numpy_out(t)
+            return out.copy() if self._copy and out is t else out
+        t = t.detach().cpu()
+        if t.is_sparse:
+            t = t.to_dense()
+        if dtype in ("float16", "bfloat16"):
+            return t.float().numpy()
+        return t.numpy().copy() if self._copy else t.numpy()
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def _load_torch_file(path: Path, loaded_as: str) -> _MappingShard:
+    """A torch state-dict file; memory-mapped for zip archives, fully loaded for the legacy format."""
+    import torch
+
+    p = str(path)
+    try:
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(p, None, f"cannot read: {exc.strerror or exc}") from exc
+    is_zip = zipfile.is_zipfile(p)
+    if magic == b"PK\x03\x04" and not is_zip:
+        raise CheckpointError(p, None, "truncated or corrupt torch zip archive (no central directory)")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Weights only" in str(exc):
+            msg = f"refused to unpickle non-tensor objects (weights_only=True): {msg}"
+        raise CheckpointError(p, None, f"cannot load as a torch {loaded_as}: {msg}") from exc
+    if isinstance(obj, torch.nn.Module) or not isinstance(obj, Mapping):
+        raise CheckpointError(p, None, f"expected a state dict, found {type(obj).__name__}")
+    shard = _MappingShard(p, obj, copy=False)
+    if not shard.keys():
+        raise CheckpointError(p, None, "no tensors found in the state dict")
+    return shard
+
+
+class _NpzShard:
+    """An ``.npz`` archive: headers read per member, arrays loaded per member (no pickles)."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        try:
+            self._npz = np.load(self.path, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise CheckpointError(self.path, None, f"cannot open as .npz (truncated or corrupt?): {exc}") from exc
+        if not isinstance(self._npz, np.lib.npyio.NpzFile):
+            raise CheckpointError(self.path, None, "not an .npz archive (a single .npy array?)")
+        self._meta: dict[str, _Meta] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._npz.files)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._npz.files
+
+    def meta(self, key: str) -> _Meta:
+        if key not in self._meta:
+            if key not in self._npz.files:
+                raise KeyError(key)
+            try:
+                with self._npz.zip.open(f"{key}.npy") as fh:
+                    version = np.lib.format.read_magic(fh)
+                    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                        np.lib.format.read_array_header_2_0
+                    shape, _, dtype = reader(fh)
+            except Exception as exc:
+                raise CheckpointError(self.path, key, f"corrupt .npy header: {exc}") from exc
+            self._meta[key] = _Meta(tuple(shape), dtype.name, math.prod(shape) * dtype.itemsize)
+        return self._meta[key]
+
+    def read(self, key: str) -> np.ndarray:
+        _check_readable(self.path, key, self.meta(key).dtype)
+        try:
+            arr = self._npz[key]
+        except Exception as exc:
+            raise CheckpointError(self.path, key, f"cannot read: {exc}") from exc
+        return _numpy_out(arr)
+
+    def close(self) -> None:
+        self._npz.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the checkpoint: keys in checkpoint order, each mapped to a shard that is opened on first use
+
+
+class Checkpoint:
+    """A model's tensors, read one at a time. Use as a context manager or call :meth:`close`.
+
+    ``path``: the file or directory (or ``<in-memory ...>``); ``format``: ``safetensors``, ``torch``, ``npz``,
+    ``module`` or ``dict``. Keys are in checkpoint order: a file's own order; for a sharded directory, shard by
+    shard in sorted shard-name order (keys in index order within a shard when an index json exists).
+    """
+
+    def __init__(self, path: str, fmt: str, key_shard: dict[str, str], opener, module_types: dict[str, str]):
+        self.path = path
+        self.format = fmt
+        self._key_shard = key_shard
+        self._opener = opener
+        self._shards: dict[str, Any] = {}
+        self._module_types = module_types
+
+    def _shard(self, key: str):
+        try:
+            file = self._key_shard[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor {key!r}") from None
+        try:
+            if file not in self._shards:
+                self._shards[file] = self._opener(file)
+            shard = self._shards[file]
+            present = key in shard
+        except CheckpointError as err:  # a shard that cannot be opened: name the tensor that was asked for
+            raise CheckpointError(err.path, err.tensor or key, err.message) from err
+        if not present:
+            raise CheckpointError(file, key, "listed in the index json but missing from the shard")
+        return shard
+
+    def keys(self) -> list[str]:
+        """Tensor names in checkpoint order."""
+        return list(self._key_shard)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shard(key).meta(key).shape
+
+    def dtype(self, key: str) -> str:
+        """Stored dtype name: ``float32``, ``bfloat16``, ``float16``, ``int64``, ..."""
+        return self._shard(key).meta(key).dtype
+
+    def nbytes(self, key: str) -> int:
+        """Bytes the tensor occupies in the checkpoint (stored dtype)."""
+        return self._shard(key).meta(key).nbytes
+
+    def read(self, key: str) -> np.ndarray:
+        """One tensor as a numpy array (float16/bfloat16 widened to float32)."""
+        return self._shard(key).read(key)
+
+    def module_types(self) -> dict[str, str]:
+        """Module path -> class name (``{'fc1': 'Linear', '': 'MLP'}``); only for ``nn.Module`` sources."""
+        return dict(self._module_types)
+
+    def shard_of(self, key: str) -> str:
+        """The file holding ``key`` (``path`` for single-file and in-memory sources)."""
+        try:
+            return self._key_shard[key]
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor {key!r}") from None
+
+    def close(self) -> None:
+        for shard in self._shards.values():
+            shard.close()
+        self._shards.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.path!r}, format={self.format!r}, {len(self._key_shard)} tensors)"
+
+
+def _single(path: str, fmt: str, shard, module_types: dict[str, str] | None = None) -> Checkpoint:
+    ckpt = Checkpoint(path, fmt, {k: shard.path for k in shard.keys()}, None, module_types or {})
+    ckpt._shards[shard.path] = shard
+    return ckpt
+
+
+def hf_layout(directory: str | os.PathLike) -> tuple[str, list[Path], Path | None] | None:
+    """``(format, shard files, index json or None)`` of a Hugging Face model directory, else None.
+
+    Recognised, first match wins: ``model.safetensors.index.json``; ``model.safetensors`` or
+    ``model-0000k-of-0000n.safetensors``; ``pytorch_model.bin.index.json``; ``pytorch_model[-0000k-of-0000n].bin``.
+    """
+    d = Path(directory)
+    if not d.is_dir():
+        return None
+    names = sorted(p.name for p in d.iterdir() if p.is_file())
+    for fmt, index, pattern in (("safetensors", _ST_INDEX, _ST_SHARD), ("torch", _BIN_INDEX, _BIN_SHARD)):
+        if index in names:
+            try:
+                weight_map = json.loads((d / index).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(d / index, None, f"corrupt index json: {exc}") from exc
+            return fmt, [d / f for f in sorted(set(weight_map.values()))], d / index
+        shards = [d / n for n in names if pattern.match(n)]
+        if shards:
+            return fmt, shards, None
+    return None
+
+
+def _open_dir(d: Path) -> Checkpoint:
+    layout = hf_layout(d)
+    if layout is None:
+        raise CheckpointError(d, None, "not a model directory: no model.safetensors[.index.json] or "
+                                       "pytorch_model*.bin")
+    fmt, shards, index = layout
+    opener = _SafetensorsShard if fmt == "safetensors" else (lambda f: _load_torch_file(Path(f), "shard"))
+    if index is not None:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        by_shard: dict[str, list[str]] = {}
+        for key, file in weight_map.items():
+            by_shard.setdefault(file, []).append(key)
+        key_shard = {k: str(d / f) for f in sorted(by_shard) for k in by_shard[f]}
+        return Checkpoint(str(d), fmt, key_shard, opener, {})
+    ckpt = Checkpoint(str(d), fmt, {}, opener, {})
+    for f in shards:
+        shard = opener(f)
+        ckpt._shards[str(f)] = shard
+        ckpt._key_shard.update({k: str(f) for k in shard.keys()})
+    return ckpt
+
+
+def open_checkpoint(source: Any) -> Checkpoint:
+    """Open a checkpoint file, HF directory, ``torch.nn.Module`` or dict of tensors/arrays for per-tensor reads.
+
+    Raises :class:`CheckpointError` for a missing, unreadable, truncated or unknown-format source.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(source, torch.nn.Module):
+        name = f"<in-memory {type(source).__name__}>"
+        types = {path: type(m).__name__ for path, m in source.named_modules()}
+        return _single(name, "module", _MappingShard(name, source.state_dict(), copy=True), types)
+    if isinstance(source, Mapping):
+        return _single("<in-memory dict>", "dict", _MappingShard("<in-memory dict>", source, copy=True))
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"cannot open a checkpoint from {type(source).__name__}: expected a path, an nn.Module "
+                        "or a dict of tensors")
+    path = Path(source)
+    if path.is_dir():
+        return _open_dir(path)
+    if not path.exists():
+        raise CheckpointError(path, None, "no such file or directory")
+    if not os.access(path, os.R_OK):
+        raise CheckpointError(path, None, "permission denied")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        shard = _SafetensorsShard(path)
+        shard.keys()  # parse and check the header now
+        return _single(str(path), "safetensors", shard)
+    if suffix in (".pt", ".pth", ".bin"):
+        return _single(str(path), "torch", _load_torch_file(path, "state dict"))
+    if suffix == ".npz":
+        return _single(str(path), "npz", _NpzShard(path))
+    raise CheckpointError(path, None, f"unknown checkpoint format {suffix or '(no suffix)'!r}: expected one of "
+                                      f"{', '.join(CHECKPOINT_SUFFIXES)} or a Hugging Face model directory")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# discovery and hashing
+
+
+def is_checkpoint_file(path: str | os.PathLike) -> bool:
+    """True for a regular file with a checkpoint suffix (``.safetensors .pt .pth .bin .npz``)."""
+    p = Path(path)
+    return p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()
+
+
+def _is_model_dir(d: Path) -> bool:
+    try:
+        return hf_layout(d) is not None
+    except CheckpointError:  # an unreadable index json still marks a model directory; opening it will fail
+        return True
+
+
+def _model_id(path: Path, root: Path) -> str:
+    rel = path.relative_to(root) if path != root else Path(path.resolve().name)
+    return (rel.with_suffix("") if path.is_file() else rel).as_posix()
+
+
+def discover(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[ModelSource]:
+    """Expand files and directories into models, sorted by path.
+
+    A file is one model (``model_id`` = its stem; any suffix, so that an unknown format becomes an error row
+    later). A Hugging Face directory (see :func:`hf_layout`) is one model (``model_id`` = its name). Any other
+    directory is searched recursively (hidden entries skipped) for checkpoint files and HF directories, each one
+    model with ``model_id`` = path relative to that directory, without suffix. ``model_id``s that collide keep
+    their suffix, and if they still collide, become the full path. A missing path raises :class:`CheckpointError`.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found: dict[str, str] = {}  # path -> model_id
+    for given in paths:
+        root = Path(given)
+        if not root.exists():
+            raise CheckpointError(root, None, "no such file or directory")
+        if root.is_file() or _is_model_dir(root):
+            found.setdefault(str(root), _model_id(root, root))
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+            for n in list(dirnames):
+                if _is_model_dir(here / n):
+                    found.setdefault(str(here / n), _model_id(here / n, root))
+                    dirnames.remove(n)
+            for n in sorted(filenames):
+                if not n.startswith(".") and is_checkpoint_file(here / n):
+                    found.setdefault(str(here / n), _model_id(here / n, root))
+    counts: dict[str, int] = {}
+    for mid in found.values():
+        counts[mid] = counts.get(mid, 0) + 1
+    renamed = {p: (mid if counts[mid] == 1 else mid + Path(p).suffix) for p, mid in found.items()}
+    counts = {}
+    for mid in renamed.values():
+        counts[mid] = counts.get(mid, 0) + 1
+    return [ModelSource(p, mid if counts[mid] == 1 else p) for p, mid in sorted(renamed.items())]
+
+
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """The files a model consists of: the file itself, or an HF directory's index json and shards, by name."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    layout = hf_layout(p) if p.is_dir() else None
+    if layout is None:
+        raise CheckpointError(p, None, "no such file or model directory")
+    _, shards, index = layout
+    return sorted(shards + ([index] if index else []), key=lambda f: f.name)
+
+
+def content_hash(path: str | os.PathLike) -> str:
+    """sha256 hex of a model's bytes: a file's content, or for a directory each file's name and content in
+    name order (index json and all shards), streamed in 8 MiB blocks."""
+    files = model_files(path)
+    h = hashlib.sha256()
+    for f in files:
+        if len(files) > 1 or Path(path).is_dir():
+            h.update(f.name.encode() + b"\0")
+        try:
+            with open(f, "rb") as fh:
+                while block := fh.read(_HASH_BLOCK):
+                    h.update(block)
+        except OSError as exc:
+            raise CheckpointError(f, None, f"cannot read: {exc.strerror or exc}") from exc
+    return h.hexdigest()

@@ -1,0 +1,271 @@
+"""Eigenvalue backends against LAPACK singular values, routing, and singular-value statistics."""
+import json
+import logging
+
+import numpy as np
+import pytest
+import scipy.linalg
+from conftest import requires_gpu
+
+from zooscope.kernels import esd
+from zooscope.kernels.backends import BackendUnavailable, cupy_available, torch_cuda_available
+from zooscope.kernels.esd import BACKENDS, Route, RoutingTable, eigenvalues, resolve_backend, singular_value_stats
+
+GPU_ONLY = {"cupy-svd", "cupy-gram-eigh"}
+CPU_BACKENDS = [b for b in BACKENDS if b not in GPU_ONLY]
+SVD_BACKENDS = [b for b in CPU_BACKENDS if not esd.is_gram(b)]
+
+
+def _stacks():
+    rng = np.random.default_rng(42)
+    return {
+        "gauss-tall": rng.standard_normal((4, 60, 25)),
+        "gauss-wide": rng.standard_normal((3, 20, 45)).astype(np.float32),
+        "student-t-square": rng.standard_t(2.5, size=(5, 32, 32)),
+        "student-t-conv": rng.standard_t(3.0, size=(9, 48, 16)) / np.sqrt(2),
+    }
+
+
+STACKS = _stacks()
+
+
+def _reference(stack):
+    """λ of WᵀW per matrix: squared LAPACK fp64 singular values, ascending."""
+    return np.stack([np.sort(scipy.linalg.svdvals(w.astype(np.float64)) ** 2) for w in stack])
+
+
+def _rel_err(got, ref):
+    return np.max(np.abs(got - ref)) / np.max(ref)
+
+
+@pytest.mark.parametrize("name", sorted(STACKS))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fp64_backends_match_lapack(backend, name):
+    stack = STACKS[name]
+    got = eigenvalues(stack, backend=backend, precision="fp64")
+    assert got.shape == (stack.shape[0], min(stack.shape[1:]))
+    assert got.dtype == np.float64
+    assert np.all(np.diff(got, axis=1) >= 0) and np.all(got >= 0)
+    assert _rel_err(got, _reference(stack)) < 1e-10
+
+
+@pytest.mark.parametrize("name", sorted(STACKS))
+@pytest.mark.parametrize("backend", SVD_BACKENDS)
+def test_fp32_svd_within_1e4(backend, name):
+    stack = STACKS[name]
+    got = eigenvalues(stack, backend=backend, precision="fp32")
+    assert got.dtype == np.float64
+    assert _rel_err(got, _reference(stack)) < 1e-4
+
+
+def test_scipy_gesdd_is_weightwatchers_exact_path():
+    stack = STACKS["student-t-conv"]
+    ww = np.stack([np.sort(scipy.linalg.svd(w, compute_uv=False)) ** 2 for w in stack])
+    np.testing.assert_array_equal(eigenvalues(stack, backend="scipy-gesdd"), ww)
+
+
+@pytest.mark.parametrize("backend", ["numpy-gram-eigh", "torch-gram-eigh", "cupy-gram-eigh"])
+def test_gram_fp32_is_refused(backend):
+    with pytest.raises(ValueError, match="fp64-only"):
+        eigenvalues(STACKS["gauss-tall"], backend=backend, precision="fp32")
+
+
+def test_backends_agree_with_each_other():
+    stack = STACKS["student-t-square"]
+    results = [eigenvalues(stack, backend=b) for b in CPU_BACKENDS]
+    for other in results[1:]:
+        assert _rel_err(other, results[0]) < 1e-10
+
+
+def test_chunking_gives_the_same_answer(monkeypatch):
+    stack = STACKS["student-t-conv"]
+    whole = eigenvalues(stack, backend="numpy-gram-eigh")
+    monkeypatch.setattr(esd, "CHUNK_BYTES", 8 * 48 * 16 * 2)  # two matrices per chunk
+    np.testing.assert_array_equal(eigenvalues(stack, backend="numpy-gram-eigh"), whole)
+
+
+def test_gram_eigenvalues_are_clipped_at_zero():
+    rng = np.random.default_rng(0)
+    low_rank = rng.standard_normal((2, 40, 3)) @ rng.standard_normal((2, 3, 30))  # rank 3 of 30
+    got = eigenvalues(low_rank, backend="numpy-gram-eigh")
+    assert np.all(got >= 0)
+    assert _rel_err(got, _reference(low_rank)) < 1e-10
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match=r"\(B, N, M\)"):
+        eigenvalues(np.ones((4, 4)))
+    with pytest.raises(ValueError, match="unknown eigenvalue backend"):
+        eigenvalues(np.ones((1, 4, 4)), backend="lapack")
+    with pytest.raises(ValueError, match="precision"):
+        eigenvalues(np.ones((1, 4, 4)), precision="fp16")
+
+
+@pytest.mark.skipif(cupy_available(), reason="CuPy is available here")
+@pytest.mark.parametrize("backend", sorted(GPU_ONLY))
+def test_cupy_backends_unavailable_without_gpu(backend):
+    with pytest.raises(BackendUnavailable):
+        eigenvalues(STACKS["gauss-tall"], backend=backend)
+
+
+@requires_gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", ["fp64", "fp32"])
+def test_gpu_backends_match_lapack(backend, precision):
+    if backend.startswith("cupy") and not cupy_available():
+        pytest.skip("CuPy not installed")
+    if backend.startswith("torch") and not torch_cuda_available():
+        pytest.skip("torch without CUDA")
+    if precision == "fp32" and esd.is_gram(backend):
+        pytest.skip("gram routes are fp64-only")
+    stack = STACKS["student-t-conv"]
+    tol = 1e-10 if precision == "fp64" else 1e-4
+    assert _rel_err(eigenvalues(stack, backend=backend, precision=precision), _reference(stack)) < tol
+
+
+def test_resolve_backend_without_table():
+    chosen = resolve_backend(9, 64, 64)
+    if esd.gpu_available():
+        assert chosen in {"cupy-gram-eigh", "torch-gram-eigh"}
+    else:
+        assert chosen == "scipy-gesdd"
+        assert resolve_backend(1, 4096, 4096, precision="fp32") == "scipy-gesdd"
+
+
+def _table():
+    return RoutingTable(
+        routes=(
+            Route("fp64", 64, 16, "numpy-gram-eigh", (("numpy-gram-eigh", 0.001), ("scipy-gesdd", 0.004))),
+            Route("fp64", 1024, 1, "torch-gram-eigh", (("torch-gram-eigh", 0.2), ("scipy-gesdd", 0.5))),
+            Route("fp32", 1024, 1, "numpy-svd", (("numpy-svd", 0.3),)),
+            Route("fp64", 4096, 1, "cupy-gram-eigh", (("cupy-gram-eigh", 0.1),)),
+        ),
+        machine="test",
+    )
+
+
+def test_resolve_backend_with_table():
+    table = _table()
+    assert resolve_backend(9, 64, 64, table=table) == "numpy-gram-eigh"
+    assert resolve_backend(12, 256, 60, table=table) == "numpy-gram-eigh"  # nearest bucket
+    assert resolve_backend(1, 3072, 768, table=table) == "torch-gram-eigh"
+    assert resolve_backend(1, 3072, 768, precision="fp32", table=table) == "numpy-svd"
+    expected = "cupy-gram-eigh" if cupy_available() else "torch-gram-eigh"  # unrunnable rules are skipped
+    assert resolve_backend(1, 4096, 4096, table=table) == expected
+    stack = STACKS["student-t-square"]
+    np.testing.assert_allclose(eigenvalues(stack, table=table), _reference(stack), rtol=0, atol=1e-10 * 1e3)
+
+
+def test_table_json_round_trip():
+    table = _table()
+    again = RoutingTable.from_dict(json.loads(json.dumps(table.as_dict())))
+    assert again == table
+
+
+def test_table_with_fp32_gram_rule_is_rejected():
+    bad = {"routes": [{"precision": "fp32", "size_class": 64, "batch_class": 1, "backend": "numpy-gram-eigh"}]}
+    with pytest.raises(ValueError, match="fp64-only"):
+        RoutingTable.from_dict(bad)
+
+
+def test_singular_value_stats_against_weightwatcher():
+    logging.disable(logging.WARNING)
+    from weightwatcher import RMT_Util
+
+    rng = np.random.default_rng(7)
+    n = 50
+    stack = rng.standard_t(3, size=(4, n, 20))
+    stack[1, :, 5:] = 0.0  # rank 5: rank loss 15 in slice 1
+    stack[2] *= 1e-4  # σ tiny: weak rank loss
+    evals = eigenvalues(stack)
+    stats = singular_value_stats(evals, n)
+    svs = [scipy.linalg.svd(w, compute_uv=False) for w in stack]
+    assert stats["rank_loss"] == sum(RMT_Util.calc_rank_loss(sv, n) for sv in svs) == 15
+    assert stats["sv_max"] == pytest.approx(max(sv.max() for sv in svs), rel=1e-12)
+    assert stats["sv_min"] == pytest.approx(min(sv.min() for sv in svs), abs=1e-12)  # global min, not WW's bug
+    pooled = np.concatenate([sv**2 for sv in svs])
+    assert stats["weak_rank_loss"] == int(np.count_nonzero(pooled < 1e-6)) > 0
+
+
+def test_measure_and_build_table_pick_the_fastest_accurate_backend():
+    import pandas as pd
+
+    from zooscope.engine import tune
+
+    df = tune.measure([(3, 24, 12)], backends=["scipy-gesdd", "numpy-gram-eigh"], precisions=["fp64", "fp32"],
+                      repeats=1)
+    assert set(zip(df["backend"], df["precision"])) == {
+        ("scipy-gesdd", "fp64"), ("numpy-gram-eigh", "fp64"), ("scipy-gesdd", "fp32")}  # fp32 gram skipped
+    assert (df["seconds"] > 0).all()
+    assert df.loc[df["precision"] == "fp64", "max_rel_error"].max() < 1e-12
+    assert 1e-9 < df.loc[df["precision"] == "fp32", "max_rel_error"].max() < 1e-4
+
+    fake = pd.DataFrame({
+        "shape": ["9x64x64"] * 3 + ["1x768x768"] * 2, "batch": [9, 9, 9, 1, 1], "n": [64, 64, 64, 768, 768],
+        "m": [64, 64, 64, 768, 768], "backend": ["scipy-gesdd", "numpy-svd", "numpy-gram-eigh", "scipy-gesdd",
+                                                 "numpy-gram-eigh"],
+        "precision": ["fp64"] * 5, "seconds": [0.004, 0.002, 0.001, 0.5, 0.2],
+        "max_rel_error": [0.0, 0.0, 1e-6, 0.0, 1e-14],  # the fastest stack backend is too inaccurate
+    })
+    table = tune.build_table(fake)
+    assert resolve_backend(9, 64, 64, table=table) == "numpy-svd"
+    assert resolve_backend(1, 768, 768, table=table) == "numpy-gram-eigh"
+    assert dict(table.routes[1].times) == {"numpy-gram-eigh": 0.2, "scipy-gesdd": 0.5}
+
+
+def test_save_and_load_table(tmp_path, monkeypatch):
+    from zooscope.engine import tune
+
+    monkeypatch.setenv("ZOOSCOPE_HOME", str(tmp_path / "home"))
+    assert tune.load_table() is None
+    path = tune.save_table(_table())
+    assert path == tmp_path / "home" / "esd_routing.json"
+    assert tune.load_table() == _table()
+    assert tune.load_table(tune.save_table(_table(), tmp_path / "x.json")) == _table()
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        tune.load_table(tmp_path / "bad.json")
+
+
+def test_parse_shapes():
+    from zooscope.engine.tune import parse_shapes
+
+    assert parse_shapes("9x64x64, 768x3072") == [(9, 64, 64), (1, 768, 3072)]
+    with pytest.raises(ValueError, match="BxNxM"):
+        parse_shapes("9x64xa")
+
+
+def test_bench_svd_command(tmp_path, monkeypatch, capsys):
+    from zooscope.cli import main
+
+    monkeypatch.setenv("ZOOSCOPE_HOME", str(tmp_path))
+    out = tmp_path / "out"
+    rc = main(["bench", "svd", "--shapes", "2x16x8", "--backends", "numpy-gram-eigh", "--precision", "fp64",
+               "--repeats", "1", "--tune", "--out", str(out)])
+    assert rc == 0
+    assert (out / "svd_bench.png").stat().st_size > 0
+    import pandas as pd
+
+    df = pd.read_csv(out / "svd_bench.csv")
+    assert set(df["backend"]) == {"scipy-gesdd", "numpy-gram-eigh"}  # the baseline is always measured
+    from zooscope.engine.tune import load_table
+
+    assert load_table().routes[0].backend in {"scipy-gesdd", "numpy-gram-eigh"}
+    assert main(["bench", "svd", "--shapes", "0x4x4", "--out", str(out)]) == 2
+    assert "bad shape" in capsys.readouterr().err
+
+
+def test_bench_svd_model_shapes(tmp_path):
+    pytest.importorskip("zooscope.pipelines.readers")
+    from zooscope.commands.bench import model_shapes
+    from zooscope.cli import main
+
+    rng = np.random.default_rng(0)
+    ckpt = tmp_path / "tiny.npz"
+    np.savez(ckpt, **{"fc1.weight": rng.standard_normal((30, 20)).astype(np.float32),
+                      "conv.weight": rng.standard_normal((16, 8, 3, 3)).astype(np.float32),
+                      "fc1.bias": np.zeros(30, np.float32)})
+    assert model_shapes(str(ckpt)) == [(9, 16, 8), (1, 30, 20)]
+    assert main(["bench", "svd", "--model", str(ckpt), "--backends", "numpy-svd", "--precision", "fp64",
+                 "--repeats", "1", "--out", str(tmp_path / "out")]) == 0
+    assert main(["bench", "svd", "--model", str(tmp_path / "missing.npz"), "--out", str(tmp_path)]) == 2

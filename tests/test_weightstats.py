@@ -1,0 +1,112 @@
+"""kernels.weightstats against direct numpy/scipy computations."""
+import numpy as np
+import pytest
+from scipy import stats
+
+from zooscope.kernels import weightstats as ws
+
+
+@pytest.fixture
+def w():
+    rng = np.random.default_rng(1)
+    return (rng.standard_t(df=5, size=(64, 48)) * 0.05).astype(np.float32)
+
+
+def test_moments_match_numpy_scipy(w):
+    m = ws.moments(w)
+    x = w.astype(np.float64).ravel()
+    assert m["w_mean"] == pytest.approx(x.mean(), rel=1e-12)
+    assert m["w_std"] == pytest.approx(x.std(), rel=1e-12)
+    assert m["w_skew"] == pytest.approx(stats.skew(x), rel=1e-10)
+    assert m["w_kurtosis"] == pytest.approx(stats.kurtosis(x, fisher=True), rel=1e-10)
+    assert (m["w_min"], m["w_max"]) == (x.min(), x.max())
+    for q in (1, 5, 25, 50, 75, 95, 99):
+        assert m[f"w_q{q:02d}"] == pytest.approx(np.quantile(x, q / 100), rel=1e-12)
+    assert m["w_count"] == x.size and m["w_nonfinite"] == 0
+
+
+def test_frac_zero_and_tolerance():
+    x = np.array([0.0, 1e-5, 5e-4, 0.2, -1.0, 0.5])
+    assert ws.moments(x)["w_frac_zero"] == pytest.approx(3 / 6)  # |w| < 1e-3 * 1.0
+    assert ws.moments(x, zero_tol=1e-4)["w_frac_zero"] == pytest.approx(2 / 6)
+
+
+def test_nonfinite_policy(w):
+    x = w.astype(np.float64).ravel().copy()
+    x[[3, 10]] = [np.nan, np.inf]
+    m = ws.moments(x)
+    good = np.delete(x, [3, 10])
+    assert m["w_nonfinite"] == 2 and m["w_count"] == good.size
+    assert m["w_mean"] == pytest.approx(good.mean(), rel=1e-12)
+    assert np.isnan(ws.moments(np.full(4, np.nan))["w_mean"])
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        ws.layer_stats(x.reshape(-1, 2))
+
+
+def test_constant_tensor_skew_is_nan():
+    m = ws.moments(np.full((3, 3), 0.7))
+    assert np.isnan(m["w_skew"]) and np.isnan(m["w_kurtosis"]) and m["w_std"] == 0
+
+
+def test_histogram_matches_numpy(w):
+    counts, edges = ws.histogram(w, bins=17)
+    ref_c, ref_e = np.histogram(w.astype(np.float64), bins=17)
+    np.testing.assert_array_equal(counts, ref_c)
+    np.testing.assert_allclose(edges, ref_e, rtol=1e-15)
+    counts, edges = ws.histogram(w, bins=5, range=(-0.1, 0.1))
+    np.testing.assert_array_equal(counts, np.histogram(w, bins=5, range=(-0.1, 0.1))[0])
+    assert counts.dtype == np.float64
+
+
+def test_kde_matches_scipy_and_subsamples(w):
+    grid = np.linspace(-0.3, 0.3, 41)
+    np.testing.assert_allclose(ws.kde(w, grid), stats.gaussian_kde(w.ravel().astype(np.float64))(grid),
+                               rtol=1e-10)
+    np.testing.assert_allclose(ws.kde(w, grid, bandwidth="silverman"),
+                               stats.gaussian_kde(w.ravel().astype(np.float64), "silverman")(grid), rtol=1e-10)
+    big = np.random.default_rng(2).normal(0, 1, 50_000)
+    g = np.linspace(-3, 3, 13)
+    sub = ws.kde(big, g, max_points=5000, seed=3)
+    np.testing.assert_array_equal(sub, ws.kde(big, g, max_points=5000, seed=3))
+    np.testing.assert_allclose(sub, stats.norm.pdf(g), atol=0.03)  # subsample still estimates N(0,1)
+
+
+def test_node_strength_by_hand():
+    lin = np.array([[1.0, -2.0, 3.0], [-0.5, 0.0, 0.5]])  # (out=2, in=3)
+    np.testing.assert_allclose(ws.node_strength(lin), [6.0, 1.0])
+    np.testing.assert_allclose(ws.out_strength(lin), [1.5, 2.0, 3.5])
+    np.testing.assert_allclose(ws.node_strength(lin.T, layout="in_out"), [6.0, 1.0])  # HF Conv1D (in, out)
+    np.testing.assert_allclose(ws.out_strength(lin.T, layout="in_out"), [1.5, 2.0, 3.5])
+    conv = np.arange(2 * 3 * 2 * 2, dtype=float).reshape(2, 3, 2, 2) - 10  # (Cout, Cin, kh, kw)
+    expect_in = [sum(abs(conv[o, c, i, j]) for c in range(3) for i in range(2) for j in range(2)) for o in range(2)]
+    expect_out = [sum(abs(conv[o, c, i, j]) for o in range(2) for i in range(2) for j in range(2)) for c in range(3)]
+    np.testing.assert_allclose(ws.node_strength(conv), expect_in)
+    np.testing.assert_allclose(ws.out_strength(conv), expect_out)
+    with pytest.raises(ValueError):
+        ws.node_strength(np.ones(3))
+
+
+def test_strength_correlation():
+    rng = np.random.default_rng(4)
+    w1, w2 = rng.normal(size=(20, 7)), rng.normal(size=(5, 20))
+    a, b = np.abs(w1).sum(1), np.abs(w2).sum(0)
+    assert ws.strength_correlation(a, b) == pytest.approx(stats.pearsonr(a, b)[0], rel=1e-12)
+    assert ws.chained_strength_correlation(w1, w2) == pytest.approx(stats.pearsonr(a, b)[0], rel=1e-12)
+    assert np.isnan(ws.chained_strength_correlation(w1, rng.normal(size=(5, 19))))
+    assert np.isnan(ws.strength_correlation(np.ones(5), np.arange(5.0)))
+    assert np.isnan(ws.strength_correlation([1.0], [2.0]))
+    with pytest.raises(ValueError, match="do not chain"):
+        ws.strength_correlation(np.ones(3), np.ones(4))
+
+
+def test_layer_stats_entry_point(w):
+    stats_, counts, edges = ws.layer_stats(w, bins=32)
+    ns = np.abs(w.astype(np.float64)).sum(axis=1)
+    assert stats_["ns_mean"] == pytest.approx(ns.mean(), rel=1e-12)
+    assert stats_["ns_std"] == pytest.approx(ns.std(), rel=1e-12)
+    assert stats_["w_std"] == pytest.approx(w.astype(np.float64).std(), rel=1e-12)
+    assert counts.shape == (32,) and edges.shape == (33,) and counts.sum() == w.size
+    hf, _, _ = ws.layer_stats(w.T, bins=8, layer_type="conv1d")  # HF Conv1D stores (in, out)
+    assert hf["ns_mean"] == pytest.approx(ns.mean(), rel=1e-12)
+    one, _, _ = ws.layer_stats(w[0], bins=8)
+    assert np.isnan(one["ns_mean"])

@@ -1,0 +1,84 @@
+"""``zooscope report``: one self-contained HTML page about a store (and optionally a regression)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXAMPLES = """examples:
+  zooscope report zoo.zarr
+      writes report.html: zoo at a glance, alpha and log spectral norm by depth, ESDs of the worst fits,
+      histograms per series, flagged layers
+  zooscope report zoo.zarr --regress regress/ --out zoo-report.html
+      adds the tables and plots of an earlier 'zooscope regress ... --out regress/'
+  zooscope report zoo.zarr --layers features.0,classifier.6
+      also plots the ESD of these layers (names as in the layers table) in every model
+"""
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="HTML report of a store",
+        description="Write one self-contained HTML page (figures embedded) describing the models of a store.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("store", metavar="STORE", help="zooscope store directory")
+    parser.add_argument("--regress", metavar="DIR", help="output directory of 'zooscope regress' to include")
+    parser.add_argument("--out", default="report.html", metavar="FILE", help="HTML file (default report.html)")
+    parser.add_argument("--layers", metavar="NAMES", help="layer names whose ESD is always plotted, comma-separated")
+    parser.add_argument("--title", help="page title (default: zooscope report: STORE)")
+    parser.set_defaults(func=run)
+
+
+def _training_sections(store, models, layers) -> list:
+    """Weight-statistics / drift sections from ``pipelines.report_training`` when that module exists."""
+    try:
+        from zooscope.pipelines import report_training
+    except ModuleNotFoundError as exc:
+        if exc.name != "zooscope.pipelines.report_training":
+            raise
+        return []
+    hist = None
+    if store.counters.get("n_hist", 0) >= len(layers) and len(layers):
+        pairs = [store.hist(int(row)) for row in layers.index]
+        hist = (np.stack([c for c, _ in pairs]), np.stack([e for _, e in pairs]))
+    drift = store.drift()
+    return list(report_training.sections(models, layers, hist, drift if len(drift) else None) or [])
+
+
+def run(args: argparse.Namespace) -> int:
+    from zooscope.pipelines.regress import load_outputs
+    from zooscope.pipelines.report import build_report, write_report
+
+    path = Path(args.store)
+    if not path.is_dir():
+        print(f"zooscope report: error: {args.store}: no such store directory", file=sys.stderr)
+        return 2
+    try:
+        regression = load_outputs(args.regress) if args.regress else None
+    except ValueError as exc:
+        print(f"zooscope report: error: {exc}", file=sys.stderr)
+        return 2
+    from zooscope.engine.store import ZooStore
+
+    try:
+        store = ZooStore.open(str(path), "r")
+    except (OSError, ValueError) as exc:
+        print(f"zooscope report: error: {exc}", file=sys.stderr)
+        return 2
+    chosen = tuple(n.strip() for n in (args.layers or "").split(",") if n.strip())
+    with store:
+        models, layers = store.models(), store.layers()
+        html = build_report(
+            models, layers, esd=lambda row: store.esd(int(row.name)), regression=regression,
+            extra_sections=_training_sections(store, models, layers),
+            title=args.title or f"zooscope report: {path.name}", chosen_layers=chosen,
+        )
+    out = write_report(html, args.out)
+    print(f"report written to {out.resolve()}")
+    return 0

@@ -1,0 +1,132 @@
+"""``zooscope scan``: analyse checkpoints into a Zarr store, in-process or on a Dask cluster."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+EXAMPLES = """examples:
+  zooscope scan ckpts/ --store zoo.zarr
+      every checkpoint under ckpts/ (files and Hugging Face directories), cluster chosen automatically
+  zooscope scan --manifest zoo.csv --store zoo.zarr --cluster local --workers 4
+      the models listed in zoo.csv (columns: path, optional model_id, metadata such as top1_error)
+  zooscope scan big-llm/ --store zoo.zarr --cluster local-cuda --shard-bytes 1GiB
+      one worker per GPU; a model above 1 GiB is split into shards analysed in parallel
+  zooscope scan /nightly/ckpts --store nightly.zarr --cluster slurm --config my-cluster.yaml
+      only new or changed checkpoints are analysed; a changed file becomes the model's next version
+
+--cluster auto (the default) runs in-process for small jobs (fewer than 2 tasks or under 256 MiB to read, or a
+1-core machine) and on a LocalCluster with one worker process per core otherwise; --cluster none always runs
+in-process. Profiles come from cluster.yaml (the packaged one unless --config).
+exit status: 0 all models ok, 3 some models failed (listed at the end), 2 usage error (incl. a locked store).
+"""
+
+#: command-line flag -> AnalysisOptions field: the one place where scan flags meet the analysis options.
+OPTION_FLAGS = {
+    "esd_backend": "esd_backend",
+    "precision": "precision",
+    "fit_backend": "fit_backend",
+    "min_evals": "min_evals",
+    "max_evals": "max_evals",
+    "ww_version": "ww_version",
+    "mp_fit": "mp_fit",
+    "randomize": "randomize",
+    "detx": "detX",
+    "seed": "seed",
+}
+
+ESD_BACKENDS = ("auto", "numpy-svd", "scipy-gesdd", "numpy-gram-eigh", "torch-svd", "torch-gram-eigh",
+                "cupy-svd", "cupy-gram-eigh")
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "scan",
+        help="analyse checkpoints into a Zarr store",
+        description="Analyse every new or changed checkpoint into a Zarr store (one row per model and per layer).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("paths", nargs="*", metavar="PATH",
+                        help="checkpoint file, model directory, or directory of checkpoints")
+    parser.add_argument("--store", required=True, help="Zarr store to create or append to")
+    parser.add_argument("--manifest", metavar="CSV", help="CSV with a 'path' column (relative to the CSV), "
+                        "optional 'model_id', and metadata columns kept on the model rows")
+    run_group = parser.add_argument_group("where it runs")
+    run_group.add_argument("--cluster", default="auto", metavar="PROFILE",
+                           help="auto (default), none, local, local-cuda, slurm, address, or another profile "
+                                "of --config")
+    run_group.add_argument("--config", metavar="YAML", help="cluster profiles file (default: packaged cluster.yaml)")
+    run_group.add_argument("--workers", type=int, metavar="N", help="worker count, overriding the profile")
+    run_group.add_argument("--shard-bytes", type=_size, metavar="SIZE",
+                           help="split models larger than SIZE into shards (e.g. 512MiB; default 2GiB)")
+    run_group.add_argument("--rehash", action="store_true",
+                           help="hash every file, even those whose size and mtime match the store's record")
+    run_group.add_argument("--commit-seconds", type=float, default=10.0, metavar="S",
+                           help="commit finished models to the store at least every S seconds (default 10; "
+                                "0: after every model); a crash loses at most the last S seconds of results")
+    run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    analysis = parser.add_argument_group("analysis (WeightWatcher option names)")
+    analysis.add_argument("--esd-backend", default="auto", choices=ESD_BACKENDS, help="eigenvalue backend")
+    analysis.add_argument("--precision", default="fp64", choices=("fp64", "fp32"),
+                          help="eigenvalue precision (fp32: SVD backends only)")
+    analysis.add_argument("--fit-backend", default="numba", choices=("numba", "numpy", "cuda"),
+                          help="power-law fit kernel")
+    analysis.add_argument("--min-evals", type=int, default=None,
+                          help="skip layers with fewer eigenvalues (default: 10 for --ww-version 0.7.5, 8 for 0.7.7)")
+    analysis.add_argument("--max-evals", type=int, default=15000, help="skip layers with more eigenvalues")
+    analysis.add_argument("--ww-version", default="0.7.5", choices=("0.7.5", "0.7.7"),
+                          help="WeightWatcher release whose defaults are reproduced")
+    analysis.add_argument("--mp-fit", action="store_true", help="Marchenko-Pastur fit columns")
+    analysis.add_argument("--randomize", action="store_true", help="compare with randomized weights")
+    analysis.add_argument("--detx", action="store_true", help="detX columns")
+    analysis.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    parser.set_defaults(func=run)
+
+
+def _size(text: str) -> int:
+    from dask.utils import parse_bytes
+
+    try:
+        value = parse_bytes(text)
+    except (ValueError, TypeError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 2GiB, 1000000)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def options_from_args(args: argparse.Namespace) -> Any:
+    """``AnalysisOptions`` from the parsed flags (``OPTION_FLAGS``)."""
+    from zooscope.pipelines.analyze import AnalysisOptions
+
+    return AnalysisOptions(**{field: getattr(args, flag) for flag, field in OPTION_FLAGS.items()})
+
+
+def run(args: argparse.Namespace) -> int:
+    from zooscope.engine.cluster import ClusterConfigError
+    from zooscope.engine.scan import ScanUsageError, scan
+    from zooscope.engine.store import StoreLockedError
+
+    if not args.paths and not args.manifest:
+        print("zooscope scan: error: give at least one PATH or --manifest", file=sys.stderr)
+        return 2
+    try:
+        options = options_from_args(args)
+    except ValueError as err:
+        print(f"zooscope scan: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        report = scan(args.paths, args.store, manifest=args.manifest, options=options, cluster=args.cluster,
+                      config=args.config, workers=args.workers, shard_bytes=args.shard_bytes,
+                      rehash=args.rehash, commit_seconds=args.commit_seconds, progress=not args.no_progress)
+    except (ScanUsageError, ClusterConfigError, StoreLockedError) as err:
+        print(f"zooscope scan: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{report.n_ok} ok, {report.n_error} failed, {report.n_skipped} already in the store "
+          f"({report.seconds:.1f} s, cluster {report.cluster}) -> {report.store}")
+    if report.failed:
+        print(f"failed ({len(report.failed)}):")
+        for _, message in report.failed:
+            print(f"  {message}")
+    return report.exit_code
