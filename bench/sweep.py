@@ -22,6 +22,12 @@ from zooscope.pipelines.datasets import load_dataset
 from zooscope.pipelines.sweep import KEYS, init_mlp, resolve_device, sweep, train_batched, train_one
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         import torch
@@ -40,7 +46,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -91,6 +102,7 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(lines)
     notes = (f"{args.dataset}: {len(data.X_train)} training rows, batch 128, "
              f"{-(-len(data.X_train) // 128)} SGD steps per epoch per network")
+    notes += f"; torch CPU threads {torch_threads()}"
     notes += "; load average during the run {:.1f} on {} cores (shared machine)".format(
         os.getloadavg()[0], os.cpu_count())
     if gpu:

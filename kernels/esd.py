@@ -7,6 +7,10 @@ WeightWatcher computes (spec §4.1). Two routes, several libraries:
 - Gram + symmetric eigensolver (``numpy-gram-eigh``, ``torch-gram-eigh``, ``cupy-gram-eigh``): the Gram
   matrix of the smaller side in fp64, then a batched ``eigvalsh``. fp64 only: an fp32 Gram matrix squares the
   condition number and loses everything below about λmax·1e-7.
+  Even in fp64 the Gram route has an absolute noise floor of about λmax·1e-16: eigenvalues that LAPACK SVD puts
+  near 0 come out near that floor instead. Every λ is still within ~1e-15·λmax, but the rank columns
+  (``rank_loss``, ``matrix_rank`` and the ``entropy`` normaliser, thresholds σ > σmax·N·2.2e-16) differ from
+  WeightWatcher's on numerically rank-deficient matrices; use an SVD backend where those must match.
 
 ``scipy-gesdd`` loops over the batch with ``scipy.linalg.svd(W, compute_uv=False)``: WeightWatcher's exact path.
 ``auto`` picks a backend with :func:`resolve_backend`, from a measured :class:`RoutingTable` when one is given.

@@ -139,6 +139,7 @@ def fit_many(list_of_evals: Sequence[np.ndarray], *, backend: str = "numba", thr
     return [_finish(p, scan, opts, backend) if p is not None else PowerLawFit() for p in prepared]
 
 
+@np.errstate(divide="ignore", invalid="ignore")  # a tail of equal values has S = 0 → alpha = inf, as in WWFit
 def scan_numpy(x: np.ndarray, *, mode: str = "ww", xmin: Any = None, min_tail: int = 2, small_n: bool = False
                ) -> tuple[int, float, float] | None:
     """Plain O(N²) reference scan of ascending ``x``: ``(index of xmin, alpha, D)``, or None without candidates.

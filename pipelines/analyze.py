@@ -138,11 +138,12 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
         timings["read"] += time.perf_counter() - t0
         stats_row, hist = _weight_stats(tensor, info, options, timings)
         try:
-            stacks = layer_matrices(tensor, info, pool=options.pool, conv2d_norm=options.conv2d_norm)
+            stacks = layer_matrices(tensor, info, pool=options.pool, conv2d_norm=options.conv2d_norm,
+                                    source=ckpt.path)
         except LayerError as err:
             for slice_id in range(1 if options.pool else info.n_slices):
                 rows.append({**_identity(info, slice_id, options), **stats_row, "status": "error",
-                             "error": f"{ckpt.path}: {err}"})
+                             "error": str(err)})
                 esds.append(np.zeros(0))
                 stacks_for_random.append(None)
                 hists.append(hist)

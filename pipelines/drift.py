@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from zooscope.kernels import drift as drift_kernels
+from zooscope.pipelines.layers import layer_name
 from zooscope.pipelines.readers import Checkpoint, CheckpointError, open_checkpoint
 
 #: Most (w_i, w_f) pairs a fit sees, per layer and for the whole network; beyond it a seeded, layer-stratified
@@ -60,11 +61,6 @@ def pair_checkpoints(manifest: pd.DataFrame) -> list[tuple[str, str, float]]:
     return sorted(pairs, key=lambda p: (p[1], p[2], p[0]))
 
 
-def layer_name(key: str) -> str:
-    """The layer a weight tensor belongs to: its key without a trailing ``.weight``."""
-    return key[: -len(".weight")] if key.endswith(".weight") else key
-
-
 def as_checkpoint(source: Any) -> contextlib.AbstractContextManager[Checkpoint]:
     """A context manager giving an open ``Checkpoint``: ``source`` itself when already open (left open on exit),
     else ``readers.open_checkpoint(source)`` (closed on exit)."""
@@ -76,7 +72,8 @@ def drift_table(init_ckpt: Any, ckpt: Any, *, model_id: str, init_model_id: str,
     """Distance-from-init statistics of ``ckpt`` against ``init_ckpt``: one row per layer plus ``layer="all"``.
 
     Layers are the floating-point tensors with ≥ 2 axes of ``ckpt`` (biases and norms are left out), in
-    checkpoint order; ``init_ckpt`` must hold the same keys and shapes. Both are paths or in-memory sources for
+    checkpoint order, named by ``layers.layer_name`` (the key without ``.weight``, as in the layer table);
+    ``init_ckpt`` must hold the same keys and shapes. Both are paths or in-memory sources for
     ``readers.open_checkpoint``, or open ``Checkpoint`` objects. Columns ``DRIFT_COLUMNS`` (``kernels.drift``
     units). Only one layer's pair of tensors is in memory at a time: the ``all`` RMSD is accumulated exactly and its
     fits use a sample of ``max_pairs`` pairs drawn per layer in proportion to its size (seeded); a layer's own

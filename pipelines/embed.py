@@ -10,6 +10,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from zooscope.pipelines.drift import as_checkpoint
+
 #: Inputs wider than this are reduced by PCA before t-SNE.
 TSNE_PCA_DIMS = 50
 #: Up to this many models t-SNE uses the exact gradient (faster than Barnes-Hut there, and exact).
@@ -59,8 +61,6 @@ def layer_vectors(sources: Sequence[Any], layer_name: str) -> np.ndarray:
     ``Checkpoint``) from which the tensor ``layer_name`` (or ``layer_name + ".weight"``) is read. All tensors must
     have the same shape.
     """
-    from zooscope.pipelines.drift import as_checkpoint
-
     rows, shape = [], None
     for i, src in enumerate(sources):
         if isinstance(src, np.ndarray):

@@ -6,7 +6,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 
 ALPHA_OVER, ALPHA_UNDER = 2.0, 6.0  # WeightWatcher's over-/under-trained alpha thresholds
 
@@ -24,12 +24,14 @@ def regression_plot(
     """Scatter of ``y`` against ``x`` (one point per model) with the OLS line ``y = intercept + slope·x``."""
     fig, ax = _figure()
     ax.scatter(x, y, s=28, color="#1f77b4", zorder=3)
+    ax.margins(x=0.08)
     if labels is not None and len(labels) <= 30:
         for xi, yi, text in zip(x, y, labels):
             ax.annotate(text, (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points", color="#444")
     grid = np.linspace(np.min(x), np.max(x), 50)
+    sign = "−" if slope < 0 else "+"
     ax.plot(grid, intercept + slope * grid, color="#d62728", lw=1.8,
-            label=f"y = {intercept:.4g} + {slope:.4g}·x   (R² = {r2:.3f}, n = {len(x)})")
+            label=f"y = {intercept:.4g} {sign} {abs(slope):.4g}·x   (R² = {r2:.3f}, n = {len(x)})")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -87,6 +89,7 @@ def esd_plot(evals: np.ndarray, *, alpha: float, xmin: float, xmax: float | None
         ax.loglog(grid, pdf, color="#d62728", lw=2, label=f"power law fit, α = {alpha:.3f}")
         ax.axvline(xmin, color="#2ca02c", ls="--", lw=1.3, label=f"xmin = {xmin:.4g}")
     ax.set(xlabel="eigenvalue λ of WᵀW", ylabel="density", title=title)
+    _decade_limits(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     return fig
@@ -109,6 +112,13 @@ def series_histograms(values: Mapping[str, np.ndarray], *, xlabel: str, title: s
     ax.set(xlabel=xlabel, ylabel="density", title=title)
     ax.grid(alpha=0.3)
     return fig
+
+
+def _decade_limits(ax) -> None:
+    """Widen log axes to whole decades and label only the decades (minor labels collide on narrow ranges)."""
+    for axis, (lo, hi), setter in ((ax.xaxis, ax.get_xlim(), ax.set_xlim), (ax.yaxis, ax.get_ylim(), ax.set_ylim)):
+        setter(10.0 ** np.floor(np.log10(lo)), 10.0 ** np.ceil(np.log10(hi)))
+        axis.set_minor_formatter(NullFormatter())
 
 
 def _colors(n: int) -> list:

@@ -147,7 +147,7 @@ def _rmsd_section(runs: pd.DataFrame, loss: str) -> Section:
     by_run = list(runs.groupby("init_model_id", sort=True))
     if has_width:
         by_run.sort(key=lambda item: item[1]["width"].iloc[0])
-    for init, run in by_run:
+    for _, run in by_run:
         w = run["width"].iloc[0] if has_width else None
         color = colors.get(w, "#1f77b4")
         label = f"width {w:g}" if has_width and w not in seen else None

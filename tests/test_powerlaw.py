@@ -200,12 +200,12 @@ def test_clip_xmax_matches_weightwatcher_fit_clipped_powerlaw():
 
     rng = np.random.default_rng(7)
     checked_fingers = 0
-    for k in range(6):
-        base = _t_esd(rng, 400, 150, 3.0)
+    for k in range(4):
+        base = _t_esd(rng, 200, 80, 3.0)
         fingers = np.sort(base)[-1] * rng.uniform(3, 30, size=k % 3)  # a few spurious large eigenvalues
         x = np.sort(np.concatenate([base, fingers]))
         best, num_fingers, raw = _quiet(fit_clipped_powerlaw, x[x > 1e-5])
-        for backend in ("numpy", "numba"):
+        for backend in ("numpy", "numba") if k == 1 else ("numba",):
             f = pl.fit(x, backend=backend, fix_fingers="clip_xmax")
             assert f.num_fingers == num_fingers and f.raw_alpha == pytest.approx(raw.alpha, rel=1e-10)
             for key in KEYS:
@@ -229,25 +229,39 @@ def test_truncated_power_law_against_powerlaw_package():
 
 
 def test_distribution_compare_against_powerlaw_package():
-    """Exponential and lognormal MLEs: ours exact, powerlaw's by Nelder–Mead (xtol 1e-4) → 1e-3 relative."""
+    """Normalised R and p as powerlaw's distribution_compare at the same xmin.
+
+    Our exponential/lognormal MLEs are exact; powerlaw's come from Nelder–Mead (xtol 1e-4), hence 1e-3
+    relative. On a power-law tail the lognormal MLE is degenerate (mu → -inf, sigma → inf) and R ≈ 0 there
+    depends on where an optimiser stops, so that case only checks that our lognormal likelihood is at least
+    powerlaw's; the R comparison for the lognormal uses a lognormal sample with xmin at its 10th percentile.
+    """
     rng = np.random.default_rng(4)
-    for x in (rng.pareto(1.5, 800) + 1.0, rng.lognormal(1.0, 0.8, 800)):
-        f = pl.fit(x, compare=True)
+    pareto, lognormal = rng.pareto(1.5, 800) + 1.0, rng.lognormal(1.0, 0.8, 800)
+    cases = [(pareto, None, ("exponential",)), (lognormal, float(np.sort(lognormal)[80]), ("exponential", "lognormal"))]
+    for x, xmin, alts in cases:
+        f = pl.fit(x, compare=True, xmin=xmin)
         p = _powerlaw_fit(x, xmin=f.xmin)
-        for alt in ("exponential", "lognormal"):
+        for alt in alts:
             R, pv = _quiet(p.distribution_compare, "power_law", alt, normalized_ratio=True)
-            assert getattr(f, f"R_{alt}") == pytest.approx(R, rel=1e-3, abs=1e-4)
-            assert getattr(f, f"p_{alt}") == pytest.approx(pv, rel=1e-2, abs=1e-6)
+            assert getattr(f, f"R_{alt}") == pytest.approx(R, rel=1e-3)
+            assert getattr(f, f"p_{alt}") == pytest.approx(pv, rel=1e-2, abs=1e-12)
+    f = pl.fit(pareto, compare=True)
+    tail = np.sort(pareto)[pareto.size - f.n_tail:]
+    ours = np.sum(pl._lognormal_logpdf(tail, f.xmin))
+    theirs = np.sum(_powerlaw_fit(pareto, xmin=f.xmin).lognormal.loglikelihoods(tail))
+    assert ours >= theirs - 1e-9 and abs(f.R_lognormal) < 0.1
 
 
 def test_bootstrap_goodness_of_fit_and_ci():
     rng = np.random.default_rng(0)
     pareto = rng.pareto(1.5, 300) + 1.0  # alpha = 2.5
-    exponential = rng.exponential(1.0, 300) + 1.0
+    exponential = rng.exponential(1.0, 1000) + 1.0
     f = pl.fit(pareto, bootstrap=200, seed=1)
     g = pl.fit(exponential, bootstrap=200, seed=1)
     assert f.p_value > 0.1
     assert g.p_value < 0.05
+    assert pl.fit(exponential, bootstrap=200, seed=1, xmin=1.0).p_value < 0.05  # whole sample as the tail
     assert f.alpha_ci_low < 2.5 < f.alpha_ci_high and f.alpha_ci_low < f.alpha < f.alpha_ci_high
     assert pl.fit(pareto, bootstrap=200, seed=1).p_value == f.p_value  # seeded
     h = pl.fit(pareto, backend="numpy", bootstrap=20, seed=1)  # the reference backend gives the same replicates

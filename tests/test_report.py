@@ -162,3 +162,15 @@ def test_end_to_end_from_a_store(tmp_path, capsys):
     assert 'id="regression"' in page and page.count("chosen layer") == len(models)
     assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.html")]) == 2
     assert "no such store directory" in capsys.readouterr().err
+
+
+def test_esd_plot_shows_every_eigenvalue_and_the_fit_slope():
+    from zooscope.pipelines.plots import esd_plot
+
+    ev = np.sort(np.random.default_rng(0).pareto(2.0, 400) * 0.1 + 0.01)
+    fig = esd_plot(ev, alpha=2.7, xmin=0.2, xmax=ev.max(), title="t")
+    points, fit = fig.axes[0].lines[:2]
+    assert points.get_xdata().max() > np.sqrt(ev[-2] * ev[-1])  # the isolated top eigenvalue has its own point
+    lx, ly = np.log10(fit.get_xdata()), np.log10(fit.get_ydata())
+    np.testing.assert_allclose(np.diff(ly) / np.diff(lx), -2.7, rtol=1e-9)  # a power law λ^-α on log-log axes
+    assert fit.get_xdata()[0] == pytest.approx(0.2) and fit.get_xdata()[-1] == pytest.approx(ev.max())

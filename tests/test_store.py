@@ -361,3 +361,16 @@ def test_params_recorded_and_mismatch_refused(tmp_path):
     with ZooStore.open(path, "a") as store:  # the lock was released by the refused open
         store.set_params({"min_evals": 8})
     assert open_store(path).params == {"min_evals": 8}
+
+
+def test_store_object_and_number_column_widened_to_text(rng):
+    """Any zarr StoreLike works (no lock); a metadata column that held numbers and now gets text becomes text."""
+    memory = zarr.storage.MemoryStore()
+    with ZooStore.open(memory, "a", flush_every=1) as store:
+        store.append({"model_id": "a", "tag": 3}, make_result(rng, 2))
+        store.append({"model_id": "b", "tag": 2.5}, None)  # int -> float
+        store.append({"model_id": "c", "tag": "gold"}, None)  # float -> text
+    view = open_store(memory)
+    assert view.models["tag"].tolist() == ["3.0", "2.5", "gold"]
+    assert list(view.to_xarray("models")["tag"].values) == ["3.0", "2.5", "gold"]  # under its column name
+    assert view.check() == []
