@@ -100,14 +100,17 @@ def scan(
     commit_seconds: completed models are committed to the store at least this often (and every 64 models, and
         at the end); a crash loses at most the models completed since the last commit. 0: commit every model.
     Raises ``ScanUsageError`` for no inputs, a bad manifest, or a store recorded with other analysis options;
-    ``StoreLockedError`` when another live process writes the store. Errors of single models never raise: they become error rows (see ``ScanReport.failed``).
+    ``StoreLockedError`` when another live process writes the store. Errors of single models never raise: they
+    become error rows (see ``ScanReport.failed``).
     """
     t0 = time.perf_counter()
     if store is None:
         raise ScanUsageError("no store given: pass store=PATH (--store on the command line)")
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     models = collect_inputs(paths, manifest)
     if not models:
-        raise ScanUsageError("no checkpoints found in " + ", ".join(map(str, [*paths, *([manifest] if manifest else [])])))
+        given = [*map(str, paths), *([str(manifest)] if manifest else [])]
+        raise ScanUsageError(f"no checkpoints found in {', '.join(given) or '(no paths given)'}")
     report = ScanReport(store=str(store))
     try:
         zoo = ZooStore.open(str(store), "a", params=options.as_params(), flush_seconds=commit_seconds)
@@ -128,7 +131,9 @@ def scan(
         readable = [m for m in models if m.path in hashes]
         tasks = plan(readable, done_hashes=done, shard_bytes=shard_bytes, hashes=hashes,
                      wants_gpu=wants_gpu(options))
-        by_hash = {hashes[m.path]: m for m in readable}
+        by_hash: dict[str, ModelInput] = {}
+        for model in readable:  # the first model of a content hash is the one planned
+            by_hash.setdefault(hashes[model.path], model)
         report.n_skipped += len(readable) - len({t.content_hash for t in tasks})
         report.cluster = "client" if client is not None else resolve_cluster(cluster, tasks)
         context = nullcontext(client) if client is not None else make_client(report.cluster, config=config,
@@ -156,14 +161,17 @@ def collect_inputs(paths: Iterable[str | os.PathLike], manifest: str | os.PathLi
 
     A path that does not exist is kept as one model (it becomes an error row). Manifest CSV: ``path`` (relative
     to the manifest's folder unless absolute), optional ``model_id`` (only for a path that is one model), and
-    any other columns, kept as model metadata. A path listed twice is scanned once (first listing wins).
+    any other columns, kept as model metadata. A path listed twice is scanned once (the manifest's listing,
+    else the first).
     """
     found: dict[str, ModelInput] = {}
-    for given in paths:
-        for model in _expand(Path(given)):
-            found.setdefault(model.path, model)
     if manifest is not None:
         for model in read_manifest(manifest):
+            found.setdefault(model.path, model)
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    for given in paths:
+        for model in _expand(Path(given)):
             found.setdefault(model.path, model)
     return list(found.values())
 

@@ -18,7 +18,7 @@ from zooscope.kernels import esd as esd_kernels
 from zooscope.kernels import powerlaw, spectral, weightstats
 from zooscope.pipelines.layers import LayerError, LayerInfo, layer_matrices, plan_layers
 from zooscope.pipelines.readers import Checkpoint, open_checkpoint
-from zooscope.pipelines.result import ModelResult
+from zooscope.pipelines.result import ModelResult, add_strength_correlation
 
 #: WeightWatcher releases whose defaults can be reproduced (spec §10).
 WW_VERSIONS = ("0.7.5", "0.7.7")
@@ -92,7 +92,7 @@ class AnalysisOptions:
         if self.fix_fingers:
             options["fix_fingers"] = self.fix_fingers
         if self.xmax is not None:
-            options["clip_top"] = abs(int(self.xmax))
+            options["xmax"] = int(self.xmax)  # WeightWatcher's int xmax: clip the top |k| eigenvalues
         if self.bootstrap:
             options["bootstrap"] = self.bootstrap
         return options
@@ -132,11 +132,13 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
     esds: list[np.ndarray] = []
     stacks_for_random: list[list[np.ndarray] | None] = []
     hists: list[tuple[np.ndarray, np.ndarray]] = []
+    strengths: list[tuple[np.ndarray, np.ndarray] | None] = []
     for info in infos:
         t0 = time.perf_counter()
         tensor = ckpt.read(info.key)
         timings["read"] += time.perf_counter() - t0
         stats_row, hist = _weight_stats(tensor, info, options, timings)
+        strength = _node_strengths(tensor, info) if stats_row else None
         try:
             stacks = layer_matrices(tensor, info, pool=options.pool, conv2d_norm=options.conv2d_norm,
                                     source=ckpt.path)
@@ -147,6 +149,7 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
                 esds.append(np.zeros(0))
                 stacks_for_random.append(None)
                 hists.append(hist)
+                strengths.append(None)
             continue
         del tensor
         for slice_id, stack in enumerate(stacks):
@@ -163,11 +166,14 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
             esds.append(np.sort(per_slice.ravel()))
             stacks_for_random.append([stack] if options.randomize else None)
             hists.append(hist)
+            strengths.append(strength)
     _fit_and_measure(rows, esds, stacks_for_random, options, timings)
     layers = pd.DataFrame(rows)
     counts, edges = _stack_hists(hists, options.hist_bins if options.weightstats else 0)
-    return ModelResult(layers=layers, esd=esds, hist_counts=counts, hist_edges=edges, n_params=n_params,
-                       timings=timings)
+    result = ModelResult(layers=layers, esd=esds, hist_counts=counts, hist_edges=edges, n_params=n_params,
+                         timings=timings, strengths=strengths if options.weightstats else [])
+    add_strength_correlation(result)
+    return result
 
 
 def _identity(info: LayerInfo, slice_id: int, options: AnalysisOptions) -> dict[str, Any]:
@@ -197,6 +203,12 @@ def _weight_stats(tensor: np.ndarray, info: LayerInfo, options: AnalysisOptions,
         stats, counts, edges = {}, np.full(bins, np.nan), np.full(bins + 1, np.nan)
     timings["stats"] += time.perf_counter() - t0
     return stats, (counts, edges)
+
+
+def _node_strengths(tensor: np.ndarray, info: LayerInfo) -> tuple[np.ndarray, np.ndarray]:
+    """(in-strength per output unit, out-strength per input unit) of a layer's weight tensor."""
+    layout = "in_out" if info.layer_type == "conv1d" and tensor.ndim == 2 else "out_in"
+    return weightstats.node_strength(tensor, layout=layout), weightstats.out_strength(tensor, layout=layout)
 
 
 def _fit_and_measure(rows: list[dict[str, Any]], esds: list[np.ndarray],

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from zooscope.kernels.weightstats import strength_correlation
+
 
 @dataclass
 class ModelResult:
@@ -18,6 +20,8 @@ class ModelResult:
     hist_edges: ``(rows, bins + 1)`` float64 bin edges per layer.
     n_params: number of weights read (all tensors of the model or shard, biases included).
     timings: seconds spent per phase (``read``, ``esd``, ``fit``, ``stats``...), summed over layers.
+    strengths: per row, the layer's ``(in_strength (n_out,), out_strength (n_in,))`` node-strength vectors, or
+        None; used to correlate consecutive layers (``add_strength_correlation``), not stored.
     """
 
     layers: pd.DataFrame
@@ -26,12 +30,39 @@ class ModelResult:
     hist_edges: np.ndarray = field(default_factory=lambda: np.zeros((0, 1)))
     n_params: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    strengths: list[tuple[np.ndarray, np.ndarray] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if len(self.esd) != len(self.layers):
             raise ValueError(f"{len(self.esd)} ESDs for {len(self.layers)} layer rows")
         if self.hist_counts.shape[0] not in (0, len(self.layers)):
             raise ValueError(f"{self.hist_counts.shape[0]} histograms for {len(self.layers)} layer rows")
+        if self.strengths and len(self.strengths) != len(self.layers):
+            raise ValueError(f"{len(self.strengths)} node strengths for {len(self.layers)} layer rows")
+
+
+def add_strength_correlation(result: ModelResult) -> None:
+    """Set ``ns_corr_prev`` on each row: Pearson correlation (paper 000) between the previous layer's in-strength
+    of its output units and this layer's out-strength of its input units, i.e. over the hidden units between two
+    consecutive layers. NaN for the first layer, or when the two layers do not chain (sizes differ).
+    Needs ``result.strengths``; rows of one layer (per-slice mode) share the value.
+    """
+    if not result.strengths or not len(result.layers):
+        return
+    values = np.full(len(result.layers), np.nan)
+    previous: tuple[int, np.ndarray] | None = None  # (layer_id, in-strength of its outputs)
+    for row, (layer_id, pair) in enumerate(zip(result.layers["layer_id"], result.strengths)):
+        if pair is None:
+            previous = None
+            continue
+        in_strength, out_strength = pair
+        if previous is not None and previous[0] == layer_id:  # another slice of the same layer
+            values[row] = values[row - 1]
+            continue
+        if previous is not None and previous[1].size == out_strength.size:
+            values[row] = strength_correlation(previous[1], out_strength)
+        previous = (layer_id, in_strength)
+    result.layers["ns_corr_prev"] = values
 
 
 def merge_results(parts: list[ModelResult]) -> ModelResult:
@@ -50,11 +81,15 @@ def merge_results(parts: list[ModelResult]) -> ModelResult:
     for p in parts:
         for k, v in p.timings.items():
             timings[k] = timings.get(k, 0.0) + v
-    return ModelResult(
+    strengths = [s for p in parts for s in (p.strengths or [None] * len(p.layers))]
+    merged = ModelResult(
         layers=layers.iloc[order].reset_index(drop=True),
         esd=[esd[i] for i in order],
         hist_counts=hist_counts[order] if bins else hist_counts,
         hist_edges=hist_edges[order] if bins else hist_edges,
         n_params=sum(p.n_params for p in parts),
         timings=timings,
+        strengths=[strengths[i] for i in order] if any(s is not None for s in strengths) else [],
     )
+    add_strength_correlation(merged)
+    return merged

@@ -12,7 +12,7 @@ from safetensors.numpy import save_file
 
 from zooscope.cli import main
 from zooscope.engine import scan as scan_module
-from zooscope.engine.plan import Task, plan, split_keys
+from zooscope.engine.plan import plan, split_keys
 from zooscope.engine.scan import ScanUsageError, collect_inputs, scan
 from zooscope.engine.store import StoreLockedError, ZooStore
 from zooscope.pipelines.analyze import AnalysisOptions, analyze_path

@@ -1,0 +1,145 @@
+"""Zoo scaling: scan throughput (models/s, MB/s) over 1, 2, 4, ... Dask CPU workers (and a GPU worker), and
+the time a nightly rerun takes when nothing is new.
+
+    python bench/scaling.py --n-models 12 --workers 1,2                   # the 2-core CI machine
+    python bench/scaling.py --n-models 200 --workers 1,2,4,8 --gpu        # the 16-core GPU machine
+
+The zoo is ``bench/make_zoo.py``'s synthetic ResNet-50 (fp16 safetensors, real tensor shapes). Each worker count
+gets a fresh LocalCluster whose workers are warmed up first (imports, Numba caches) on a tiny model, so the
+timed scan measures steady-state throughput; cluster start-up and warm-up are reported separately. Speed-up
+and efficiency are against 1 worker in the same run. Every run's layer table is compared bitwise with the
+1-worker run. Results are appended to ``bench/RESULTS.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from _results import record
+from make_zoo import write_zoo
+
+from zooscope.engine.cluster import make_client
+from zooscope.engine.scan import scan
+from zooscope.engine.store import ZooStore
+from zooscope.pipelines.analyze import AnalysisOptions, analyze_path
+
+
+def ensure_zoo(root: Path, arch: str, n_models: int) -> Path:
+    """``root/manifest.csv`` listing ``n_models`` models of ``arch`` (written unless already there)."""
+    manifest = root / "manifest.csv"
+    if manifest.exists():
+        with open(manifest) as fh:
+            rows = list(csv.DictReader(fh))
+        if len(rows) == n_models and all(r["series"] == arch and (root / r["path"]).exists() for r in rows):
+            return manifest
+    t0 = time.perf_counter()
+    write_zoo(arch, n_models, root)
+    print(f"wrote {n_models} {arch} models to {root} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return manifest
+
+
+def layer_values(store: Path) -> np.ndarray:
+    """The store's metric columns in a canonical (model_id, layer_id) order, for bitwise comparisons."""
+    with ZooStore.open(str(store)) as zoo:
+        models, layers = zoo.models(), zoo.layers()
+    layers = layers.assign(model_id=models.loc[layers["model_row"], "model_id"].to_numpy())
+    layers = layers.sort_values(["model_id", "layer_id"])
+    return layers[["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank"]].to_numpy(np.float64)
+
+
+def run_one(label: str, profile: str, config: Path | None, workers: int | None, manifest: Path, store: Path,
+            warm: Path, options: AnalysisOptions) -> dict:
+    """Start the cluster, warm its workers, time one scan of the manifest into a new store."""
+    t0 = time.perf_counter()
+    with make_client(profile, config=config, workers=workers) as client:
+        started = time.perf_counter()
+        if client is not None:
+            client.run(analyze_path, str(warm), options)
+        else:
+            analyze_path(str(warm), options)
+        warmed = time.perf_counter()
+        report = scan(store=store, manifest=manifest, options=options, client=client, cluster="none",
+                      progress=False)
+        seconds = time.perf_counter() - warmed
+        n_workers = len(client.scheduler_info()["workers"]) if client is not None else 1
+    if report.n_error:
+        raise RuntimeError(f"{label}: {report.n_error} models failed: {report.failed[:3]}")
+    print(f"{label}: {report.n_ok} models in {seconds:.1f} s (start {started - t0:.1f} s, warm-up "
+          f"{warmed - started:.1f} s)", flush=True)
+    return {"label": label, "workers": n_workers, "models": report.n_ok, "seconds": seconds,
+            "startup": warmed - t0, "store": store}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--n-models", type=int, default=12)
+    parser.add_argument("--workers", default="1,2", help="comma-separated CPU worker counts")
+    parser.add_argument("--gpu", action="store_true", help="also one local-cuda worker (needs dask-cuda)")
+    parser.add_argument("--in-process", action="store_true", help="also --cluster none (all BLAS threads)")
+    parser.add_argument("--zoo", type=Path, help="zoo directory, reused between runs (default: a temp dir)")
+    args = parser.parse_args(argv)
+    counts = [int(w) for w in args.workers.split(",")]
+
+    with tempfile.TemporaryDirectory(prefix="zooscope-scaling-") as tmp:
+        tmp = Path(tmp)
+        zoo = args.zoo or tmp / "zoo"
+        manifest = ensure_zoo(zoo, args.arch, args.n_models)
+        warm_dir = tmp / "warm"
+        (warm,) = write_zoo("mlp", 1, warm_dir)
+        nbytes = sum(p.stat().st_size for p in zoo.glob(f"{args.arch}-*.safetensors"))
+        config = tmp / "cluster.yaml"
+        config.write_text(yaml.safe_dump({
+            "bench": {"kind": "local", "threads_per_worker": 1, "dashboard_address": ":0"},
+            "bench-cuda": {"kind": "local-cuda", "dashboard_address": ":0"},
+        }))
+        options = AnalysisOptions()
+        runs = []
+        if args.in_process:
+            runs.append(run_one("in-process", "none", None, None, manifest, tmp / "none.zarr", warm, options))
+        for w in counts:
+            runs.append(run_one(f"local {w}w", "bench", config, w, manifest, tmp / f"cpu{w}.zarr", warm, options))
+        if args.gpu:
+            runs.append(run_one("local-cuda", "bench-cuda", config, None, manifest, tmp / "gpu.zarr", warm, options))
+
+        store = runs[-1]["store"]
+        t0 = time.perf_counter()
+        rerun = scan(store=store, manifest=manifest, options=options, cluster="auto", progress=False)
+        rescan = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scan(store=store, manifest=manifest, options=options, cluster="auto", rehash=True, progress=False)
+        rehash = time.perf_counter() - t0
+        assert rerun.n_skipped == args.n_models and rerun.n_ok == 0
+
+        base = next((r for r in runs if r["label"] == f"local {min(counts)}w"), runs[0])
+        reference = layer_values(base["store"])
+        lines = ["| run | workers | models | seconds | models/s | MB/s | speed-up vs "
+                 f"{base['label']} | efficiency | start + warm-up (s) | bitwise = {base['label']} |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in runs:
+            speedup = base["seconds"] / r["seconds"]
+            same = np.array_equal(layer_values(r["store"]), reference, equal_nan=True)
+            lines.append(
+                f"| {r['label']} | {r['workers']} | {r['models']} | {r['seconds']:.1f} | "
+                f"{r['models'] / r['seconds']:.3f} | {nbytes / 1e6 / r['seconds']:.1f} | {speedup:.2f}x | "
+                f"{speedup * base['workers'] / r['workers']:.0%} | {r['startup']:.1f} | {'yes' if same else 'NO'} |")
+        lines.append(f"| rerun, nothing new (stat check) | - | {args.n_models} skipped | {rescan:.2f} | "
+                     f"{args.n_models / rescan:.1f} | - | - | - | - | - |")
+        lines.append(f"| rerun, nothing new (--rehash) | - | {args.n_models} skipped | {rehash:.2f} | "
+                     f"{args.n_models / rehash:.1f} | {nbytes / 1e6 / rehash:.0f} | - | - | - | - |")
+        record(f"Zoo scaling: {args.n_models} synthetic {args.arch} (fp16 safetensors, {nbytes / 1e6:.0f} MB)",
+               "\n".join(lines),
+               "timed scan excludes cluster start and worker warm-up (shown apart); one thread per worker; "
+               "efficiency = speed-up x base workers / workers; rerun rows: a second scan of the same zoo "
+               "into the filled store (no cluster is started when nothing is new).")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
