@@ -53,11 +53,16 @@ def run_weightwatcher(path: Path):
     return details, time.perf_counter() - t0
 
 
-def run_zooscope(path: Path):
+#: zooscope configurations compared: the default (WeightWatcher's LAPACK SVD per matrix) and the batched fp64
+#: Gram + eigvalsh route that ``backend="auto"`` takes with a tuned table or on a GPU.
+ROUTES = {"default (scipy-gesdd)": "auto", "gram (torch-gram-eigh)": "torch-gram-eigh"}
+
+
+def run_zooscope(path: Path, esd_backend: str):
     import zooscope
 
     t0 = time.perf_counter()
-    details = zooscope.analyze(str(path), ww_version="0.7.7", ww_compat=True)
+    details = zooscope.analyze(str(path), ww_version="0.7.7", ww_compat=True, esd_backend=esd_backend)
     return details, time.perf_counter() - t0
 
 
@@ -65,23 +70,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="minilm,effnet0")
     args = parser.parse_args()
-    rows = ["| checkpoint | layers compared | only in one tool | max abs Δalpha | weightwatcher s | zooscope s | speedup |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| checkpoint | zooscope route | layers compared | only in one tool | max abs Δalpha | "
+            "weightwatcher s | zooscope s | speedup |", "|---|---|---|---|---|---|---|---|"]
     for name in args.models.split(","):
         path = _package_file(*CHECKPOINTS[name])
         if path is None:
             print(f"skipping {name}: package {CHECKPOINTS[name][0]} not installed")
             continue
-        run_zooscope(path)  # warm-up: Numba compilation is a one-off cost per machine (cached on disk)
-        ours, t_ours = run_zooscope(path)
+        run_zooscope(path, "auto")  # warm-up: Numba compilation is a one-off cost per machine (cached on disk)
         theirs, t_theirs = run_weightwatcher(path)
-        ours = ours.set_index("longname")
         theirs = theirs.set_index("longname")
-        common = ours.index.intersection(theirs.index)
-        only = len(ours.index.symmetric_difference(theirs.index))
-        dalpha = np.abs(ours.loc[common, "alpha"].to_numpy(float) - theirs.loc[common, "alpha"].to_numpy(float))
-        rows.append(f"| {name} ({path.name}) | {len(common)} | {only} | {dalpha.max():.2e} | {t_theirs:.2f} | "
-                    f"{t_ours:.2f} | {t_theirs / t_ours:.1f}x |")
+        for route, backend in ROUTES.items():
+            ours, t_ours = run_zooscope(path, backend)
+            ours = ours.set_index("longname")
+            common = ours.index.intersection(theirs.index)
+            only = len(ours.index.symmetric_difference(theirs.index))
+            dalpha = np.abs(ours.loc[common, "alpha"].to_numpy(float) - theirs.loc[common, "alpha"].to_numpy(float))
+            rows.append(f"| {name} ({path.name}) | {route} | {len(common)} | {only} | {dalpha.max():.2e} | "
+                        f"{t_theirs:.2f} | {t_ours:.2f} | {t_theirs / t_ours:.1f}x |")
     record("zooscope vs weightwatcher 0.7.7, end to end on real checkpoints (CPU)", "\n".join(rows),
            notes="both fp64 LAPACK on CPU; zooscope after one warm-up run; weightwatcher on the in-memory state dict")
 

@@ -54,6 +54,14 @@ def load_profiles(path: str | os.PathLike | None = None) -> dict[str, dict[str, 
     return profiles
 
 
+def get_profile(profile: str, config: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The fields of ``profile`` in ``config`` (the packaged ``cluster.yaml`` when None); unknown names raise."""
+    profiles = load_profiles(config)
+    if profile not in profiles:
+        raise ClusterConfigError(f"unknown cluster profile {profile!r}; available: {', '.join(profiles)}")
+    return profiles[profile]
+
+
 @contextmanager
 def make_client(profile: str = "local", *, config: str | os.PathLike | None = None,
                 workers: int | None = None) -> Iterator[Any]:
@@ -62,10 +70,7 @@ def make_client(profile: str = "local", *, config: str | os.PathLike | None = No
     ``workers`` overrides the profile's worker count. Yields ``None`` for kind ``none`` (run in-process).
     The cluster and client are closed when the ``with`` block ends, also on error.
     """
-    profiles = load_profiles(config)
-    if profile not in profiles:
-        raise ClusterConfigError(f"unknown cluster profile {profile!r}; available: {', '.join(profiles)}")
-    fields = profiles[profile]
+    fields = get_profile(profile, config)
     if workers is not None and workers < 1:
         raise ClusterConfigError(f"--workers must be at least 1, got {workers}")
     kind = fields["kind"]

@@ -74,11 +74,16 @@ def execute(
 
 
 def _in_process(tasks: Sequence[Task], options: AnalysisOptions) -> Iterator[tuple[Task, Any]]:
+    """One task after another, with BLAS single-threaded like a Dask worker (``OMP_NUM_THREADS=1``): the same
+    LAPACK path as on a cluster, and no thread oversubscription on the many small matrices of a model."""
+    from threadpoolctl import threadpool_limits
+
     for task in tasks:
-        try:
-            outcome = run_task(task.path, options, task.keys, task.model_id)
-        except Exception as err:  # noqa: BLE001 - one model's failure must not end the scan
-            outcome = err
+        with threadpool_limits(limits=1, user_api="blas"):
+            try:
+                outcome = run_task(task.path, options, task.keys, task.model_id)
+            except Exception as err:  # noqa: BLE001 - one model's failure must not end the scan
+                outcome = err
         yield task, outcome
 
 

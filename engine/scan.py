@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from zooscope.engine.cluster import available_cores, make_client
+from zooscope.engine.cluster import available_cores, get_profile, make_client
 from zooscope.engine.plan import Task, plan
 from zooscope.engine.run import execute
 from zooscope.engine.store import ZooStore
@@ -111,6 +111,8 @@ def scan(
     if not models:
         given = [*map(str, paths), *([str(manifest)] if manifest else [])]
         raise ScanUsageError(f"no checkpoints found in {', '.join(given) or '(no paths given)'}")
+    if client is None and cluster != "auto":
+        get_profile(cluster, config)  # a bad profile fails before the store is touched
     report = ScanReport(store=str(store))
     try:
         zoo = ZooStore.open(str(store), "a", params=options.as_params(), flush_seconds=commit_seconds)

@@ -268,6 +268,9 @@ def test_cli_usage_errors_and_option_mapping(tmp_path, capsys):
     from zooscope.commands.scan import options_from_args
 
     assert main(["scan", "--store", str(tmp_path / "s.zarr")]) == 2  # no paths
+    write_zoo(tmp_path / "zoo", n=1)
+    assert main(["scan", str(tmp_path / "zoo"), "--store", str(tmp_path / "s.zarr"), "--cluster", "nope"]) == 2
+    assert "unknown cluster profile 'nope'" in capsys.readouterr().err and not (tmp_path / "s.zarr").exists()
     with pytest.raises(SystemExit) as exit_info:
         main(["scan", "x", "--store", "s.zarr", "--shard-bytes", "lots"])
     assert exit_info.value.code == 2

@@ -58,12 +58,13 @@ def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
     model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz), a ``torch.nn.Module`` or a state
         dict. options: ``AnalysisOptions`` fields or WeightWatcher's ``analyze()`` argument names.
     ww_compat: write failed fits as WeightWatcher does (alpha = −1 ...) instead of NaN with status 'failed'.
-    For an ``nn.Module``, ``layer_id`` counts ``named_modules()`` as WeightWatcher does.
+    For an ``nn.Module``, ``layer_id`` counts ``named_modules()`` as WeightWatcher does. Weight statistics are
+    not among WeightWatcher's columns, so they are skipped here (``zooscope scan`` stores them).
     """
     from zooscope.pipelines.analyze import analyze_checkpoint, to_weightwatcher_frame
     from zooscope.pipelines.readers import open_checkpoint
 
-    opts = _options_from_kwargs(options)
+    opts = _options_from_kwargs({"weightstats": False, **options})
     with open_checkpoint(model) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
     frame = to_weightwatcher_frame(result.layers, result.esd, failed_as_minus_one=ww_compat)

@@ -35,11 +35,9 @@ OPTION_FLAGS = {
     "seed": "seed",
 }
 
-ESD_BACKENDS = ("auto", "numpy-svd", "scipy-gesdd", "numpy-gram-eigh", "torch-svd", "torch-gram-eigh",
-                "cupy-svd", "cupy-gram-eigh")
-
-
 def register(subparsers: Any) -> None:
+    from zooscope.kernels import esd, powerlaw
+
     parser = subparsers.add_parser(
         "scan",
         help="analyse checkpoints into a Zarr store",
@@ -67,10 +65,10 @@ def register(subparsers: Any) -> None:
                                 "0: after every model); a crash loses at most the last S seconds of results")
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
     analysis = parser.add_argument_group("analysis (WeightWatcher option names)")
-    analysis.add_argument("--esd-backend", default="auto", choices=ESD_BACKENDS, help="eigenvalue backend")
-    analysis.add_argument("--precision", default="fp64", choices=("fp64", "fp32"),
+    analysis.add_argument("--esd-backend", default="auto", choices=("auto", *esd.BACKENDS), help="eigenvalue backend")
+    analysis.add_argument("--precision", default="fp64", choices=esd.PRECISIONS,
                           help="eigenvalue precision (fp32: SVD backends only)")
-    analysis.add_argument("--fit-backend", default="numba", choices=("numba", "numpy", "cuda"),
+    analysis.add_argument("--fit-backend", default="numba", choices=powerlaw.BACKENDS,
                           help="power-law fit kernel")
     analysis.add_argument("--min-evals", type=int, default=None,
                           help="skip layers with fewer eigenvalues (default: 10 for --ww-version 0.7.5, 8 for 0.7.7)")
