@@ -39,6 +39,7 @@ setup(
         "tqdm>=4.60",
         "pyyaml>=6",
         "tabulate>=0.9",
+        "threadpoolctl>=3",
     ],
     extras_require={
         "gpu": ["cupy-cuda12x>=13", "dask-cuda>=24.2"],

@@ -26,6 +26,7 @@ from zooscope.engine.plan import Task, plan
 from zooscope.engine.run import execute
 from zooscope.engine.store import ZooStore
 from zooscope.pipelines.analyze import AnalysisOptions
+from zooscope.pipelines.drift import drift_table, pair_checkpoints
 from zooscope.pipelines.readers import CheckpointError, content_hash, discover, model_files
 from zooscope.pipelines.result import ModelResult, merge_results
 from zooscope.pipelines.summary import SUMMARY_METRICS, model_summary
@@ -57,6 +58,7 @@ class ScanReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     cluster: str = "none"
+    n_drift: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -152,10 +154,41 @@ def scan(
                     report.failed.append((model.path, row["error"]))
                 else:
                     report.n_ok += 1
+            report.n_drift = _scan_drift(models, zoo, active)
     finally:
         zoo.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _scan_drift(models: Sequence[ModelInput], zoo: ZooStore, client: Any) -> int:
+    """Distance from initialization for every manifest row whose ``init`` names another checkpoint of the scan
+    (paper 001), for pairs the store's ``/drift`` does not hold yet; one task per pair on the cluster (or
+    in-process). Returns the number of pairs added. A pair that cannot be read is skipped (its model's own row
+    already carries the error)."""
+    manifest = pd.DataFrame([{"model_id": m.model_id, "path": m.path, **dict(m.metadata)} for m in models])
+    if "init" not in manifest.columns:
+        return 0
+    known = zoo.drift()
+    done = set(zip(known["model_id"], known["init_model_id"])) if len(known) else set()
+    path_of = dict(zip(manifest["model_id"], manifest["path"]))
+    todo = [(m, i, step) for m, i, step in pair_checkpoints(manifest) if (m, i) not in done]
+    args = [(path_of[i], path_of[m], m, i, step) for m, i, step in todo]
+    if client is None:
+        tables = [_drift_or_none(*a) for a in args]
+    else:
+        tables = client.gather(client.map(_drift_or_none, *zip(*args), pure=False)) if args else []
+    tables = [t for t in tables if t is not None]
+    if tables:
+        zoo.append_drift(pd.concat(tables, ignore_index=True))
+    return len(tables)
+
+
+def _drift_or_none(init_path: str, path: str, model_id: str, init_model_id: str, step: float):
+    try:
+        return drift_table(init_path, path, model_id=model_id, init_model_id=init_model_id, step=step)
+    except CheckpointError:
+        return None
 
 
 def collect_inputs(paths: Iterable[str | os.PathLike], manifest: str | os.PathLike | None = None) -> list[ModelInput]:

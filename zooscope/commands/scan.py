@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     except (ScanUsageError, ClusterConfigError, StoreLockedError) as err:
         print(f"zooscope scan: error: {err}", file=sys.stderr)
         return 2
-    print(f"{report.n_ok} ok, {report.n_error} failed, {report.n_skipped} already in the store "
+    drift = f", drift from init for {report.n_drift} checkpoints" if report.n_drift else ""
+    print(f"{report.n_ok} ok, {report.n_error} failed, {report.n_skipped} already in the store{drift} "
           f"({report.seconds:.1f} s, cluster {report.cluster}) -> {report.store}")
     if report.failed:
         print(f"failed ({len(report.failed)}):")
