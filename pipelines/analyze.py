@@ -130,7 +130,6 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
     timings = {"read": 0.0, "esd": 0.0, "fit": 0.0, "stats": 0.0}
     rows: list[dict[str, Any]] = []
     esds: list[np.ndarray] = []
-    stacks_for_random: list[list[np.ndarray] | None] = []
     hists: list[tuple[np.ndarray, np.ndarray]] = []
     strengths: list[tuple[np.ndarray, np.ndarray] | None] = []
     for info in infos:
@@ -147,7 +146,6 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
                 rows.append({**_identity(info, slice_id, options), **stats_row, "status": "error",
                              "error": str(err)})
                 esds.append(np.zeros(0))
-                stacks_for_random.append(None)
                 hists.append(hist)
                 strengths.append(None)
             continue
@@ -162,12 +160,14 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
             row = {**_identity(info, slice_id, options), **stats_row, "status": "ok", "error": "",
                    "esd_backend": backend, "num_evals": per_slice.size}
             row.update(esd_kernels.singular_value_stats(per_slice, info.N))
+            evals = np.sort(per_slice.ravel())
+            if options.randomize:  # needs the matrices, so done now: one layer's weights in memory at a time
+                row.update(_randomize(stack, evals, row, backend, options))
             rows.append(row)
-            esds.append(np.sort(per_slice.ravel()))
-            stacks_for_random.append([stack] if options.randomize else None)
+            esds.append(evals)
             hists.append(hist)
             strengths.append(strength)
-    _fit_and_measure(rows, esds, stacks_for_random, options, timings)
+    _fit_and_measure(rows, esds, options, timings)
     layers = pd.DataFrame(rows)
     counts, edges = _stack_hists(hists, options.hist_bins if options.weightstats else 0)
     result = ModelResult(layers=layers, esd=esds, hist_counts=counts, hist_edges=edges, n_params=n_params,
@@ -211,8 +211,16 @@ def _node_strengths(tensor: np.ndarray, info: LayerInfo) -> tuple[np.ndarray, np
     return weightstats.node_strength(tensor, layout=layout), weightstats.out_strength(tensor, layout=layout)
 
 
-def _fit_and_measure(rows: list[dict[str, Any]], esds: list[np.ndarray],
-                     stacks_for_random: list[list[np.ndarray] | None], options: AnalysisOptions,
+def _randomize(stack: np.ndarray, evals: np.ndarray, row: dict[str, Any], backend: str,
+               options: AnalysisOptions) -> dict[str, float]:
+    """WeightWatcher's ``randomize`` columns for one layer row, with draws seeded by (seed, layer, slice)."""
+    rng = np.random.default_rng([options.seed, row["layer_id"], row.get("slice_id", 0)])
+    rand_evals = spectral.randomized_eigenvalues(stack, rng=rng, backend=backend)
+    rand_single = spectral.randomized_eigenvalues(stack, rng=rng, backend=backend, replicas=1)
+    return spectral.randomize_metrics(evals, rand_evals, rand_single, n=row["N"], m=row["M"])
+
+
+def _fit_and_measure(rows: list[dict[str, Any]], esds: list[np.ndarray], options: AnalysisOptions,
                      timings: dict[str, float]) -> None:
     """Fit every ok layer's ESD (batched, so a GPU backend fits them in one launch) and add the metrics."""
     ok = [i for i, row in enumerate(rows) if row["status"] == "ok"]
@@ -228,18 +236,10 @@ def _fit_and_measure(rows: list[dict[str, Any]], esds: list[np.ndarray],
             row["status"] = "failed"
         n, m = row["N"], row["M"]
         row.update(spectral.norm_metrics(evals, fit.alpha, n=n, m=m))
-        rng = np.random.default_rng([options.seed, row["layer_id"], row.get("slice_id", 0)])
         if options.mp_fit:
             row.update(spectral.mp_fit(evals, n=n, m=m))
         if options.detX:
             row.update(spectral.detx(evals))
-        if options.randomize:
-            stacks = stacks_for_random[i]
-            rand_evals = spectral.randomized_eigenvalues(stacks[0], rng=rng, backend=row["esd_backend"],
-                                                         replicas=5 if m * row["rf"] < 100 else 1)
-            rand_single = spectral.randomized_eigenvalues(stacks[0], rng=rng, backend=row["esd_backend"],
-                                                          replicas=1)
-            row.update(spectral.randomize_metrics(evals, rand_evals, rand_single, n=n, m=m))
 
 
 def _stack_hists(hists: list[tuple[np.ndarray, np.ndarray]], bins: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Report sections for trained zoos: distance from initialization (paper 001) and weight statistics (paper 000).
+"""Report sections for trained zoos: masked weight images and distance from initialization (paper 001), and weight
+statistics (paper 000).
 
 ``sections(...)`` returns ``report.Section`` objects for ``report.build_report(extra_sections=...)``; each section is
 built only when its data is present. Figures are built without pyplot (``matplotlib.figure.Figure``).
@@ -24,14 +25,19 @@ METRICS = ("test_acc", "top1_acc", "accuracy", "train_acc", "top1_error", "test_
 MAP_COLUMNS = ("w_mean", "w_std", "w_skew", "w_kurtosis", "ns_mean", "ns_std", "alpha", "log_norm")
 GROUP_COLORS = {"low": "#d62728", "mid": "#ff7f0e", "high": "#2ca02c"}
 MAX_LAYER_PLOTS = 6
+#: Colour scale of the weight images: ± this quantile of |w| pooled over a network's checkpoints.
+IMAGE_QUANTILE = 0.99
 
 
 def sections(models: pd.DataFrame | None, layers: pd.DataFrame | None = None,
              hist: tuple[np.ndarray, np.ndarray] | None = None, drift: pd.DataFrame | None = None, *,
              pairs: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
              weights: Mapping[str, np.ndarray] | None = None, theta: Sequence[float] | None = None,
-             metric: str | None = None, loss: str = "train_loss", seed: int = 0) -> list[Section]:
-    """Training-zoo sections, in order: RMSD and loss against step per width (001 Fig. 5), time to reach loss θ and
+             metric: str | None = None, loss: str = "train_loss", seed: int = 0,
+             weight_images: Mapping[str, Sequence[tuple[int, np.ndarray]]] | None = None,
+             image_layer: str = "fc2.weight") -> list[Section]:
+    """Training-zoo sections, in order: weight-matrix images at each checkpoint of masked networks (001 Fig. 1),
+    RMSD and loss against step per width (001 Fig. 5), time to reach loss θ and
     RMSD there against width (Fig. 6), (w_i, w_f) densities with median, interquartile band and c_opt line
     (Fig. 3), per-accuracy-group weight densities and node-strength correlations (000), and a t-SNE map.
 
@@ -42,8 +48,12 @@ def sections(models: pd.DataFrame | None, layers: pd.DataFrame | None = None,
     weights: model_id → weights (any shape) for KDEs from raw weights (else the histograms are averaged).
     theta: loss levels for Fig. 6 (default: the largest and the median of the runs' lowest losses).
     metric: the accuracy column for groups (default: first of ``METRICS`` present; error columns are negated).
+    weight_images, image_layer: see :func:`mask_section`.
     """
     out: list[Section] = []
+    masks = mask_section(weight_images or {}, image_layer)
+    if masks is not None:
+        out.append(masks)
     models = models if models is not None else pd.DataFrame()
     runs = _runs(models, drift, loss)
     if runs is not None:
@@ -197,6 +207,51 @@ def _time_to_loss_section(runs: pd.DataFrame, loss: str, theta: Sequence[float] 
     body = text + _html_fig(fig, "t_theta and RMSD at t_theta vs width") + table.to_html(
         index=False, na_rep="–", float_format=lambda v: f"{v:.4g}", border=0)
     return Section("Time and distance to reach a loss", body, "drift-theta")
+
+
+def mask_section(images: Mapping[str, Sequence[tuple[int, np.ndarray]]], layer: str = "fc2.weight"
+                 ) -> Section | None:
+    """Paper 001 Fig. 1: one image of the weight matrix ``layer`` per checkpoint of each network, or None when
+    ``images`` holds no matrix.
+
+    images: network title → ``(step, weights)`` per checkpoint (any order; shown by step). Weights are ``(out, in)``
+    (more dimensions are flattened to ``(shape[0], -1)``). The diverging colour scale is symmetric around 0 and shared
+    by a network's checkpoints (± the ``IMAGE_QUANTILE`` of |w|). When the first checkpoint has exact zeros (a masked
+    initialization), a table gives the RMS weight inside and outside its non-zero support at every checkpoint.
+    """
+    parts = []
+    for title, ckpts in images.items():
+        if not ckpts:
+            continue
+        ckpts = sorted(((int(step), np.asarray(w, dtype=np.float64)) for step, w in ckpts), key=lambda c: c[0])
+        mats = [w.reshape(w.shape[0], -1) if w.ndim != 2 else w for _, w in ckpts]
+        vmax = float(np.quantile(np.abs(np.concatenate([m.ravel() for m in mats])), IMAGE_QUANTILE)) or 1.0
+        figs = [_weight_image(m, vmax, f"{title}: {layer} at step {step}", f"step {step}")
+                for (step, _), m in zip(ckpts, mats)]
+        parts.append(f"<h3>{_html.escape(title)}</h3><div class=\"grid\">{''.join(figs)}</div>")
+        support = mats[0] != 0
+        if support.any() and not support.all() and all(m.shape == support.shape for m in mats):
+            table = pd.DataFrame({"step": [s for s, _ in ckpts],
+                                  "RMS inside": [np.sqrt(np.mean(m[support] ** 2)) for m in mats],
+                                  "RMS outside": [np.sqrt(np.mean(m[~support] ** 2)) for m in mats]})
+            parts.append(table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0))
+    if not parts:
+        return None
+    text = (f"<p>The weight matrix {_html.escape(layer)} (rows: output units, columns: input units) at each checkpoint "
+            "of a network whose initial weights were zeroed outside a letter (paper 001 Fig. 1; red positive, blue "
+            "negative, one colour scale per network). If the letter stays visible, training moved the weights little "
+            "relative to their initial values. RMS inside / outside: root-mean-square weight on and off the "
+            "initial non-zero support.</p>")
+    return Section("Weight matrices over training", text + "".join(parts), "drift-images")
+
+
+def _weight_image(W: np.ndarray, vmax: float, caption: str, title: str) -> str:
+    fig, axes = _figure(3.4, 3.0)
+    ax = axes[0, 0]
+    im = ax.imshow(W, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+    fig.colorbar(im, ax=ax, extend="both", shrink=0.85)
+    ax.set(title=title, xlabel="input unit", ylabel="output unit")
+    return _html_fig(fig, caption)
 
 
 def _fig3_section(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], seed: int) -> Section:
