@@ -16,7 +16,12 @@ EXAMPLES = """examples:
       adds the tables and plots of an earlier 'zooscope regress ... --out regress/'
   zooscope report zoo.zarr --layers features.0,classifier.6
       also plots the ESD of these layers (names as in the layers table) in every model
+  zooscope report sweep.zarr --image-layer fc1
+      for a masked sweep ('zooscope sweep --mask A'), shows fc1.weight instead of fc2.weight at each checkpoint
 """
+
+#: Masked networks (``series`` x ``seed``) whose weight matrices are shown at every checkpoint.
+MAX_IMAGE_NETWORKS = 2
 
 
 def register(subparsers: Any) -> None:
@@ -32,10 +37,52 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--out", default="report.html", metavar="FILE", help="HTML file (default report.html)")
     parser.add_argument("--layers", metavar="NAMES", help="layer names whose ESD is always plotted, comma-separated")
     parser.add_argument("--title", help="page title (default: zooscope report: STORE)")
+    parser.add_argument("--image-layer", default="fc2", metavar="NAME",
+                        help="for masked sweeps: the layer (or tensor) drawn as an image at each checkpoint "
+                             "(default fc2, i.e. fc2.weight)")
     parser.set_defaults(func=run)
 
 
-def _training_sections(store, models, layers) -> list:
+def _mask_images(models, layer: str) -> dict[str, list[tuple[int, np.ndarray]]]:
+    """Network title → ``(step, weights of layer)`` per checkpoint for at most ``MAX_IMAGE_NETWORKS`` masked networks
+    (models rows with a non-empty ``mask``, grouped by ``series`` and ``seed``, ordered by ``step``). Checkpoints that
+    cannot be read, or lack the tensor, are skipped with a warning."""
+    from zooscope.pipelines.readers import CheckpointError, open_checkpoint
+
+    if "mask" not in models.columns or "path" not in models.columns:
+        return {}
+    masked = models[models["mask"].fillna("").astype(str).str.strip() != ""]
+    if "status" in masked.columns:
+        masked = masked[masked["status"] == "ok"]
+    keys = [c for c in ("series", "seed") if c in masked.columns]
+    if "step" in masked.columns:
+        masked = masked.sort_values([*keys, "step"], kind="stable")
+    images: dict[str, list[tuple[int, np.ndarray]]] = {}
+    for key, net in (masked.groupby(keys, sort=False) if keys else [((), masked)]):
+        if len(images) == MAX_IMAGE_NETWORKS:
+            break
+        key = key if isinstance(key, tuple) else (key,)
+        title = " ".join(f"{k} {v}" if k == "seed" else str(v) for k, v in zip(keys, key)) or "masked network"
+        title += f" (mask {net['mask'].iloc[0]})"
+        ckpts = []
+        for i, row in enumerate(net.itertuples(index=False)):
+            try:
+                with open_checkpoint(row.path) as ckpt:
+                    names = ckpt.keys()
+                    name = layer if layer in names else f"{layer}.weight"
+                    if name not in names:
+                        print(f"zooscope report: warning: {row.path}: no tensor {layer!r} or {layer + '.weight'!r}"
+                              " for the weight images", file=sys.stderr)
+                        continue
+                    ckpts.append((int(getattr(row, "step", i)), ckpt.read(name)))
+            except CheckpointError as exc:
+                print(f"zooscope report: warning: weight image skipped: {exc}", file=sys.stderr)
+        if ckpts:
+            images[title] = ckpts
+    return images
+
+
+def _training_sections(store, models, layers, image_layer: str = "fc2") -> list:
     """Weight-statistics / drift sections from ``pipelines.report_training`` when that module exists."""
     try:
         from zooscope.pipelines import report_training
@@ -48,7 +95,10 @@ def _training_sections(store, models, layers) -> list:
         pairs = [store.hist(int(row)) for row in layers.index]
         hist = (np.stack([c for c, _ in pairs]), np.stack([e for _, e in pairs]))
     drift = store.drift()
-    return list(report_training.sections(models, layers, hist, drift if len(drift) else None) or [])
+    images = _mask_images(models, image_layer)
+    name = image_layer if image_layer.endswith((".weight", ".bias")) else f"{image_layer}.weight"
+    return list(report_training.sections(models, layers, hist, drift if len(drift) else None,
+                                         weight_images=images, image_layer=name) or [])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         models, layers = store.models(), store.layers()
         html = build_report(
             models, layers, esd=lambda row: store.esd(int(row.name)), regression=regression,
-            extra_sections=_training_sections(store, models, layers),
+            extra_sections=_training_sections(store, models, layers, args.image_layer),
             title=args.title or f"zooscope report: {path.name}", chosen_layers=chosen,
         )
     out = write_report(html, args.out)
