@@ -7,6 +7,7 @@ The packaged default profiles are ``zooscope/cluster.yaml``; the fields are docu
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import math
 import os
 import sys
@@ -93,6 +94,8 @@ def make_client(profile: str = "local", *, config: str | os.PathLike | None = No
     finally:
         client.close()
         if cluster is not None:
+            # workers idle in native threads (BLAS, Numba) are killed after a grace period; that is expected here
+            logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
             cluster.close()
 
 
