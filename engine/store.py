@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as _dt
+import importlib.metadata
 import json
 import os
 import time
@@ -43,11 +44,19 @@ import pandas as pd
 import zarr
 from zarr.core.sync import sync as _zarr_sync
 
-from zooscope import __version__
 from zooscope.engine.lock import LOCK_NAME, StoreLockedError, WriterLock
 from zooscope.pipelines.result import ModelResult
 
 __all__ = ["ZooStore", "StoreView", "StoreLockedError", "open_store", "SCHEMA_VERSION"]
+
+
+def _zooscope_version() -> str:
+    """The installed zooscope version (read from package metadata: the engine never imports the facade)."""
+    try:
+        return importlib.metadata.version("zooscope")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
 
 SCHEMA_VERSION = 1
 TABLES = ("models", "layers", "drift")
@@ -282,7 +291,7 @@ class ZooStore:
             if "schema_version" not in root.attrs:
                 for name in GROUPS:
                     root.require_group(name)
-                root.attrs.update({"schema_version": SCHEMA_VERSION, "zooscope_version": __version__,
+                root.attrs.update({"schema_version": SCHEMA_VERSION, "zooscope_version": _zooscope_version(),
                                    "params": _json_safe(params or {}),
                                    "counters": {c: 0 for c in COUNTERS}, "columns": {t: {} for t in TABLES}})
             _check_schema(root, path)
@@ -601,7 +610,7 @@ class ZooStore:
 
     def _commit(self, counters: dict[str, int], columns: dict[str, dict[str, str]]) -> None:
         """The commit point: one atomic write of the root attrs with the new counters and column map."""
-        self._root.attrs.update({"counters": counters, "columns": columns, "zooscope_version": __version__})
+        self._root.attrs.update({"counters": counters, "columns": columns, "zooscope_version": _zooscope_version()})
         self._counters, self._columns = dict(counters), columns
         self._esd_index = None
 
@@ -797,7 +806,7 @@ def _check_schema(root: zarr.Group, path: Any) -> None:
     if version is None or "counters" not in root.attrs:
         raise ValueError(f"{path} is a zarr group but not a zooscope store")
     if version > SCHEMA_VERSION:
-        raise ValueError(f"{path} has store schema {version}; this zooscope ({__version__}) reads up to "
+        raise ValueError(f"{path} has store schema {version}; this zooscope ({_zooscope_version()}) reads up to "
                          f"{SCHEMA_VERSION}: upgrade zooscope")
 
 
