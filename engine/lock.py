@@ -64,9 +64,12 @@ class WriterLock:
                 fcntl.flock(guard, fcntl.LOCK_EX)
                 holder = read_lock(self.path)
                 if holder is None:  # released meanwhile
-                    os.link(tmp, self.path)
-                    return
-                if not _is_stale(holder):
+                    try:
+                        os.link(tmp, self.path)
+                        return
+                    except FileExistsError:  # and taken by a newcomer that did not need the guard
+                        holder = read_lock(self.path) or {}
+                if not holder or not _is_stale(holder):
                     raise StoreLockedError(
                         f"store {self.path.parent} is locked by another writer: pid {holder.get('pid')} on "
                         f"{holder.get('host')} since {holder.get('started')} ({self.path}). Wait for it to "

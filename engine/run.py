@@ -91,6 +91,8 @@ def _on_cluster(tasks: Sequence[Task], options: AnalysisOptions, client: Any,
                 retries: int) -> Iterator[tuple[Task, Any]]:
     from distributed import as_completed
 
+    if not client.scheduler_info().get("workers"):  # e.g. SLURM jobs still queued: GPU routing needs a worker
+        client.wait_for_workers(1)
     gpu = has_gpu_workers(client)
     run_id = uuid.uuid4().hex[:8]
     by_key: dict[str, Task] = {}

@@ -115,9 +115,11 @@ def scan(
         raise ScanUsageError(f"no checkpoints found in {', '.join(given) or '(no paths given)'}")
     if client is None and cluster != "auto":
         get_profile(cluster, config)  # a bad profile fails before the store is touched
+    pairs = _drift_pairs(models)  # a bad init column fails before any analysis, not after it
     report = ScanReport(store=str(store))
     try:
-        zoo = ZooStore.open(str(store), "a", params=options.as_params(), flush_seconds=commit_seconds)
+        zoo = ZooStore.open(str(store), "a", params=options.as_params(), flush_every=64,
+                            flush_seconds=commit_seconds)
     except ValueError as err:  # not a store, or a store made with other analysis options
         raise ScanUsageError(str(err)) from err
     try:
@@ -154,26 +156,36 @@ def scan(
                     report.failed.append((model.path, row["error"]))
                 else:
                     report.n_ok += 1
-            report.n_drift = _scan_drift(models, zoo, active)
+            report.n_drift = _scan_drift(models, pairs, zoo, active)
     finally:
         zoo.close()
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _scan_drift(models: Sequence[ModelInput], zoo: ZooStore, client: Any) -> int:
-    """Distance from initialization for every manifest row whose ``init`` names another checkpoint of the scan
-    (paper 001), for pairs the store's ``/drift`` does not hold yet; one task per pair on the cluster (or
-    in-process). Returns the number of pairs added. A pair that cannot be read is skipped (its model's own row
-    already carries the error)."""
+def _drift_pairs(models: Sequence[ModelInput]) -> list[tuple[str, str, float]]:
+    """``(model_id, init_model_id, step)`` for every model whose manifest ``init`` names another checkpoint of
+    the scan (none without an ``init`` column); a bad ``init`` or a missing step raises ``ScanUsageError``."""
     manifest = pd.DataFrame([{"model_id": m.model_id, "path": m.path, **dict(m.metadata)} for m in models])
     if "init" not in manifest.columns:
+        return []
+    try:
+        return pair_checkpoints(manifest)
+    except ValueError as err:
+        raise ScanUsageError(f"cannot pair checkpoints with their init: {err}") from err
+
+
+def _scan_drift(models: Sequence[ModelInput], pairs: Sequence[tuple[str, str, float]], zoo: ZooStore,
+                client: Any) -> int:
+    """Distance from initialization for the ``pairs`` of ``_drift_pairs`` (paper 001) that the store's
+    ``/drift`` does not hold yet; one task per pair on the cluster (or in-process). Returns the number of pairs
+    added. A pair that cannot be read is skipped (its model's own row already carries the error)."""
+    if not pairs:
         return 0
     known = zoo.drift()
     done = set(zip(known["model_id"], known["init_model_id"])) if len(known) else set()
-    path_of = dict(zip(manifest["model_id"], manifest["path"]))
-    todo = [(m, i, step) for m, i, step in pair_checkpoints(manifest) if (m, i) not in done]
-    args = [(path_of[i], path_of[m], m, i, step) for m, i, step in todo]
+    path_of = {m.model_id: m.path for m in models}
+    args = [(path_of[i], path_of[m], m, i, step) for m, i, step in pairs if (m, i) not in done]
     if client is None:
         tables = [_drift_or_none(*a) for a in args]
     else:
@@ -184,7 +196,8 @@ def _scan_drift(models: Sequence[ModelInput], zoo: ZooStore, client: Any) -> int
     return len(tables)
 
 
-def _drift_or_none(init_path: str, path: str, model_id: str, init_model_id: str, step: float):
+def _drift_or_none(init_path: str, path: str, model_id: str, init_model_id: str,
+                   step: float) -> pd.DataFrame | None:
     try:
         return drift_table(init_path, path, model_id=model_id, init_model_id=init_model_id, step=step)
     except CheckpointError:
@@ -230,7 +243,8 @@ def read_manifest(manifest: str | os.PathLike) -> list[ModelInput]:
         if pd.isna(row["path"]) or not str(row["path"]).strip():
             raise ScanUsageError(f"manifest {manifest}, row {i + 2}: empty path")
         path = manifest.parent / str(row["path"]).strip()
-        metadata = tuple((c, _plain(row[c])) for c in meta_columns)
+        metadata = tuple((c, _init_path(manifest, v) if c == "init" else _plain(v))
+                         for c, v in ((c, row[c]) for c in meta_columns))
         expanded = _expand(path)
         model_id = row.get("model_id")
         if model_id is not None and not pd.isna(model_id):
@@ -240,6 +254,15 @@ def read_manifest(manifest: str | os.PathLike) -> list[ModelInput]:
             expanded = [ModelInput(expanded[0].path, str(model_id))]
         models += [ModelInput(m.path, m.model_id, metadata) for m in expanded]
     return models
+
+
+def _init_path(manifest: Path, value: Any) -> Any:
+    """An ``init`` entry that names a checkpoint file relative to the manifest becomes its absolute path (so it
+    pairs with that model's absolute ``path``); a model_id or anything else is kept as it is."""
+    value = _plain(value)
+    if isinstance(value, str) and value.strip() and (manifest.parent / value).exists():
+        return str(manifest.parent / value)
+    return value
 
 
 def resolve_cluster(cluster: str, tasks: Sequence[Task]) -> str:

@@ -475,7 +475,7 @@ def truncated_power_law(tail: np.ndarray, xmin: float, alpha0: float) -> tuple[f
 
     start = np.array([alpha0, math.log(xmin / np.mean(tail))])
     res = minimize(nll, start, method="Nelder-Mead",
-                   options=dict(xatol=1e-9, fatol=1e-11, maxiter=4000, initial_simplex=None))
+                   options=dict(xatol=1e-9, fatol=1e-11, maxiter=4000))
     a, z = float(res.x[0]), math.exp(res.x[1])
     return a, z / xmin, float(-res.fun - n * math.log(xmin))
 

@@ -122,7 +122,7 @@ def _kernel():
 
 
 def best_of_ragged(values: np.ndarray, offsets: np.ndarray, unique: bool, fixed: bool, lo_val: float,
-                   hi_val: float, min_tail: int, bias: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   hi_val: float, min_tail: int, bias: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(index of xmin within its sample or -1, alpha, D) for every ascending sample ``values[offsets[b]:offsets[b+1]]``.
 
     Same contract as ``powerlaw_numba.best_of_ragged``; one kernel launch, one block per sample.

@@ -33,7 +33,8 @@ def tail_log_sums(x: np.ndarray) -> np.ndarray:
 
 
 @njit(**_JIT)
-def layout(x, unique, fixed, lo_val, hi_val, min_tail):
+def layout(x: np.ndarray, unique: bool, fixed: bool, lo_val: float, hi_val: float, min_tail: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Candidate indices, ECDF point indices and each index's position among the points.
 
     ``unique=False`` (WeightWatcher): every index but the last is a candidate and a point.
@@ -209,7 +210,8 @@ def _prime(x, cand, pts, pos, S, bias, alphas, Ds, done):
 
 
 @njit(**_JIT)
-def scan_serial(x, cand, pts, pos, S, bias):
+def scan_serial(x: np.ndarray, cand: np.ndarray, pts: np.ndarray, pos: np.ndarray, S: np.ndarray, bias: float
+                ) -> tuple[np.ndarray, np.ndarray]:
     """(alphas, Ds) over the candidates ``cand``; pruned candidates have ``D = inf``. One thread."""
     nc = cand.size
     alphas = np.empty(nc)
@@ -221,7 +223,8 @@ def scan_serial(x, cand, pts, pos, S, bias):
 
 
 @njit(**_JIT)
-def best_of(x, unique, fixed, lo_val, hi_val, min_tail, bias):
+def best_of(x: np.ndarray, unique: bool, fixed: bool, lo_val: float, hi_val: float, min_tail: int, bias: float
+            ) -> tuple[int, float, float]:
     """(index of xmin, alpha, D) of the scan of ascending ``x`` (options as in ``layout``); index -1 if none."""
     cand, pts, pos = layout(x, unique, fixed, lo_val, hi_val, min_tail)
     if cand.size == 0:
@@ -232,7 +235,8 @@ def best_of(x, unique, fixed, lo_val, hi_val, min_tail, bias):
 
 
 @njit(parallel=True, **_JIT)
-def best_of_ragged(values, offsets, unique, fixed, lo_val, hi_val, min_tail, bias):
+def best_of_ragged(values: np.ndarray, offsets: np.ndarray, unique: bool, fixed: bool, lo_val: float, hi_val: float,
+                   min_tail: int, bias: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``best_of`` for every sample ``values[offsets[b]:offsets[b+1]]`` (each ascending), samples over threads.
 
     Returns (index of xmin within its sample or -1, alpha, D), arrays of length ``offsets.size - 1``.

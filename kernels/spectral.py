@@ -31,27 +31,34 @@ def norm_metrics(evals: np.ndarray, alpha: float, *, n: int, m: int) -> dict:
     max λ, ``log_spectral_norm`` = log10 max λ, ``alpha_weighted`` = α·log10 max λ, ``log_alpha_norm`` =
     log10 Σλ^α over all λ, ``stable_rank`` = Σλ / max λ, ``matrix_rank`` = #{√λ > √λmax·n·eps64}, ``entropy`` =
     WeightWatcher's matrix entropy −Σ p ln p / ln(rank + ε) with p = λ/Σλ + ε, ε = 1e-10.
-    A NaN ``alpha`` (failed fit) gives NaN ``alpha_weighted`` and ``log_alpha_norm``. ``m`` is not used by these
-    formulas; it is accepted so every per-layer kernel takes the same ``n, m``.
+    A NaN ``alpha`` (failed fit) gives NaN ``alpha_weighted`` and ``log_alpha_norm``. An all-zero ESD (a zero
+    weight matrix) gives ``norm = lambda_max = 0``, −inf logs, ``matrix_rank = 0`` and NaN ratios, as numpy does in
+    WeightWatcher. ``m`` is not used by these formulas; it is accepted so every per-layer kernel takes the same
+    ``n, m``.
     """
     lam = _as_evals(evals)
-    norm = float(lam.sum())
-    lambda_max = float(lam.max())
-    log_spectral_norm = float(np.log10(lambda_max))
-    sv = np.sqrt(lam)
-    rank = int(np.count_nonzero(sv > sv.max() * n * np.finfo(np.float64).eps))
-    p = lam / norm + ENTROPY_EPSILON
-    entropy = float(-np.sum(p * np.log(p)) / np.log(rank + ENTROPY_EPSILON))
-    alpha = float(alpha)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm = lam.sum()
+        lambda_max = lam.max()
+        log_spectral_norm = float(np.log10(lambda_max))
+        sv = np.sqrt(lam)
+        rank = int(np.count_nonzero(sv > sv.max() * n * np.finfo(np.float64).eps))
+        p = lam / norm + ENTROPY_EPSILON
+        entropy = float(-np.sum(p * np.log(p)) / np.log(rank + ENTROPY_EPSILON))
+        stable_rank = float(norm / lambda_max)
+        log_norm = float(np.log10(norm))
+        alpha = float(alpha)
+        log_alpha_norm = float(np.log10(np.sum(lam**alpha))) if np.isfinite(alpha) else float("nan")
+    norm, lambda_max = float(norm), float(lambda_max)
     return {
         "norm": norm,
-        "log_norm": float(np.log10(norm)),
+        "log_norm": log_norm,
         "lambda_max": lambda_max,
         "spectral_norm": lambda_max,
         "log_spectral_norm": log_spectral_norm,
         "alpha_weighted": alpha * log_spectral_norm,
-        "log_alpha_norm": float(np.log10(np.sum(lam**alpha))) if np.isfinite(alpha) else float("nan"),
-        "stable_rank": norm / lambda_max,
+        "log_alpha_norm": log_alpha_norm,
+        "stable_rank": stable_rank,
         "matrix_rank": rank,
         "entropy": entropy,
     }

@@ -171,7 +171,7 @@ def layer_stats(tensor: np.ndarray, bins: int = 64, *, layer_type: str = "dense"
     tensors with fewer than 2 axes). ``layer_type`` ``"conv1d"`` with a 2-D tensor means HF ``Conv1D`` (in, out);
     other types use the ``(out, in, ...)`` layout. Raises ``ValueError`` when the tensor has non-finite entries.
     """
-    t = np.asarray(tensor)
+    t = np.asarray(tensor, dtype=np.float64)  # converted once: moments, node_strength and histogram reuse it
     n_bad = t.size - int(np.count_nonzero(np.isfinite(t)))
     if n_bad:
         raise ValueError(f"{n_bad} of {t.size} weights are NaN or infinite")

@@ -115,17 +115,9 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
     n_params = sum(int(np.prod(ckpt.shape(k))) for k in all_keys if wanted is None or k in wanted)
     infos = [
         info
-        for info in plan_layers(
-            ckpt,
-            min_evals=options.min_evals,
-            max_evals=options.max_evals,
-            max_N=options.max_N,
-            pool=options.pool,
-            module_types=ckpt.module_types(),
-        )
-        if info.skip_reason is None
-        and (wanted is None or info.key in wanted)
-        and (not options.layers or info.name in options.layers)
+        for info in plan_layers(ckpt, min_evals=options.min_evals, max_evals=options.max_evals,
+                                max_N=options.max_N, pool=options.pool, only=wanted)
+        if info.skip_reason is None and (not options.layers or info.name in options.layers)
     ]
     timings = {"read": 0.0, "esd": 0.0, "fit": 0.0, "stats": 0.0}
     rows: list[dict[str, Any]] = []

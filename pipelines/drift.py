@@ -5,6 +5,7 @@ I/O lives here (tensors are read one at a time through ``pipelines.readers``); t
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from zooscope.kernels import drift as drift_kernels
-from zooscope.pipelines.layers import layer_name
+from zooscope.pipelines.layers import FLOAT_DTYPES, layer_name
 from zooscope.pipelines.readers import Checkpoint, CheckpointError, open_checkpoint
 
 #: Most (w_i, w_f) pairs a fit sees, per layer and for the whole network; beyond it a seeded, layer-stratified
@@ -83,29 +84,29 @@ def drift_table(init_ckpt: Any, ckpt: Any, *, model_id: str, init_model_id: str,
     rows: list[dict[str, Any]] = []
     with as_checkpoint(init_ckpt) as c0, as_checkpoint(ckpt) as ct:
         init_keys = set(c0.keys())
-        keys = [k for k in ct.keys() if len(ct.shape(k)) >= 2]
-        sizes = {k: int(np.prod(ct.shape(k))) for k in keys}
-        total = sum(sizes.values())
+        # dtype and shape come from the headers: non-float tensors are never read, and ``total`` counts only
+        # the weights that enter the fits
+        keys = [k for k in ct.keys() if len(ct.shape(k)) >= 2 and ct.dtype(k) in FLOAT_DTYPES]
+        total = sum(math.prod(ct.shape(k)) for k in keys)
         sq_sum, count, sample_i, sample_f = 0.0, 0, [], []
         for key in keys:
             if key not in init_keys:
-                raise CheckpointError(getattr(c0, "path", str(init_ckpt)), key, "missing from the initial checkpoint")
+                raise CheckpointError(c0.path, key, "missing from the initial checkpoint")
             wt = ct.read(key)
-            if not np.issubdtype(wt.dtype, np.floating):
-                continue
             w0 = c0.read(key)
             if w0.shape != wt.shape:
-                raise CheckpointError(getattr(c0, "path", str(init_ckpt)), key,
-                                      f"shape {w0.shape} at init but {wt.shape} in {getattr(ct, 'path', ckpt)}")
+                raise CheckpointError(c0.path, key, f"shape {w0.shape} at init but {wt.shape} in {ct.path}")
             w0 = w0.astype(np.float64, copy=False).ravel()
             wt = wt.astype(np.float64, copy=False).ravel()
             d = wt - w0
-            sq_sum += float(np.dot(d, d))
+            layer_sq = float(np.dot(d, d))  # the layer's RMSD and its share of the whole network's
+            sq_sum += layer_sq
             count += d.size
             del d
             xi, xf = _subsample(w0, wt, max_pairs, rng)
             rows.append({"layer": layer_name(key), "n_weights": w0.size,
-                         **drift_kernels.drift_stats(xi, xf, seed=seed), "rmsd": drift_kernels.rmsd(w0, wt)})
+                         **drift_kernels.drift_stats(xi, xf, seed=seed),
+                         "rmsd": float(np.sqrt(layer_sq / w0.size)) if w0.size else float("nan")})
             k = w0.size if total <= max_pairs else int(round(max_pairs * w0.size / total))
             if k:
                 idx = np.arange(w0.size) if k >= w0.size else rng.choice(w0.size, k, replace=False)

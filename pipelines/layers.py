@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +23,8 @@ MIN_EVALS_0775 = 10  # WeightWatcher 0.7.5.5 default (ours)
 MIN_EVALS_077 = 8  # WeightWatcher 0.7.7 default: pass min_evals=MIN_EVALS_077 to match it
 # module path whose last component matches this is an embedding when no module classes are known
 EMBEDDING_NAME = re.compile(r"(^|\.)(\w*embed\w*|wte|wpe|shared)$")
-_FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
+#: Stored dtypes (``Checkpoint.dtype``) of the tensors that are analysed.
+FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
 
 
 class LayerError(CheckpointError):
@@ -117,6 +118,7 @@ def plan_layers(
     module_types: Mapping[str, str] | None = None,
     conv1d_slices: bool = True,
     all_arrays: bool | None = None,
+    only: Collection[str] | None = None,
 ) -> list[LayerInfo]:
     """The weight tensors of a checkpoint with their matrix shapes and skip reasons, from shapes only.
 
@@ -139,12 +141,14 @@ def plan_layers(
         all_arrays = is_ckpt and ckpt_or_shapes.format == "npz"
     plan = []
     for layer_id, key in enumerate(keys):
+        if only is not None and key not in only:
+            continue
         shape = tuple(ckpt_or_shapes.shape(key) if is_ckpt else ckpt_or_shapes[key])
         if not (is_weight_key(key) or (all_arrays and len(shape) >= 2)):
             continue
         layer_type, reason = _classify(key, len(shape), module_types)
         N, M, rf = _sides(shape)
-        if reason is None and is_ckpt and ckpt_or_shapes.dtype(key) not in _FLOAT_DTYPES:
+        if reason is None and is_ckpt and ckpt_or_shapes.dtype(key) not in FLOAT_DTYPES:
             reason = f"non-float dtype {ckpt_or_shapes.dtype(key)}"
         if reason is None and len(shape) == 3 and not conv1d_slices:
             reason = "3-D Conv1d weight (conv1d_slices=False, as WeightWatcher)"
@@ -184,13 +188,12 @@ def layer_matrices(W: np.ndarray, info: LayerInfo, *, pool: bool = True, conv2d_
         n_nan = int(np.isnan(W).sum())
         raise LayerError(source, info.key, f"layer '{info.name}' has {n_nan} NaN and {int(bad.sum()) - n_nan} "
                                            "Inf values")
-    W = np.asarray(W, dtype=np.float64)
-    if W.ndim == 2:
-        return [np.ascontiguousarray(W if W.shape[0] >= W.shape[1] else W.T)[None]]
+    if W.ndim == 2:  # one fp64 C-ordered copy at most (none for an fp64 tall matrix)
+        return [np.ascontiguousarray(W if W.shape[0] >= W.shape[1] else W.T, dtype=np.float64)[None]]
     stack = np.moveaxis(W.reshape(W.shape[0], W.shape[1], -1), 2, 0)  # (rf, out, in), s = i*kw + j
     if stack.shape[1] < stack.shape[2]:
         stack = stack.transpose(0, 2, 1)
-    stack = np.ascontiguousarray(stack)
+    stack = np.ascontiguousarray(stack, dtype=np.float64)
     if pool:
         return [stack * np.sqrt(0.5) if conv2d_norm else stack]
     scale = np.sqrt(info.rf / 2) if conv2d_norm else 1.0

@@ -131,7 +131,8 @@ class _SafetensorsShard:
             if key == "__metadata__":
                 continue
             try:
-                code, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+                code, shape = info["dtype"], tuple(int(s) for s in info["shape"])
+                start, end = (int(o) for o in info["data_offsets"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(p, key, f"corrupt safetensors header entry {info!r}") from exc
             if code not in _ST_DTYPES:
@@ -420,6 +421,9 @@ def hf_layout(directory: str | os.PathLike) -> tuple[str, list[Path], Path | Non
                 weight_map = json.loads((d / index).read_text())["weight_map"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise CheckpointError(d / index, None, f"corrupt index json: {exc}") from exc
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(d / index, None, "corrupt index json: 'weight_map' is not a mapping of "
+                                                       "tensor name -> shard file name")
             return fmt, [d / f for f in sorted(set(weight_map.values()))], d / index
         shards = [d / n for n in names if pattern.match(n)]
         if shards:
@@ -442,10 +446,14 @@ def _open_dir(d: Path) -> Checkpoint:
         key_shard = {k: str(d / f) for f in sorted(by_shard) for k in by_shard[f]}
         return Checkpoint(str(d), fmt, key_shard, opener, {})
     ckpt = Checkpoint(str(d), fmt, {}, opener, {})
-    for f in shards:
-        shard = opener(f)
-        ckpt._shards[str(f)] = shard
-        ckpt._key_shard.update({k: str(f) for k in shard.keys()})
+    try:
+        for f in shards:
+            shard = opener(f)
+            ckpt._shards[str(f)] = shard
+            ckpt._key_shard.update({k: str(f) for k in shard.keys()})
+    except BaseException:  # release the shards already opened (memory-mapped torch files)
+        ckpt.close()
+        raise
     return ckpt
 
 

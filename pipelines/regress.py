@@ -33,7 +33,7 @@ class RegressionResult:
         ``not fittable: <reason>`` (numbers NaN then).
     summary: one row per metric over the ``ok`` groups: ``SUMMARY_COLUMNS``.
     data: the rows used (after exclusions), for plots: id column, ``by`` columns, ``y`` and the metrics.
-    dropped: per metric, rows dropped because ``y`` or the metric was missing (NaN).
+    dropped: per metric, rows dropped because ``y`` or the metric was missing (NaN) or infinite.
     small_groups: per metric, groups dropped for having fewer than ``min_models`` usable rows.
     excluded: rows removed by ``exclude``.
     messages: human-readable notes on all of the above.
@@ -87,9 +87,14 @@ def fit_one(x: np.ndarray, y: np.ndarray, *, n_boot: int = 1000, rng: np.random.
     """
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
+    if x.ndim != 1 or x.shape != y.shape:
+        raise ValueError(f"fit_one needs 1-D x and y of the same length, got shapes {x.shape} and {y.shape}")
     n = len(x)
     out = dict.fromkeys(GROUP_COLUMNS[1:], np.nan)
     out["n"] = n
+    if n == 0:
+        out["status"] = "not fittable: 0 points"
+        return out
     for name, v in (("x", x), ("y", y)):
         if np.ptp(v) == 0:
             out["status"] = f"not fittable: constant {name}"
@@ -129,7 +134,7 @@ def regress(
 
     ``by``: grouping columns (empty: one group of all rows). ``metrics``: metric columns (default: the
     ``summary.SUMMARY_METRICS`` present, plain or ``robust_``). ``exclude``: model ids removed first (matched in
-    the ``model`` or ``model_id`` column). Per metric, rows with NaN in ``y`` or the metric are dropped and
+    the ``model`` or ``model_id`` column). Per metric, rows with NaN or ±inf in ``y`` or the metric are dropped and
     groups with fewer than ``min_models`` remaining rows are dropped; both are counted in the result. The
     bootstrap of each (group, metric) uses its own generator seeded from ``(seed, group number, metric
     number)``, so results are reproducible and independent of which other groups exist.
@@ -181,7 +186,7 @@ def regress(
     small: dict[str, int] = {}
     grouped = list(df.groupby(list(by), sort=True, dropna=False)) if by else [((), df)]
     for mi, metric in enumerate(metrics):
-        ok_rows = df[y].notna() & df[metric].notna() & np.isfinite(df[metric].astype(float))
+        ok_rows = np.isfinite(df[y].astype(float)) & np.isfinite(df[metric].astype(float))
         dropped[metric] = int((~ok_rows).sum())
         small[metric] = 0
         for gi, (key, group) in enumerate(grouped):
@@ -194,7 +199,8 @@ def regress(
             res = fit_one(sub[metric].to_numpy(float), sub[y].to_numpy(float), n_boot=n_boot, rng=rng)
             rows.append({**dict(zip(by, key)), "metric": metric, **res})
         if dropped[metric]:
-            messages.append(f"{metric}: dropped {dropped[metric]} row(s) with a missing value in {y!r} or {metric!r}")
+            messages.append(f"{metric}: dropped {dropped[metric]} row(s) with a missing value (NaN or ±inf) in "
+                            f"{y!r} or {metric!r}")
         if small[metric]:
             messages.append(f"{metric}: dropped {small[metric]} group(s) with fewer than {min_models} models")
     groups = pd.DataFrame(rows, columns=[*by, *GROUP_COLUMNS])
@@ -260,7 +266,8 @@ def group_figures(result: RegressionResult, max_plots: int | None = None):
         sel = np.ones(len(result.data), bool)
         for c in result.by:
             sel &= (result.data[c] == row[c]).to_numpy() | (result.data[c].isna() & pd.isna(row[c])).to_numpy()
-        sub = result.data[sel].dropna(subset=[result.y, row["metric"]])
+        sub = result.data[sel]
+        sub = sub[np.isfinite(sub[result.y].astype(float)) & np.isfinite(sub[row["metric"]].astype(float))]
         fig = regression_plot(
             sub[row["metric"]].to_numpy(float), sub[result.y].to_numpy(float),
             slope=row["slope"], intercept=row["intercept"], r2=row["r2"],

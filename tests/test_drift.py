@@ -237,3 +237,22 @@ def test_report_group_sections():
     assert [s.anchor for s in secs] == ["stats-groups", "stats-strength", "stats-tsne"]
     weights = {f"m{i}": rng.normal(0, 0.1 * (i + 1), 500) for i in range(9)}
     assert rt.sections(models, None, None, None, weights=weights)[0].anchor == "stats-groups"
+
+
+def test_drift_table_skips_integer_tensors_without_reading_them(tmp_path, two_checkpoints, monkeypatch):
+    """A 2-D integer buffer in the final checkpoint (absent from the init) is neither read nor counted."""
+    from zooscope.pipelines.readers import Checkpoint
+
+    p0, _, init, final = two_checkpoints
+    p1 = _save(tmp_path / "final_int.safetensors", {**final, "index_map": np.arange(12, dtype=np.int64).reshape(3, 4)})
+    read = []
+    original = Checkpoint.read
+    monkeypatch.setattr(Checkpoint, "read", lambda self, key: read.append(key) or original(self, key))
+    t = pdrift.drift_table(p0, p1, model_id="b", init_model_id="a", step=1)
+    assert "index_map" not in read and "index_map" not in set(t["layer"])
+    keys = ["conv.weight", "fc1.weight", "fc2.weight"]
+    all_i = np.concatenate([init[k].astype(np.float64).ravel() for k in keys])
+    all_f = np.concatenate([final[k].astype(np.float64).ravel() for k in keys])
+    whole = t[t["layer"] == "all"].iloc[0]
+    assert whole["n_weights"] == all_i.size
+    assert whole["rmsd"] == pytest.approx(np.sqrt(np.mean((all_f - all_i) ** 2)), rel=1e-12)

@@ -320,3 +320,16 @@ def test_content_hash(tmp_path):
     b[-1] ^= 0xFF
     shard.write_bytes(b)
     assert content_hash(d) != h
+
+
+def test_corrupt_index_weight_map_and_offsets_name_the_file(tmp_path):
+    d = tmp_path / "hf"
+    _write_sharded_st(d, _tensors())
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a", "b"]}))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json.*weight_map"):
+        open_checkpoint(d)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, "eight"]}}).encode()
+    bad = tmp_path / "offsets.safetensors"
+    bad.write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+    with pytest.raises(CheckpointError, match=r"offsets\.safetensors: tensor 'w': corrupt safetensors header"):
+        open_checkpoint(bad)

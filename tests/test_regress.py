@@ -181,3 +181,22 @@ def test_cli_regress_csv(tmp_path, capsys):
     rc = main(["regress", str(tmp_path / "m.csv"), "--y", "top1_error", "--min-models", "9",
                "--out", str(tmp_path / "o4")])
     assert rc == 2 and "no group has at least 9 models" in capsys.readouterr().err
+
+
+def test_infinite_values_are_dropped_like_missing_ones():
+    models = zoo(sizes=(12,))
+    models.loc[models.index[:2], "top1_error"] = [np.inf, -np.inf]
+    models.loc[models.index[5], "alpha"] = np.nan
+    res = regress(models, "top1_error", by=(), metrics=["alpha"], n_boot=0)
+    assert res.dropped == {"alpha": 3}
+    keep = np.isfinite(models["top1_error"]) & models["alpha"].notna()
+    lr = stats.linregress(models.loc[keep, "alpha"], models.loc[keep, "top1_error"])
+    row = res.groups.iloc[0]
+    assert row["status"] == "ok" and row["n"] == 9
+    np.testing.assert_allclose([row["slope"], row["intercept"]], [lr.slope, lr.intercept], rtol=1e-12)
+
+
+def test_fit_one_empty_and_mismatched_inputs():
+    assert fit_one(np.zeros(0), np.zeros(0), n_boot=0)["status"] == "not fittable: 0 points"
+    with pytest.raises(ValueError, match="same length"):
+        fit_one(np.arange(5.0), np.arange(4.0), n_boot=0)

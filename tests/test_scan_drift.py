@@ -55,3 +55,13 @@ def test_drift_all_row_is_rmsd_over_every_weight(tmp_path):
     drift = zooscope.open(str(store)).drift
     value = drift[(drift["model_id"] == "run-e5") & (drift["layer"] == "all")]["rmsd"].item()
     assert abs(value - rmsd(flat0, flatt)) <= 1e-12 * rmsd(flat0, flatt)
+
+
+def test_init_may_name_a_checkpoint_path_relative_to_the_manifest(tmp_path):
+    _write_run(tmp_path, np.random.default_rng(2))
+    manifest = pd.read_csv(tmp_path / "manifest.csv").assign(init="e0.safetensors")
+    manifest.to_csv(tmp_path / "manifest.csv", index=False)
+    report = zooscope.scan(manifest=tmp_path / "manifest.csv", store=tmp_path / "zoo.zarr", cluster="none",
+                           progress=False)
+    assert report.n_drift == 2
+    assert set(zooscope.open(str(tmp_path / "zoo.zarr")).drift["init_model_id"]) == {"run-e0"}

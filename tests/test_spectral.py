@@ -56,6 +56,18 @@ def test_nan_alpha_gives_nan_alpha_columns_only():
     assert all(np.isfinite(v) for k, v in got.items() if k not in {"alpha_weighted", "log_alpha_norm"})
 
 
+def test_zero_matrix_gives_nan_ratios_instead_of_raising():
+    # A zero-initialised layer: every λ is 0. Python-float 0/0 used to raise ZeroDivisionError and abort the run.
+    lam = np.sort(eigenvalues(np.zeros((1, 40, 20)), backend="scipy-gesdd").ravel())
+    with np.errstate(all="raise"):
+        got = norm_metrics(lam, float("nan"), n=40, m=20)
+    assert got["norm"] == got["lambda_max"] == 0.0 and got["matrix_rank"] == 0
+    assert got["log_norm"] == got["log_spectral_norm"] == -np.inf
+    assert np.isnan(got["stable_rank"]) and np.isnan(got["entropy"]) and np.isnan(got["alpha_weighted"])
+    with np.errstate(all="ignore"):
+        assert RMT_Util.matrix_rank(np.sqrt(lam), 40) == 0 and np.isnan(RMT_Util.stable_rank(lam))
+
+
 def _ww_mp_fit(lam, n, m):
     num_spikes, sigma_mp, mp_softrank, bulk_min, bulk_max, w_scale = weightwatcher.WeightWatcher().mp_fit(
         lam, n, m, 1, "layer", 0, 0, False, False, "", "blue", 0.5, True, lam
