@@ -2,7 +2,8 @@
 
 ``measure`` times every (shape, backend, precision) on heavy-tailed Student-t stacks and records the error
 against fp64 LAPACK SVD; ``build_table`` keeps, per (precision, size class, batch class) bucket, the fastest
-backend whose error is acceptable; ``save_table``/``load_table`` keep it as JSON under ``$ZOOSCOPE_HOME``.
+backend that ``auto`` may take (SVD or checked Gram, :func:`~zooscope.kernels.esd.auto_eligible`) whose error is
+acceptable; ``save_table``/``load_table`` keep it as JSON under ``$ZOOSCOPE_HOME``.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from zooscope.kernels.esd import (
     PRECISIONS,
     Route,
     RoutingTable,
+    auto_eligible,
     backend_available,
     batch_class,
     eigenvalues,
@@ -123,7 +125,8 @@ def with_ratios(df: pd.DataFrame, baseline: str = REFERENCE_BACKEND) -> pd.DataF
 
 
 def build_table(df: pd.DataFrame) -> RoutingTable:
-    """The fastest accurate backend per (precision, size class, batch class) bucket of a :func:`measure` frame.
+    """The fastest accurate, auto-eligible backend per (precision, size class, batch class) bucket of a
+    :func:`measure` frame.
 
     A bucket holding several measured shapes ranks backends by their mean time over those shapes.
     """
@@ -133,7 +136,7 @@ def build_table(df: pd.DataFrame) -> RoutingTable:
         size_class=[size_class(min(n, m)) for n, m in zip(df["n"], df["m"])],
         batch_class=[batch_class(b) for b in df["batch"]],
     )
-    work = work[work["max_rel_error"] <= work["precision"].map(MAX_ERROR)]
+    work = work[(work["max_rel_error"] <= work["precision"].map(MAX_ERROR)) & work["backend"].map(auto_eligible)]
     routes = []
     for (precision, s, b), group in work.groupby(["precision", "size_class", "batch_class"], sort=True):
         times = group.groupby("backend")["seconds"].mean().sort_values()

@@ -7,13 +7,19 @@ WeightWatcher computes (spec §4.1). Two routes, several libraries:
 - Gram + symmetric eigensolver (``numpy-gram-eigh``, ``torch-gram-eigh``, ``cupy-gram-eigh``): the Gram
   matrix of the smaller side in fp64, then a batched ``eigvalsh``. fp64 only: an fp32 Gram matrix squares the
   condition number and loses everything below about λmax·1e-7.
-  Even in fp64 the Gram route has an absolute noise floor of about λmax·1e-16: eigenvalues that LAPACK SVD puts
-  near 0 come out near that floor instead. Every λ is still within ~1e-15·λmax, but the rank columns
-  (``rank_loss``, ``matrix_rank`` and the ``entropy`` normaliser, thresholds σ > σmax·N·2.2e-16) differ from
-  WeightWatcher's on numerically rank-deficient matrices; use an SVD backend where those must match.
+  Even in fp64 the Gram route has an absolute noise floor of about λmax·1e-16 (bounded by
+  ``(N + M)·eps·λmax``): eigenvalues that LAPACK SVD puts near 0 come out near that floor instead, so the
+  rank columns (``rank_loss``, ``matrix_rank``, thresholds σ > σmax·N·2.2e-16) and the smallest eigenvalues
+  of ill-conditioned matrices differ from WeightWatcher's.
+- Checked Gram (``numpy-gram-checked``, ``torch-gram-checked``, ``cupy-gram-checked``): the Gram route, then
+  every matrix whose smallest eigenvalue the rounding bound ``(N + M)·eps·λmax`` cannot certify to
+  ``CHECKED_ACCURACY`` relative is solved again by the same library's fp64 SVD. Every eigenvalue is then
+  within ``CHECKED_ACCURACY`` (1e-6) relative of LAPACK SVD's, rank columns included, at the Gram route's
+  speed for the well-conditioned matrices that trained layers mostly are.
 
 ``scipy-gesdd`` loops over the batch with ``scipy.linalg.svd(W, compute_uv=False)``: WeightWatcher's exact path.
-``auto`` picks a backend with :func:`resolve_backend`, from a measured :class:`RoutingTable` when one is given.
+``auto`` picks a backend with :func:`resolve_backend`, from a measured :class:`RoutingTable` when one is given;
+it only picks routes that keep that 1e-6 guarantee (:func:`auto_eligible`: SVD and checked Gram).
 GPU libraries are imported lazily; a missing library or device raises ``BackendUnavailable``.
 """
 from __future__ import annotations
@@ -33,10 +39,15 @@ BACKENDS: tuple[str, ...] = (
     "torch-gram-eigh",
     "cupy-svd",
     "cupy-gram-eigh",
+    "numpy-gram-checked",
+    "torch-gram-checked",
+    "cupy-gram-checked",
 )
 PRECISIONS: tuple[str, ...] = ("fp64", "fp32")
 WEAK_RANK_TOLERANCE = 1e-6
 """λ below this count towards ``weak_rank_loss`` (WeightWatcher's ``WEAK_RANK_LOSS_TOLERANCE``)."""
+CHECKED_ACCURACY = 1e-6
+"""Relative accuracy that the checked Gram routes certify for every eigenvalue (else they fall back to SVD)."""
 CHUNK_BYTES = 1 << 28
 """Upper bound on the fp64 bytes (input plus Gram matrices) of one batch chunk handed to a solver."""
 
@@ -46,8 +57,13 @@ _GPU_SMALL_SIDE = 128
 
 
 def is_gram(backend: str) -> bool:
-    """True for the Gram + ``eigvalsh`` backends (fp64 only)."""
-    return backend.endswith("gram-eigh")
+    """True for the Gram + ``eigvalsh`` backends, checked or not (fp64 only)."""
+    return "-gram-" in backend
+
+
+def auto_eligible(backend: str) -> bool:
+    """True for the routes ``auto`` may take: SVD, or checked Gram (every λ within 1e-6 of LAPACK SVD's)."""
+    return not is_gram(backend) or backend.endswith("-checked")
 
 
 def backend_available(backend: str) -> bool:
@@ -102,7 +118,7 @@ class RoutingTable:
     """Measured routing rules that ``backend="auto"`` consults (built by ``zooscope.engine.tune``).
 
     A lookup picks the rule of the same precision whose (log2 size class, log4 batch class) is nearest, skipping
-    rules whose backend cannot run here. ``machine`` names where it was measured.
+    rules whose backend cannot run here or is not :func:`auto_eligible`. ``machine`` names where it was measured.
     """
 
     routes: tuple[Route, ...]
@@ -111,7 +127,8 @@ class RoutingTable:
     def backend_for(self, batch: int, n: int, m: int, precision: str = "fp64") -> str | None:
         """The measured backend for a ``(batch, n, m)`` stack, or None when no runnable rule applies."""
         s, b = size_class(min(n, m)), batch_class(batch)
-        usable = [r for r in self.routes if r.precision == precision and backend_available(r.backend)]
+        usable = [r for r in self.routes
+                  if r.precision == precision and auto_eligible(r.backend) and backend_available(r.backend)]
         if not usable:
             return None
         best = min(
@@ -144,10 +161,11 @@ class RoutingTable:
 def resolve_backend(batch: int, n: int, m: int, precision: str = "fp64", table: RoutingTable | None = None) -> str:
     """The concrete backend that ``backend="auto"`` uses for a ``(batch, n, m)`` stack.
 
-    With a table, its nearest runnable rule. Otherwise: ``scipy-gesdd`` on machines without a GPU (WeightWatcher's
-    numbers exactly); on GPU machines the H100 rule of thumb — CuPy's batched Jacobi ``eigvalsh`` for stacks of
-    small matrices (smaller side ≤ 128, or ≤ 512 with ≥ 32 matrices), torch's fp64 Gram ``eigvalsh`` for few large
-    ones; fp32 uses torch (or CuPy) SVD.
+    With a table, its nearest runnable, :func:`auto_eligible` rule. Otherwise, fp64: ``numpy-gram-checked`` on
+    machines without a GPU (3–6x faster than LAPACK SVD on trained layers, every λ within 1e-6 of it); on GPU
+    machines the H100 rule of thumb, checked — CuPy's batched Jacobi ``eigvalsh`` for stacks of small matrices
+    (smaller side ≤ 128, or ≤ 512 with ≥ 32 matrices), torch's fp64 Gram ``eigvalsh`` for few large ones.
+    fp32: ``scipy-gesdd`` on CPU, torch (or CuPy) SVD on GPU.
     """
     _check_precision(precision)
     if table is not None:
@@ -155,14 +173,14 @@ def resolve_backend(batch: int, n: int, m: int, precision: str = "fp64", table: 
         if chosen is not None:
             return chosen
     if not gpu_available():
-        return "scipy-gesdd"
+        return "scipy-gesdd" if precision == "fp32" else "numpy-gram-checked"
     if precision == "fp32":
         return "torch-svd" if torch_cuda_available() else "cupy-svd"
     k = min(n, m)
     stack = k <= _GPU_SMALL_SIDE or (k <= _GPU_STACK_MAX_SIDE and batch >= _GPU_STACK_MIN_BATCH)
     if cupy_available() and (stack or not torch_cuda_available()):
-        return "cupy-gram-eigh"
-    return "torch-gram-eigh"
+        return "cupy-gram-checked"
+    return "torch-gram-checked"
 
 
 def eigenvalues(
@@ -306,6 +324,27 @@ def _cupy_gram_eigh(x: np.ndarray) -> np.ndarray:
     return cp.asnumpy(cp.linalg.eigvalsh(_gram(g, lambda a: a.transpose(0, 2, 1))))
 
 
+def _checked(gram_solver, svd_solver):
+    """A solver that keeps ``gram_solver``'s eigenvalues where the rounding bound certifies them, else SVD's.
+
+    The Gram route's absolute error is bounded by about ``(N + M)·eps·λmax`` (forming WᵀW plus ``eigvalsh``'s
+    backward error); a matrix is kept when that bound is at most ``CHECKED_ACCURACY`` of its smallest
+    eigenvalue, so every eigenvalue is that accurate relative to itself. Measured errors on trained layers are
+    10–50x below the bound.
+    """
+
+    def solve(x):
+        lam = gram_solver(x)  # ascending per row
+        n, m = x.shape[-2:]
+        bound = (n + m) * np.finfo(np.float64).eps * lam[:, -1]
+        uncertain = ~(lam[:, 0] * CHECKED_ACCURACY >= bound)  # NaN-safe: anything unproven is re-solved
+        if uncertain.any():
+            lam[uncertain] = np.sort(svd_solver(x[uncertain]), axis=1)
+        return lam
+
+    return solve
+
+
 _SOLVERS = {
     "numpy-svd": _numpy_svd,
     "scipy-gesdd": _scipy_gesdd,
@@ -314,4 +353,7 @@ _SOLVERS = {
     "torch-gram-eigh": _torch_gram_eigh,
     "cupy-svd": _cupy_svd,
     "cupy-gram-eigh": _cupy_gram_eigh,
+    "numpy-gram-checked": _checked(_numpy_gram_eigh, _scipy_gesdd),
+    "torch-gram-checked": _checked(_torch_gram_eigh, _torch_svd),
+    "cupy-gram-checked": _checked(_cupy_gram_eigh, _cupy_svd),
 }

@@ -11,7 +11,7 @@ from zooscope.kernels import esd
 from zooscope.kernels.backends import BackendUnavailable, cupy_available, torch_cuda_available
 from zooscope.kernels.esd import BACKENDS, Route, RoutingTable, eigenvalues, resolve_backend, singular_value_stats
 
-GPU_ONLY = {"cupy-svd", "cupy-gram-eigh"}
+GPU_ONLY = {"cupy-svd", "cupy-gram-eigh", "cupy-gram-checked"}
 CPU_BACKENDS = [b for b in BACKENDS if b not in GPU_ONLY]
 SVD_BACKENDS = [b for b in CPU_BACKENDS if not esd.is_gram(b)]
 
@@ -126,19 +126,19 @@ def test_gpu_backends_match_lapack(backend, precision):
 def test_resolve_backend_without_table():
     chosen = resolve_backend(9, 64, 64)
     if esd.gpu_available():
-        assert chosen in {"cupy-gram-eigh", "torch-gram-eigh"}
+        assert chosen in {"cupy-gram-checked", "torch-gram-checked"}
     else:
-        assert chosen == "scipy-gesdd"
+        assert chosen == "numpy-gram-checked"
         assert resolve_backend(1, 4096, 4096, precision="fp32") == "scipy-gesdd"
 
 
 def _table():
     return RoutingTable(
         routes=(
-            Route("fp64", 64, 16, "numpy-gram-eigh", (("numpy-gram-eigh", 0.001), ("scipy-gesdd", 0.004))),
-            Route("fp64", 1024, 1, "torch-gram-eigh", (("torch-gram-eigh", 0.2), ("scipy-gesdd", 0.5))),
+            Route("fp64", 64, 16, "numpy-gram-checked", (("numpy-gram-checked", 0.001), ("scipy-gesdd", 0.004))),
+            Route("fp64", 1024, 1, "torch-gram-checked", (("torch-gram-checked", 0.2), ("scipy-gesdd", 0.5))),
             Route("fp32", 1024, 1, "numpy-svd", (("numpy-svd", 0.3),)),
-            Route("fp64", 4096, 1, "cupy-gram-eigh", (("cupy-gram-eigh", 0.1),)),
+            Route("fp64", 4096, 1, "cupy-gram-checked", (("cupy-gram-checked", 0.1),)),
         ),
         machine="test",
     )
@@ -146,14 +146,66 @@ def _table():
 
 def test_resolve_backend_with_table():
     table = _table()
-    assert resolve_backend(9, 64, 64, table=table) == "numpy-gram-eigh"
-    assert resolve_backend(12, 256, 60, table=table) == "numpy-gram-eigh"  # nearest bucket
-    assert resolve_backend(1, 3072, 768, table=table) == "torch-gram-eigh"
+    assert resolve_backend(9, 64, 64, table=table) == "numpy-gram-checked"
+    assert resolve_backend(12, 256, 60, table=table) == "numpy-gram-checked"  # nearest bucket
+    assert resolve_backend(1, 3072, 768, table=table) == "torch-gram-checked"
     assert resolve_backend(1, 3072, 768, precision="fp32", table=table) == "numpy-svd"
-    expected = "cupy-gram-eigh" if cupy_available() else "torch-gram-eigh"  # unrunnable rules are skipped
+    expected = "cupy-gram-checked" if cupy_available() else "torch-gram-checked"  # unrunnable rules are skipped
     assert resolve_backend(1, 4096, 4096, table=table) == expected
     stack = STACKS["student-t-square"]
     np.testing.assert_allclose(eigenvalues(stack, table=table), _reference(stack), rtol=0, atol=1e-10 * 1e3)
+
+
+def test_table_rules_with_unchecked_gram_routes_are_skipped():
+    table = RoutingTable(routes=(Route("fp64", 64, 1, "numpy-gram-eigh"), Route("fp64", 1024, 1, "scipy-gesdd")))
+    assert resolve_backend(1, 64, 64, table=table) == "scipy-gesdd"  # the nearest auto-eligible rule
+    assert resolve_backend(1, 64, 64, table=RoutingTable(routes=table.routes[:1])) == resolve_backend(1, 64, 64)
+
+
+def _ill_conditioned(rng, n, m, condition):
+    """An n×m matrix with singular values log-spaced from 1 down to 1/condition (random orthogonal factors)."""
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    v, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    k = min(n, m)
+    return (u[:, :k] * np.logspace(0, -np.log10(condition), k)) @ v[:, :k].T
+
+
+def test_checked_gram_keeps_gram_eigenvalues_of_well_conditioned_matrices():
+    stack = STACKS["student-t-conv"]  # 48×16 Student-t: λmin/λmax ~ 0.1, far above the certification bound
+    np.testing.assert_array_equal(eigenvalues(stack, backend="numpy-gram-checked"),
+                                  eigenvalues(stack, backend="numpy-gram-eigh"))
+
+
+def test_checked_gram_falls_back_to_svd_where_gram_cannot_certify():
+    rng = np.random.default_rng(3)
+    stack = np.stack([
+        rng.standard_normal((60, 30)),  # well conditioned: Gram kept
+        _ill_conditioned(rng, 60, 30, 1e6),  # λmin/λmax = 1e-12: below the Gram route's noise bound
+        rng.standard_normal((60, 4)) @ rng.standard_normal((4, 30)),  # rank 4 of 30
+    ])
+    gram = eigenvalues(stack, backend="numpy-gram-eigh")
+    svd = eigenvalues(stack, backend="scipy-gesdd")
+    got = eigenvalues(stack, backend="numpy-gram-checked")
+    np.testing.assert_array_equal(got[0], gram[0])
+    np.testing.assert_array_equal(got[1:], svd[1:])
+    rank_loss = singular_value_stats(got[2:], 60)["rank_loss"]
+    assert rank_loss == singular_value_stats(svd[2:], 60)["rank_loss"] == 26
+    assert singular_value_stats(gram[2:], 60)["rank_loss"] != 26  # what the unchecked Gram route gets wrong
+
+
+@pytest.mark.parametrize("condition", [1e1, 1e3, 1e4, 1e5, 1e7])
+@pytest.mark.parametrize("shape", [(200, 200), (400, 100), (100, 300)])
+def test_checked_gram_every_eigenvalue_within_1e6_of_lapack(shape, condition):
+    rng = np.random.default_rng(int(condition) + shape[0])
+    stack = np.stack([_ill_conditioned(rng, *shape, condition) for _ in range(2)])
+    got = eigenvalues(stack, backend="numpy-gram-checked")
+    ref = _reference(stack)
+    assert np.max(np.abs(got - ref) / ref) < esd.CHECKED_ACCURACY
+
+
+def test_auto_eligible():
+    assert esd.auto_eligible("scipy-gesdd") and esd.auto_eligible("cupy-gram-checked")
+    assert not esd.auto_eligible("torch-gram-eigh")
 
 
 def test_table_json_round_trip():
@@ -202,15 +254,17 @@ def test_measure_and_build_table_pick_the_fastest_accurate_backend():
 
     fake = pd.DataFrame({
         "shape": ["9x64x64"] * 3 + ["1x768x768"] * 2, "batch": [9, 9, 9, 1, 1], "n": [64, 64, 64, 768, 768],
-        "m": [64, 64, 64, 768, 768], "backend": ["scipy-gesdd", "numpy-svd", "numpy-gram-eigh", "scipy-gesdd",
-                                                 "numpy-gram-eigh"],
+        "m": [64, 64, 64, 768, 768], "backend": ["scipy-gesdd", "numpy-svd", "numpy-gram-checked", "scipy-gesdd",
+                                                 "numpy-gram-checked"],
         "precision": ["fp64"] * 5, "seconds": [0.004, 0.002, 0.001, 0.5, 0.2],
         "max_rel_error": [0.0, 0.0, 1e-6, 0.0, 1e-14],  # the fastest stack backend is too inaccurate
     })
     table = tune.build_table(fake)
     assert resolve_backend(9, 64, 64, table=table) == "numpy-svd"
-    assert resolve_backend(1, 768, 768, table=table) == "numpy-gram-eigh"
-    assert dict(table.routes[1].times) == {"numpy-gram-eigh": 0.2, "scipy-gesdd": 0.5}
+    assert resolve_backend(1, 768, 768, table=table) == "numpy-gram-checked"
+    assert dict(table.routes[1].times) == {"numpy-gram-checked": 0.2, "scipy-gesdd": 0.5}
+    unchecked = tune.build_table(fake.replace("numpy-gram-checked", "numpy-gram-eigh"))
+    assert {r.backend for r in unchecked.routes} == {"numpy-svd", "scipy-gesdd"}  # auto never takes raw Gram
 
 
 def test_save_and_load_table(tmp_path, monkeypatch):
