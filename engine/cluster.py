@@ -3,6 +3,16 @@
 ``make_client(profile)`` is a context manager that starts (or connects to) the cluster, prints the dashboard
 link, yields a ``distributed.Client`` (``None`` for the in-process profile ``none``) and tears it down after.
 The packaged default profiles are ``zooscope/cluster.yaml``; the fields are documented in that file.
+
+``slurm`` jobs with ``gpus: N`` pin one worker per GPU the way dask-jobqueue and dask-cuda compose: the job asks for
+``--gres=gpu:N`` and runs ``python -m dask cuda worker`` (dask-jobqueue's ``worker_command``) instead of the plain
+worker; dask-cuda starts one worker process per GPU SLURM assigned (its ``CUDA_VISIBLE_DEVICES``), each with that
+GPU first in its own ``CUDA_VISIBLE_DEVICES``, named ``<job>-0 .. <job>-(N-1)`` as dask-jobqueue expects of a job of
+``processes = N`` workers, and each advertising ``GPU=1``. This holds for N = 1 too: one code path, and the worker
+sets up its GPU (CUDA context, CPU affinity, device memory limit) as ``local-cuda`` does. Tested here without SLURM,
+on the job script and the cluster's worker spec only: no job is submitted, so sbatch's acceptance of the script,
+dask-cuda's worker start-up on a GPU node and the workers' GPU pinning are untested (no SLURM and no GPU here).
+``local-cuda`` is untested for the same reason.
 """
 from __future__ import annotations
 
@@ -155,37 +165,71 @@ def _local_cuda(fields: dict[str, Any], workers: int | None) -> Any:
     return LocalCUDACluster(**kwargs)
 
 
-def _slurm(fields: dict[str, Any], workers: int | None) -> Any:
+#: the dask-cuda worker command that jobs with GPUs run (``python -m dask cuda worker``, dask's CLI entry point)
+CUDA_WORKER_COMMAND = "dask cuda worker"
+
+
+def slurm_layout(fields: dict[str, Any]) -> tuple[int, int]:
+    """(worker processes per job, GPUs per job) of a ``slurm`` profile.
+
+    With ``gpus`` >= 1 every job runs one worker per GPU, so ``processes`` is the GPU count (a profile that sets
+    it otherwise is refused); without GPUs it is the profile's ``processes`` (default 1).
+    """
+    gpus = fields.get("gpus") or 0
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
+        raise ClusterConfigError(f"gpus must be a non-negative integer, got {gpus!r}")
+    if not gpus:
+        return _count(fields.get("processes"), 1, "processes"), 0
+    if fields.get("processes") not in (None, "auto", gpus):
+        raise ClusterConfigError(f"a slurm job with gpus: {gpus} runs one worker per GPU; set processes to {gpus} "
+                                 f"or leave it out (got processes: {fields['processes']!r})")
+    return gpus, gpus
+
+
+def slurm_cluster(fields: dict[str, Any]) -> Any:
+    """The dask-jobqueue ``SLURMCluster`` of a ``slurm`` profile, not yet scaled (no job submitted).
+
+    CPU jobs run ``processes`` plain Dask workers. Jobs with ``gpus: N`` ask SLURM for ``--gres=gpu:N`` and run
+    dask-cuda's worker, which starts one worker process per GPU SLURM assigned to the job (each with its own
+    ``CUDA_VISIBLE_DEVICES``, named like dask-jobqueue's N-worker groups), each advertising ``GPU=1`` and getting
+    cores/N threads and memory/N.
+    """
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError:
         raise ClusterConfigError(
             "cluster profile kind 'slurm' needs dask-jobqueue: pip install 'zooscope[cluster]'"
         ) from None
-    processes = _count(fields.get("processes"), 1, "processes")
-    gpus = int(fields.get("gpus") or 0)
+    processes, gpus = slurm_layout(fields)
+    cores = _count(fields.get("cores"), 1, "cores")
+    if cores < processes:
+        raise ClusterConfigError(f"a slurm job of {processes} worker processes needs at least {processes} cores, "
+                                 f"got cores: {cores}")
     directives = list(fields.get("job_extra_directives") or [])
-    worker_args: list[str] = []
+    gpu_options: dict[str, Any] = {}
     if gpus:
         directives.append(f"--gres=gpu:{gpus}")
-        worker_args = ["--resources", f"GPU={max(1, gpus // processes)}"]
-    cluster = SLURMCluster(
+        gpu_options = {"worker_command": CUDA_WORKER_COMMAND, "worker_extra_args": ["--resources", "GPU=1"]}
+    return SLURMCluster(
         queue=fields.get("queue"),
         account=fields.get("account"),
-        cores=_count(fields.get("cores"), 1, "cores"),
+        cores=cores,
         processes=processes,
         memory=str(fields.get("memory") or "16GB"),
         walltime=str(fields.get("walltime") or "01:00:00"),
         local_directory=fields.get("local_directory"),
         job_extra_directives=directives,
         job_script_prologue=list(fields.get("job_script_prologue") or []),
-        worker_extra_args=worker_args,
         scheduler_options={"dashboard_address": fields.get("dashboard_address", ":8787")},
+        **gpu_options,
     )
-    if workers:
-        cluster.scale(jobs=math.ceil(workers / processes))
-    else:
-        cluster.scale(jobs=_count(fields.get("jobs"), 1, "jobs"))
+
+
+def _slurm(fields: dict[str, Any], workers: int | None) -> Any:
+    processes, _ = slurm_layout(fields)
+    cluster = slurm_cluster(fields)
+    jobs = math.ceil(workers / processes) if workers else _count(fields.get("jobs"), 1, "jobs")
+    cluster.scale(jobs=jobs)
     return cluster
 
 

@@ -15,13 +15,15 @@ its kind's fill value: NaN, -1, False or "". A column whose values no longer fit
 receives NaN, a number column that receives text) is rewritten once as a wider kind under the array name
 ``<column>~<kind>``; the committed column map names the array, and ``to_xarray`` restores the column names.
 
-Commit protocol: appended rows are buffered and flushed in batches; a flush writes every data array first and then
-advances the counters (and the column map) in one atomic attrs write. Readers see only rows below the counters, so
-a crash at any point leaves the committed store intact; opening for writing truncates whatever lies beyond the
-counters and deletes arrays the column map does not name. Exactly one writer: ``mode="a"`` takes the lock of
-``engine.lock`` (local directories; other stores are trusted to have one writer). Data and commit are ordered for
-process crashes (every chunk and the attrs are replaced atomically by zarr's local store); nothing is fsynced, so a
-power loss may need ``zooscope check`` and a rescan.
+Commit protocol: appended rows are buffered and flushed in batches; a flush writes every data array first (creating
+new arrays as needed) and then advances the counters and the column map in one atomic write of the root
+``zarr.json`` (``Group.update_attributes``; zarr's ``attrs.update`` would write it once per key). Readers see only
+rows below the counters, so a crash at any point leaves the committed store intact; opening for writing truncates
+whatever lies beyond the counters and deletes arrays the column map does not name. A store is created as its groups
+first and then its attrs, in one write; a creation killed before that write is finished by the next writer. Exactly
+one writer: ``mode="a"`` takes the lock of ``engine.lock`` (local directories; other stores are trusted to have one
+writer). Data and commit are ordered for process crashes (every chunk and the attrs are replaced atomically by
+zarr's local store); nothing is fsynced, so a power loss may need ``zooscope check`` and a rescan.
 
 Reading: ``open_store(path)`` (``zooscope.open``) gives DataFrames; ``xarray.open_zarr(path, group="layers",
 consolidated=False)`` opens a table directly (rows beyond ``attrs["counters"]`` are uncommitted while a writer
@@ -35,6 +37,7 @@ import datetime as _dt
 import importlib.metadata
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -71,6 +74,9 @@ MODEL_COLUMNS = ("model_id", "path", "content_hash", "version", "status", "error
 ROW_CHUNK = 4096
 ESD_CHUNK = 1 << 18  # 2 MiB of fp64: a flush rewrites at most one partial chunk per array
 HIST_CHUNK = 1024
+#: the temporary file zarr's LocalStore writes ``zarr.json`` through (then renames): a writer killed while creating
+#: the store leaves one behind, next to the lock, in a directory that is not a store yet
+_ZARR_TMP = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 
 _KINDS = ("bool", "int", "float", "str")  # promotion order
 _DTYPE = {"bool": np.dtype(bool), "int": np.dtype(np.int64), "float": np.dtype(np.float64), "str": np.dtype(object)}
@@ -282,18 +288,20 @@ class ZooStore:
         lock = None
         if local is not None:
             if local.is_dir() and not (local / "zarr.json").exists() and any(
-                    p.name != LOCK_NAME and not p.name.startswith(LOCK_NAME) for p in local.iterdir()):
+                    not p.name.startswith(LOCK_NAME) and not _ZARR_TMP.fullmatch(p.name) for p in local.iterdir()):
                 raise ValueError(f"{local} exists and is not a zarr store; choose a new path for the store")
             local.mkdir(parents=True, exist_ok=True)
             lock = WriterLock(local)
         try:
             root = zarr.open_group(location, mode="a", zarr_format=3)
-            if "schema_version" not in root.attrs:
+            if not {"counters", "columns"} <= root.attrs.keys():
+                # new, or a creation that was interrupted (nothing committed yet): the groups first, then the
+                # attrs that make it a store, in one metadata write
                 for name in GROUPS:
                     root.require_group(name)
-                root.attrs.update({"schema_version": SCHEMA_VERSION, "zooscope_version": _zooscope_version(),
-                                   "params": _json_safe(params or {}),
-                                   "counters": {c: 0 for c in COUNTERS}, "columns": {t: {} for t in TABLES}})
+                root.update_attributes({"schema_version": SCHEMA_VERSION, "zooscope_version": _zooscope_version(),
+                                        "params": _json_safe(params or {}),
+                                        "counters": {c: 0 for c in COUNTERS}, "columns": {t: {} for t in TABLES}})
             _check_schema(root, path)
             store = cls(root, location, "a", lock, **options)
             store._recover()
@@ -353,7 +361,7 @@ class ZooStore:
     def set_params(self, params: dict[str, Any]) -> None:
         """Record ``params`` as the store's analysis parameters (replacing any)."""
         self._writable()
-        self._root.attrs.update({"params": _json_safe(params)})
+        self._root.update_attributes({"params": _json_safe(params)})
 
     def _match_params(self, params: dict[str, Any]) -> None:
         old, new = self.params, _json_safe(params)
@@ -609,8 +617,14 @@ class ZooStore:
         c["n_hist"] = start + n_layers
 
     def _commit(self, counters: dict[str, int], columns: dict[str, dict[str, str]]) -> None:
-        """The commit point: one atomic write of the root attrs with the new counters and column map."""
-        self._root.attrs.update({"counters": counters, "columns": columns, "zooscope_version": _zooscope_version()})
+        """The commit point: one atomic write of the root attrs with the new counters and column map.
+
+        ``Group.update_attributes``, never ``attrs.update``: zarr's ``Attributes`` is a MutableMapping whose
+        ``update`` writes ``zarr.json`` once per key, so a crash between two of those writes committed counters
+        without the column map that names their arrays.
+        """
+        self._root.update_attributes({"counters": counters, "columns": columns,
+                                      "zooscope_version": _zooscope_version()})
         self._counters, self._columns = dict(counters), columns
         self._esd_index = None
 
@@ -803,8 +817,9 @@ def _local_dir(path: Any) -> Path | None:
 
 def _check_schema(root: zarr.Group, path: Any) -> None:
     version = root.attrs.get("schema_version")
-    if version is None or "counters" not in root.attrs:
-        raise ValueError(f"{path} is a zarr group but not a zooscope store")
+    if version is None or not {"counters", "columns"} <= root.attrs.keys():
+        raise ValueError(f"{path} is a zarr group but not a zooscope store (or its creation was interrupted: "
+                         f"opening it for writing finishes it)")
     if version > SCHEMA_VERSION:
         raise ValueError(f"{path} has store schema {version}; this zooscope ({_zooscope_version()}) reads up to "
                          f"{SCHEMA_VERSION}: upgrade zooscope")

@@ -1,22 +1,29 @@
 """Scans on a Dask LocalCluster (2 worker processes, shared by the module): same results as in-process,
-worker loss, client crash and resume, cluster profiles."""
+worker loss, client crash and resume, cluster profiles; the store's commit protocol under a writer killed at
+chosen store writes."""
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
+import zarr
+from zarr.storage import LocalStore
 
 from test_scan import assert_same_store, layers_by_model, write_zoo
+from test_store import make_result
 from zooscope.engine.cluster import ClusterConfigError, load_profiles, make_client
 from zooscope.engine.run import EXIT_MARKER_ENV, EXIT_ON_ENV, has_gpu_workers
 from zooscope.engine.scan import scan
+from zooscope.engine.lock import LOCK_NAME
 from zooscope.engine.store import ZooStore
 from zooscope.pipelines.analyze import AnalysisOptions, analyze_path
 
@@ -144,3 +151,130 @@ def test_cluster_profiles():
             with pytest.raises(ClusterConfigError, match=module.replace("_", "-")):
                 with make_client(kind):
                     pass
+
+
+# -- the commit protocol, writer killed at chosen store writes --------------------------------------------------
+
+
+class Died(Exception):
+    """The writer 'died' at the chosen store write."""
+
+
+class StoreWrites:
+    """Counts the writes (set, set_if_not_exists, delete, delete_dir) of zarr's LocalStore; from the ``die_at``-th
+    on (1-based; 0 = never) each one raises ``Died`` before touching the disk, as if the process had been killed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, die_at: int = 0) -> None:
+        self.die_at, self.ops, self.in_flight, self._lock = die_at, [], 0, threading.Lock()
+        for name in ("set", "set_if_not_exists", "delete", "delete_dir"):
+            monkeypatch.setattr(LocalStore, name, self._wrap(name, getattr(LocalStore, name)))
+
+    def _wrap(self, name, op):
+        async def wrapped(store, key, *args, **kwargs):
+            with self._lock:
+                self.ops.append((name, key))
+                if self.die_at and len(self.ops) >= self.die_at:
+                    raise Died(len(self.ops))
+                self.in_flight += 1
+            try:
+                return await op(store, key, *args, **kwargs)
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
+        return wrapped
+
+    def settle(self) -> None:
+        """Wait for writes that were under way when the writer died (they land, as they may after a SIGKILL)."""
+        while self.in_flight:
+            time.sleep(0.001)
+
+
+def _crash_models() -> list[tuple[dict, object]]:
+    """Four models whose flushes create the arrays, add a column, widen it (int -> float) and append an error row."""
+    rng = np.random.default_rng(3)
+    models = [({"model_id": "m0", "content_hash": "h0"}, make_result(rng, 2)),
+              ({"model_id": "m1", "content_hash": "h1", "tag": 3}, make_result(rng, 1, extra={"late": [7]})),
+              ({"model_id": "m2", "content_hash": "h2", "tag": "x"},
+               make_result(rng, 2, extra={"late": [0.5, np.nan]})),
+              ({"model_id": "m3", "content_hash": "h3", "error": "unreadable"}, None)]
+    for i, (row, _) in enumerate(models):
+        row["scanned_at"] = f"2024-01-0{i + 1}"
+    return models
+
+
+CRASH_DRIFT = pd.DataFrame({"model_id": ["m0", "m0"], "checkpoint": [0, 5], "rmsd": [0.0, 0.25]})
+
+
+def _write_crash_store(path: Path, skip: int = 0, drift: bool = True) -> None:
+    """The models from the ``skip``-th on, one commit each, then the drift rows: five commits from scratch."""
+    with ZooStore.open(path, "a", params={"p": 1}, flush_every=1) as store:
+        for row, result in _crash_models()[skip:]:
+            store.append(dict(row), result)
+        if drift:
+            store.append_drift(CRASH_DRIFT)
+
+
+def _store_content(path: Path) -> tuple:
+    with ZooStore.open(path) as zoo:
+        assert zoo.check() == []
+        return (zoo.counters, zoo.models().drop(columns="seconds", errors="ignore"), zoo.layers(), zoo.drift(),
+                zoo.esds(), [zoo.hist(i) for i in range(zoo.counters["n_hist"])])
+
+
+def test_writer_killed_around_each_commit_leaves_a_sound_store(tmp_path, monkeypatch):
+    """The window behind the flaky client-kill test: a commit once wrote the root zarr.json once per attrs key
+    (zarr's ``Attributes.update``), so a writer killed between the counters and the column map left committed
+    layer rows without columns ("layers/model_row: column missing"). Kill the writer just before and just after
+    every root zarr.json write (store creation and each commit): a reader sees a sound prefix (or no store yet),
+    and a rerun from what was committed gives the uninterrupted store."""
+    _write_crash_store(tmp_path / "reference.zarr")
+    reference = _store_content(tmp_path / "reference.zarr")
+    writes = StoreWrites(monkeypatch)
+    _write_crash_store(tmp_path / "counted.zarr")
+    monkeypatch.undo()
+    roots = [i + 1 for i, op in enumerate(writes.ops) if op == ("set", "zarr.json")]
+    assert len(roots) == 1 + 1 + 5  # the group, the store attrs, then exactly one root write per commit
+    for die_at in sorted({k + d for k in roots for d in (0, 1)}):
+        path = tmp_path / f"died-at-{die_at}.zarr"
+        writes = StoreWrites(monkeypatch, die_at)
+        with pytest.raises(Died):
+            _write_crash_store(path)
+        writes.settle()
+        monkeypatch.undo()
+        try:
+            reader = ZooStore.open(path)
+        except (FileNotFoundError, ValueError):  # killed while creating it: nothing committed, next open finishes
+            n_models, n_drift = 0, 0
+        else:
+            assert reader.check() == [], f"died at store write {die_at}"
+            n_models, n_drift = len(reader), reader.counters["n_drift"]
+            assert list(reader.models().get("model_id", [])) == [f"m{i}" for i in range(n_models)]
+        _write_crash_store(path, skip=n_models, drift=not n_drift)
+        got = _store_content(path)
+        assert got[0] == reference[0], f"died at store write {die_at}"
+        for a, b in zip(got[1:4], reference[1:4]):
+            pd.testing.assert_frame_equal(a, b, check_exact=True)
+        for a, b in zip(got[4], reference[4]):
+            np.testing.assert_array_equal(a, b)
+        for (counts, edges), (ref_counts, ref_edges) in zip(got[5], reference[5]):
+            np.testing.assert_array_equal(counts, ref_counts)
+            np.testing.assert_array_equal(edges, ref_edges)
+
+
+def test_interrupted_store_creation_is_finished_by_the_next_writer(tmp_path):
+    # killed while zarr wrote the first zarr.json: its temporary file lies next to the lock
+    path = tmp_path / "tmpfile.zarr"
+    path.mkdir()
+    (path / f"{LOCK_NAME}.0123.tmp").write_text("{")  # and the dead writer's lock file, half-made
+    (path / "zarr.0123456789abcdef0123456789abcdef.partial").write_text("{")
+    with ZooStore.open(path, "a") as store:
+        assert store.check() == []
+    # a store half-created by a writer that set its attrs one key at a time
+    path = tmp_path / "half.zarr"
+    zarr.open_group(str(path), mode="w", zarr_format=3).update_attributes({"schema_version": 1})
+    with pytest.raises(ValueError, match="creation was interrupted"):
+        ZooStore.open(path)
+    with ZooStore.open(path, "a") as store:
+        store.append({"model_id": "m0", "content_hash": "h0"}, None)
+    with ZooStore.open(path) as zoo:
+        assert zoo.check() == [] and list(zoo.models()["model_id"]) == ["m0"]
