@@ -1,11 +1,13 @@
 """GPU kernel (CuPy RawKernel) for the Clauset xmin scan: all samples of a batch in one launch.
 
 One thread block per sample, its threads over the candidate xmins (definitions and options as in
-``powerlaw_numba``). Thread 0 first builds the suffix sums ``S_i = sum_{j>=i} ln(x_j/x_i)`` with the same
-recursion as the CPU kernel. A candidate is abandoned as soon as one deviation exceeds the best D of the
-block (kept in shared memory, lowered with an atomic min on its bit pattern, valid for non-negative
-doubles); a block reduction over (D, index) then picks the first argmin, so the result equals the
-unpruned scan. CuPy is imported lazily; without it or a device, ``BackendUnavailable`` is raised.
+``powerlaw_numba``). The suffix sums ``S_i = sum_{j>=i} ln(x_j/x_i)`` follow the CPU kernel's recursion: the
+block computes the terms, thread 0 adds them up in the same order, and the kernel is compiled without fused
+multiply-adds, so alpha rounds as on the CPU. Each candidate is first probed where the thread's previous
+candidate deviated most, and abandoned as soon as one deviation exceeds the best D of the block (kept in
+shared memory, lowered with an atomic min on its bit pattern, valid for non-negative doubles); a block
+reduction over (D, index) then picks the first argmin, so the result equals the unpruned scan. CuPy is
+imported lazily; without it or a device, ``BackendUnavailable`` is raised.
 """
 from __future__ import annotations
 
@@ -38,11 +40,13 @@ void pl_scan(const double* __restrict__ values, const long long* __restrict__ of
     __shared__ double red_D[THREADS];
     __shared__ double red_a[THREADS];
     __shared__ long long red_i[THREADS];
+    for (long long i = t; i < N - 1; i += THREADS) s[i] = (double)(N - 1 - i) * log(x[i + 1] / x[i]);
+    __syncthreads();
     if (t == 0) {
         best_bits = 0x7ff0000000000000ULL;
         special = -1;
         if (N > 0) s[N - 1] = 0.0;
-        for (long long i = N - 2; i >= 0; --i) s[i] = s[i + 1] + (double)(N - 1 - i) * log(x[i + 1] / x[i]);
+        for (long long i = N - 2; i >= 0; --i) s[i] += s[i + 1];
         if (fixed) {
             for (long long j = 0; j < N - 1; ++j) if (x[j] >= lo) { special = j; break; }
         } else if (unique) {
@@ -69,13 +73,13 @@ void pl_scan(const double* __restrict__ values, const long long* __restrict__ of
             const double e = 1.0 - alpha;
             const double xi = x[i];
             double limit = __longlong_as_double(*(volatile long long*)&best_bits);
-            bool dead = false;
-            if (probe > i && probe < N && (!unique || x[probe] != x[probe - 1])) {
-                const double d = fabs(1.0 - pow(x[probe] / xi, e) - (double)(probe - i) / n);
-                dead = d > limit;
-            }
             double m = 0.0;
             long long at = i;
+            if (probe > i) {  /* a point of this tail: where the previous candidate deviated most */
+                m = fabs(1.0 - pow(x[probe] / xi, e) - (double)(probe - i) / n);
+                at = probe;
+            }
+            bool dead = m > limit;
             for (long long j = i; j < N && !dead; ++j) {
                 if (unique && j > i && x[j] == x[j - 1]) continue;
                 const double d = fabs(1.0 - pow(x[j] / xi, e) - (double)(j - i) / n);
@@ -118,7 +122,7 @@ void pl_scan(const double* __restrict__ values, const long long* __restrict__ of
 def _kernel():
     import cupy
 
-    return cupy.RawKernel(_SOURCE, "pl_scan")
+    return cupy.RawKernel(_SOURCE, "pl_scan", options=("--fmad=false",))
 
 
 def best_of_ragged(values: np.ndarray, offsets: np.ndarray, unique: bool, fixed: bool, lo_val: float,
@@ -131,9 +135,14 @@ def best_of_ragged(values: np.ndarray, offsets: np.ndarray, unique: bool, fixed:
         raise BackendUnavailable("the 'cuda' power-law backend needs CuPy and a CUDA device")
     import cupy
 
-    B = len(offsets) - 1
-    d_values = cupy.asarray(values, dtype=cupy.float64)
-    d_offsets = cupy.asarray(offsets, dtype=cupy.int64)
+    values = np.ascontiguousarray(values, dtype=np.float64)  # the kernel reads raw pointers
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    if offsets.ndim != 1 or offsets.size < 1 or offsets[0] < 0 or offsets[-1] > values.size \
+            or np.any(np.diff(offsets) < 0):
+        raise ValueError(f"offsets must be non-decreasing within [0, {values.size}], got {offsets!r}")
+    B = offsets.size - 1
+    d_values = cupy.asarray(values)
+    d_offsets = cupy.asarray(offsets)
     scratch = cupy.empty_like(d_values)
     idx = cupy.full(B, -1, dtype=cupy.int64)
     alpha = cupy.full(B, np.nan)
