@@ -190,7 +190,8 @@ def eigenvalues(
 
     stack: ``(B, N, M)`` real floats (any float dtype; N ≥ M not required).
     Returns ``(B, min(N, M))`` fp64, ascending per row, clipped at 0 from below (units of W²).
-    Batches are solved in chunks of at most ``CHUNK_BYTES`` so memory stays bounded.
+    Batches are solved in chunks of at most ``CHUNK_BYTES`` so memory stays bounded. GPU backends copy the stored
+    dtype (e.g. fp16) to the device and widen it there (exactly), so the host never holds an fp64 copy.
     """
     stack = np.asarray(stack)
     if stack.ndim != 3:
@@ -212,8 +213,7 @@ def eigenvalues(
     dtype = np.float64 if precision == "fp64" else np.float32
     step = max(1, CHUNK_BYTES // (8 * (n * m + k * k)))
     for start in range(0, batch, step):
-        chunk = np.ascontiguousarray(stack[start : start + step], dtype=dtype)
-        out[start : start + step] = solve(chunk)
+        out[start : start + step] = solve(np.ascontiguousarray(stack[start : start + step]), dtype)
     np.maximum(out, 0.0, out=out)
     out.sort(axis=1)
     return out
@@ -268,39 +268,41 @@ def _gram(x, transpose):
     return xt @ x if n >= m else x @ xt
 
 
-def _numpy_svd(x: np.ndarray) -> np.ndarray:
-    sv = np.linalg.svd(x, compute_uv=False).astype(np.float64)
+def _numpy_svd(x: np.ndarray, dtype) -> np.ndarray:
+    sv = np.linalg.svd(x.astype(dtype, copy=False), compute_uv=False).astype(np.float64)
     return sv * sv
 
 
-def _scipy_gesdd(x: np.ndarray) -> np.ndarray:
+def _scipy_gesdd(x: np.ndarray, dtype) -> np.ndarray:
     import scipy.linalg
 
+    x = x.astype(dtype, copy=False)
     sv = np.stack([scipy.linalg.svd(w, compute_uv=False, lapack_driver="gesdd") for w in x]).astype(np.float64)
     return sv * sv
 
 
-def _numpy_gram_eigh(x: np.ndarray) -> np.ndarray:
-    return np.linalg.eigvalsh(_gram(x, lambda a: a.transpose(0, 2, 1)))
+def _numpy_gram_eigh(x: np.ndarray, dtype) -> np.ndarray:
+    return np.linalg.eigvalsh(_gram(x.astype(dtype, copy=False), lambda a: a.transpose(0, 2, 1)))
 
 
-def _torch_device():
+def _to_torch(x: np.ndarray, dtype):
+    """(torch, ``x`` on torch's device widened to ``dtype`` there): the stored dtype crosses the bus."""
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - torch is a hard dependency
         raise BackendUnavailable("torch is not installed") from exc
-    return torch, torch.device("cuda" if torch_cuda_available() else "cpu")
+    device = torch.device("cuda" if torch_cuda_available() else "cpu")
+    return torch, torch.from_numpy(x).to(device).to(torch.float64 if dtype == np.float64 else torch.float32)
 
 
-def _torch_svd(x: np.ndarray) -> np.ndarray:
-    torch, device = _torch_device()
-    sv = torch.linalg.svdvals(torch.from_numpy(x).to(device)).cpu().numpy().astype(np.float64)
+def _torch_svd(x: np.ndarray, dtype) -> np.ndarray:
+    torch, t = _to_torch(x, dtype)
+    sv = torch.linalg.svdvals(t).cpu().numpy().astype(np.float64)
     return sv * sv
 
 
-def _torch_gram_eigh(x: np.ndarray) -> np.ndarray:
-    torch, device = _torch_device()
-    t = torch.from_numpy(x).to(device)
+def _torch_gram_eigh(x: np.ndarray, dtype) -> np.ndarray:
+    torch, t = _to_torch(x, dtype)
     return torch.linalg.eigvalsh(_gram(t, lambda a: a.transpose(-2, -1))).cpu().numpy()
 
 
@@ -312,15 +314,15 @@ def _cupy():
     return cupy
 
 
-def _cupy_svd(x: np.ndarray) -> np.ndarray:
+def _cupy_svd(x: np.ndarray, dtype) -> np.ndarray:
     cp = _cupy()
-    sv = cp.asnumpy(cp.linalg.svd(cp.asarray(x), compute_uv=False)).astype(np.float64)
+    sv = cp.asnumpy(cp.linalg.svd(cp.asarray(x).astype(dtype, copy=False), compute_uv=False)).astype(np.float64)
     return sv * sv
 
 
-def _cupy_gram_eigh(x: np.ndarray) -> np.ndarray:
+def _cupy_gram_eigh(x: np.ndarray, dtype) -> np.ndarray:
     cp = _cupy()
-    g = cp.asarray(x)
+    g = cp.asarray(x).astype(dtype, copy=False)
     return cp.asnumpy(cp.linalg.eigvalsh(_gram(g, lambda a: a.transpose(0, 2, 1))))
 
 
@@ -333,13 +335,13 @@ def _checked(gram_solver, svd_solver):
     10–50x below the bound.
     """
 
-    def solve(x):
-        lam = gram_solver(x)  # ascending per row
+    def solve(x, dtype):
+        lam = gram_solver(x, dtype)  # ascending per row
         n, m = x.shape[-2:]
         bound = (n + m) * np.finfo(np.float64).eps * lam[:, -1]
         uncertain = ~(lam[:, 0] * CHECKED_ACCURACY >= bound)  # NaN-safe: anything unproven is re-solved
         if uncertain.any():
-            lam[uncertain] = np.sort(svd_solver(x[uncertain]), axis=1)
+            lam[uncertain] = np.sort(svd_solver(x[uncertain], dtype), axis=1)
         return lam
 
     return solve

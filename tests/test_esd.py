@@ -323,3 +323,12 @@ def test_bench_svd_model_shapes(tmp_path):
     assert main(["bench", "svd", "--model", str(ckpt), "--backends", "numpy-svd", "--precision", "fp64",
                  "--repeats", "1", "--out", str(tmp_path / "out")]) == 0
     assert main(["bench", "svd", "--model", str(tmp_path / "missing.npz"), "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_half_precision_input_is_widened_exactly(backend):
+    if not esd.backend_available(backend):
+        pytest.skip(f"{backend} cannot run here")
+    half = STACKS["student-t-conv"].astype(np.float16)  # GPU backends widen on the device, CPU ones on the host
+    np.testing.assert_array_equal(eigenvalues(half, backend=backend),
+                                  eigenvalues(half.astype(np.float64), backend=backend))
