@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import yaml
 
@@ -103,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         if args.in_process:
             runs.append(run_one("in-process", "none", None, None, manifest, tmp / "none.zarr", warm, options))
-        for w in counts:
-            runs.append(run_one(f"local {w}w", "bench", config, w, manifest, tmp / f"cpu{w}.zarr", warm, options))
+        # CPU rows are CPU: the workers do not see the GPU (else backend="auto" would send them all to it)
+        with dask.config.set({"distributed.nanny.environ": {"CUDA_VISIBLE_DEVICES": ""}}):
+            for w in counts:
+                runs.append(run_one(f"local {w}w", "bench", config, w, manifest, tmp / f"cpu{w}.zarr", warm,
+                                    options))
         if args.gpu:
             runs.append(run_one("local-cuda", "bench-cuda", config, None, manifest, tmp / "gpu.zarr", warm, options))
 

@@ -107,8 +107,9 @@ def main() -> None:
             other = _max_rel(ours.loc[common], theirs.loc[common], COLUMNS)
             rows.append(f"| {name} ({path.name}) | {route} | {len(common)} | {only} | {dalpha.max():.2e} | "
                         f"{other:.1e} | {t_theirs:.2f} | {t_ours:.2f} | {t_theirs / t_ours:.1f}x |")
-    record("zooscope vs weightwatcher 0.7.7, end to end on real checkpoints (CPU)", "\n".join(rows),
-           notes=f"fp64 on CPU; fastest of {args.repeats} runs per tool after one zooscope warm-up; weightwatcher "
+    device = f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "CPU"
+    record(f"zooscope vs weightwatcher 0.7.7, end to end on real checkpoints ({device})", "\n".join(rows),
+           notes=f"{device}; fastest of {args.repeats} runs per tool after one zooscope warm-up; weightwatcher "
                  "on the in-memory state dict, zooscope reading the file; other columns: " + ", ".join(COLUMNS))
 
 
