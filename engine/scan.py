@@ -25,6 +25,7 @@ from zooscope.engine.cluster import available_cores, get_profile, make_client
 from zooscope.engine.plan import Task, plan
 from zooscope.engine.run import execute
 from zooscope.engine.store import ZooStore
+from zooscope.engine.tune import with_saved_table
 from zooscope.pipelines.analyze import AnalysisOptions
 from zooscope.pipelines.drift import drift_table, pair_checkpoints
 from zooscope.pipelines.readers import CheckpointError, content_hash, discover, model_files
@@ -108,6 +109,7 @@ def scan(
     t0 = time.perf_counter()
     if store is None:
         raise ScanUsageError("no store given: pass store=PATH (--store on the command line)")
+    options = with_saved_table(options)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     models = collect_inputs(paths, manifest)
     if not models:

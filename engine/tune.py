@@ -7,6 +7,7 @@ acceptable; ``save_table``/``load_table`` keep it as JSON under ``$ZOOSCOPE_HOME
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -18,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from zooscope.kernels.backends import BackendUnavailable, torch_cuda_available
+from zooscope.pipelines.analyze import AnalysisOptions
 from zooscope.kernels.esd import (
     BACKENDS,
     PRECISIONS,
@@ -181,3 +183,15 @@ def load_table(path: str | os.PathLike | None = None) -> RoutingTable | None:
         return RoutingTable.from_dict(json.loads(source.read_text(encoding="utf-8")))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{source}: not a zooscope routing table ({exc}); rerun `zooscope bench svd --tune`") from exc
+
+
+def with_saved_table(options: AnalysisOptions) -> AnalysisOptions:
+    """``options`` with the saved routing table (:func:`load_table`) when ``esd_backend="auto"`` and none is set.
+
+    Every route ``auto`` may take keeps each eigenvalue within 1e-6 of LAPACK SVD's, so a table changes speed,
+    not results; the route each layer took is stored in its ``esd_backend`` column.
+    """
+    if options.esd_backend != "auto" or options.esd_table is not None:
+        return options
+    table = load_table()
+    return options if table is None else dataclasses.replace(options, esd_table=table)

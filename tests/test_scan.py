@@ -284,3 +284,22 @@ def test_cli_usage_errors_and_option_mapping(tmp_path, capsys):
     assert (options.fit_backend, options.seed, options.esd_backend, args.shard_bytes) == ("numpy", 3, "auto", 1024)
     with pytest.raises(ScanUsageError):
         scan([], tmp_path / "s.zarr")
+
+
+def test_scan_takes_the_saved_routing_table(tmp_path, monkeypatch):
+    from zooscope.engine import tune
+    from zooscope.kernels.esd import Route, RoutingTable
+
+    monkeypatch.setenv("ZOOSCOPE_HOME", str(tmp_path / "home"))
+    (path,) = write_zoo(tmp_path / "zoo", n=1)
+    scan([path], store=tmp_path / "untuned.zarr", cluster="none", progress=False)
+    assert set(layers_by_model(tmp_path / "untuned.zarr")["esd_backend"]) == {"numpy-gram-checked"}
+
+    tune.save_table(RoutingTable(routes=(Route("fp64", 32, 1, "numpy-svd"),)))  # every fp64 stack → numpy-svd
+    scan([path], store=tmp_path / "tuned.zarr", cluster="none", progress=False)
+    tuned = layers_by_model(tmp_path / "tuned.zarr")
+    assert set(tuned["esd_backend"]) == {"numpy-svd"}
+    untuned = layers_by_model(tmp_path / "untuned.zarr")
+    np.testing.assert_allclose(tuned["alpha"].to_numpy(float), untuned["alpha"].to_numpy(float), rtol=1e-10)
+    # a table changes speed, not results: rescanning into the untuned store is allowed (and finds nothing new)
+    assert scan([path], store=tmp_path / "untuned.zarr", cluster="none", progress=False).n_skipped == 1

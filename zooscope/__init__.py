@@ -60,11 +60,13 @@ def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
     ww_compat: write failed fits as WeightWatcher does (alpha = −1 ...) instead of NaN with status 'failed'.
     For an ``nn.Module``, ``layer_id`` counts ``named_modules()`` as WeightWatcher does. Weight statistics are
     not among WeightWatcher's columns, so they are skipped here (``zooscope scan`` stores them).
+    With ``esd_backend="auto"`` (the default) the routing table saved by ``zooscope bench svd --tune`` is used.
     """
+    from zooscope.engine.tune import with_saved_table
     from zooscope.pipelines.analyze import analyze_checkpoint, to_weightwatcher_frame
     from zooscope.pipelines.readers import open_checkpoint
 
-    opts = _options_from_kwargs({"weightstats": False, **options})
+    opts = with_saved_table(_options_from_kwargs({"weightstats": False, **options}))
     with open_checkpoint(model) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
     frame = to_weightwatcher_frame(result.layers, result.esd, failed_as_minus_one=ww_compat)
