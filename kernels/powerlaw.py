@@ -7,22 +7,37 @@ values of the tail, ``D = max |1 - (x/xmin)^(1-alpha) - k/n|`` against the lower
 the largest fitted value and ``num_pl_spikes = #{evals >= xmin}`` over all eigenvalues.
 
 Backends compute the same scan: ``numpy`` (plain O(N²) reference), ``numba`` (pruned exact kernel, default),
-``cuda`` (one GPU launch for all ESDs of :func:`fit_many`). A fit that cannot be made (fewer than two values
-above ``thresh``, non-finite input, no candidate left) has ``status='failed'``, NaN numbers and no warning.
+``cuda`` (one GPU launch for all ESDs of :func:`fit_many`; a KS normalised by ``xmax`` with ``mode='powerlaw'``
+runs on the numba kernel, and ``xmin_peak`` scans each ESD on its own, as its candidate range is per ESD).
+A fit that cannot be made (fewer than two values above ``thresh``, non-finite input, no candidate left) has
+``status='failed'``, NaN numbers and no warning.
 
 Options (keyword arguments of :func:`fit` and :func:`fit_many`):
 
 - ``xmin``: ``None``; a float (fixed xmin: the smallest value ``>= xmin`` is the only candidate); or a pair
   ``(lo, hi)`` (candidates restricted to ``lo <= x <= hi``).
 - ``xmax``: ``None``; a float (values above it are dropped before fitting, the likelihood is not truncated,
-  as in WWFit and powerlaw 1.5); or an ``int`` ``k`` (WeightWatcher: the top ``|k|`` eigenvalues are removed
-  first, ``num_pl_spikes`` is counted on what remains; ``|k| > len/2`` fails — WeightWatcher logs a failure
-  there and then fits anyway, see DIFFERENCES — and ``k = 0`` or ``False`` removes everything and fails).
+  as in WWFit and powerlaw 1.5; with ``mode='powerlaw'`` the KS model CDF is renormalised to ``[xmin, xmax]``
+  as powerlaw 1.5 does, spec §5.5 step 4); ``'force'`` (``mode='powerlaw'`` only, WeightWatcher's
+  ``xmax='force'``: the float xmax ``max(evals)``); or an ``int`` ``k`` (WeightWatcher: the top ``|k|``
+  eigenvalues are removed first, ``num_pl_spikes`` is counted on what remains; ``|k| > len/2`` fails —
+  WeightWatcher logs a failure there and then fits anyway, see DIFFERENCES — and ``k = 0`` or ``False``
+  removes everything and fails). The reported ``xmax`` is the largest fitted value with ``mode='ww'``
+  (WWFit) and, as powerlaw 1.5's ``Fit.xmax``, the given or forced bound (NaN if none) with ``mode='powerlaw'``.
 - ``fix_fingers='clip_xmax'`` (spec §5.3) with ``max_fingers=10`` and ``finger_thresh=1.0``: fills
   ``raw_alpha`` and ``num_fingers``.
+- ``fix_fingers='xmin_peak'`` (spec §5.3): ``peak = 10**(left edge of the fullest of 100 bins of
+  log10(fitted values))`` and the xmin candidates are restricted to ``[0.95·peak, xmin_max]`` (``xmin_max``
+  defaults to ``1.5·peak``; an empty range fails). ``xmin_peak_ww_range=True`` reproduces WeightWatcher 0.7's
+  range instead, whose lower end is in log10 units: ``[min(log10(0.95·peak), xmin_max), max(...)]``.
 - ``min_tail``: candidates need a tail of at least this many values (default 2, i.e. no constraint).
 - ``small_n=True``: WeightWatcher 0.7.7's branch for fewer than 20 values (spec §10).
 - ``mode='powerlaw'``: powerlaw 1.5's scan (distinct candidates, ECDF on distinct values, ``D = max(D+, D-)``).
+- ``distribution='truncated_power_law'`` (``mode='powerlaw'`` only; WeightWatcher's ``fit='TPL'``, spec §5.4):
+  powerlaw 1.5's scan with ``xmin_distribution='truncated_power_law'``: at every candidate the truncated
+  power law is fitted by the same Nelder–Mead (``scipy.optimize.fmin``, same start, mpmath's incomplete gamma)
+  and D is its KS distance; ``alpha``/``tpl_alpha``, ``Lambda``, ``D`` are the TPL's and ``sigma`` is NaN.
+  Slow (pure Python, O(candidates × tail) incomplete-gamma evaluations), as in WeightWatcher.
 - ``tpl=True``: truncated power law ``x^-a exp(-Lambda x)`` fitted by maximum likelihood at the chosen
   xmin (``tpl_alpha``, ``Lambda``, ``tpl_loglik``); ``compare=True``: normalised log-likelihood ratios
   ``R``/``p`` of the power law against an exponential and a lognormal tail (powerlaw's
@@ -37,6 +52,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -53,6 +69,10 @@ SMALL_N_CUTOFF = 20
 SMALL_N_MIN_TAIL = 8
 BACKENDS = ("numpy", "numba", "cuda")
 MODES = ("ww", "powerlaw")
+DISTRIBUTIONS = ("power_law", "truncated_power_law")
+FIX_FINGERS = (None, False, "clip_xmax", "xmin_peak")
+PEAK_BINS = 100
+"""WeightWatcher's ``xmin_peak``: bins of the log10 histogram whose fullest bin gives the peak."""
 _NAN = float("nan")
 
 
@@ -94,6 +114,9 @@ class _Options:
     fix_fingers: Any = None
     max_fingers: int = 10
     finger_thresh: float = 1.0
+    xmin_max: Any = None
+    xmin_peak_ww_range: bool = False
+    distribution: str = "power_law"
     min_tail: int = 2
     small_n: bool = False
     mode: str = "ww"
@@ -135,20 +158,23 @@ def fit_many(list_of_evals: Sequence[np.ndarray], *, backend: str = "numba", thr
     """Fit every ESD of ``list_of_evals``; with ``backend='cuda'`` all scans run in one GPU launch."""
     opts = _parse_options(backend, options)
     prepared = [_prepare(e, thresh, opts) for e in list_of_evals]
-    scan = _scanner(backend, opts, [p[1] for p in prepared if p is not None])
+    per_esd = opts.fix_fingers == "xmin_peak" or opts.distribution != "power_law"  # no shared batch scan
+    scan = _scanner(backend, opts, [] if per_esd else [p[1] for p in prepared if p is not None])
     return [_finish(p, scan, opts, backend) if p is not None else PowerLawFit() for p in prepared]
 
 
 @np.errstate(divide="ignore", invalid="ignore")  # a tail of equal values has S = 0 → alpha = inf, as in WWFit
-def scan_numpy(x: np.ndarray, *, mode: str = "ww", xmin: Any = None, min_tail: int = 2, small_n: bool = False
-               ) -> tuple[int, float, float] | None:
+def scan_numpy(x: np.ndarray, *, mode: str = "ww", xmin: Any = None, min_tail: int = 2, small_n: bool = False,
+               xmax: float = math.inf) -> tuple[int, float, float] | None:
     """Plain O(N²) reference scan of ascending ``x``: ``(index of xmin, alpha, D)``, or None without candidates.
 
     ``mode='ww'`` repeats WWFit's arithmetic; ``mode='powerlaw'`` powerlaw 1.5's (distinct values only).
+    ``xmax``: upper bound of the KS model CDF ``(1 - (x/xmin)^(1-alpha)) / (1 - (xmax/xmin)^(1-alpha))``
+    (powerlaw 1.5 with an ``xmax``); ``inf`` for none, NaN for the largest value of ``x``.
     """
     x = np.asarray(x, dtype=np.float64)
     N = x.size
-    if small_n and N < SMALL_N_CUTOFF:
+    if small_n and mode == "ww" and N < SMALL_N_CUTOFF:  # WWFit's branch; powerlaw 1.5 has none
         return _scan_small_n(x)
     unique = mode == "powerlaw"
     first = np.r_[True, x[1:] != x[:-1]] if unique else np.ones(N, dtype=bool)
@@ -158,6 +184,7 @@ def scan_numpy(x: np.ndarray, *, mode: str = "ww", xmin: Any = None, min_tail: i
     log_x = np.log(x)
     alphas = np.zeros(cand.size)
     Ds = np.ones(cand.size)
+    top = x[-1] if math.isnan(xmax) else xmax
     for c, i in enumerate(cand):
         n = float(N - i)
         if unique:
@@ -167,7 +194,7 @@ def scan_numpy(x: np.ndarray, *, mode: str = "ww", xmin: Any = None, min_tail: i
         alphas[c] = alpha
         if alpha > 1:
             points = first[i:]
-            model = 1 - (x[i:][points] / x[i]) ** (-alpha + 1)
+            model = (1 - (x[i:][points] / x[i]) ** (-alpha + 1)) / (1 - (top / x[i]) ** (-alpha + 1))
             empirical = np.arange(n)[points] / n
             Ds[c] = np.max(np.abs(model - empirical))
     c = int(np.argmin(Ds))
@@ -187,11 +214,18 @@ def _parse_options(backend: str, options: dict) -> _Options:
     opts = _Options(**options)
     if opts.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {opts.mode!r}")
-    if opts.fix_fingers not in (None, False, "clip_xmax"):
-        raise ValueError(f"fix_fingers must be None or 'clip_xmax', got {opts.fix_fingers!r} "
-                         "('xmin_peak' needs WeightWatcher's powerlaw-package path and is not supported)")
-    if isinstance(opts.xmax, str):
-        raise ValueError(f"xmax must be None, a float or an int, got {opts.xmax!r} ('force' is not supported)")
+    if opts.fix_fingers not in FIX_FINGERS:
+        raise ValueError(f"fix_fingers must be one of {FIX_FINGERS}, got {opts.fix_fingers!r}")
+    if isinstance(opts.xmax, str) and (opts.xmax != "force" or opts.mode != "powerlaw"):
+        raise ValueError(f"xmax must be None, a float, an int or (with mode='powerlaw') 'force', got {opts.xmax!r}")
+    if opts.fix_fingers == "xmin_peak" and opts.xmin is not None:
+        raise ValueError("fix_fingers='xmin_peak' chooses the xmin range itself; do not pass xmin")
+    if opts.distribution not in DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {opts.distribution!r}")
+    if opts.distribution != "power_law" and (opts.mode != "powerlaw" or opts.fix_fingers == "clip_xmax"
+                                             or opts.bootstrap or opts.tpl or opts.compare):
+        raise ValueError("distribution='truncated_power_law' needs mode='powerlaw' and excludes "
+                         "fix_fingers='clip_xmax', bootstrap, tpl and compare")
     if opts.xmin is not None and not isinstance(opts.xmin, numbers.Real):
         lo_hi = tuple(opts.xmin)
         if len(lo_hi) != 2:
@@ -218,7 +252,7 @@ def _prepare(evals: np.ndarray, thresh: float, opts: _Options) -> tuple[np.ndarr
         evals = evals[:-k]
         xmax = None
     x = evals[evals > thresh]
-    if xmax is not None:
+    if xmax is not None and xmax != "force":  # 'force' is max(evals): nothing to drop
         x = x[x <= float(xmax)]
     return evals, x
 
@@ -271,7 +305,7 @@ def _scan_small_n(x: np.ndarray) -> tuple[int, float, float] | None:
 
 
 def _needs_reference(x: np.ndarray, opts: _Options) -> bool:
-    return opts.small_n and x.size < SMALL_N_CUTOFF
+    return opts.small_n and opts.mode == "ww" and x.size < SMALL_N_CUTOFF
 
 
 def _kernel_args(opts: _Options) -> tuple:
@@ -286,15 +320,34 @@ def _kernel_args(opts: _Options) -> tuple:
     return opts.mode == "powerlaw", fixed, float(lo), float(hi), int(opts.min_tail), 0
 
 
+def _ks_xmax(opts: _Options) -> float:
+    """The xmax of powerlaw 1.5's KS normalization: inf (none), NaN (each sample's largest value) or a float."""
+    if opts.mode != "powerlaw" or opts.xmax is None or isinstance(opts.xmax, numbers.Integral):
+        return math.inf
+    return math.nan if opts.xmax == "force" else float(opts.xmax)
+
+
+def _reported_xmax(x: np.ndarray, opts: _Options) -> float:
+    """WWFit reports the largest fitted value; powerlaw 1.5 its ``Fit.xmax``, the given (or forced) bound."""
+    if opts.mode == "ww":
+        return float(x[-1])
+    ks_xmax = _ks_xmax(opts)
+    return float(x[-1]) if math.isnan(ks_xmax) else _NAN if math.isinf(ks_xmax) else ks_xmax
+
+
 def _scan_batch(backend: str, opts: _Options, xs: Sequence[np.ndarray]) -> list[_Core | None]:
     """The scan's winner for every ascending array of ``xs``: compiled backends take them all in one call."""
     out: list[_Core | None] = [None] * len(xs)
     todo = []
+    xmax = _ks_xmax(opts)
+    if backend == "cuda" and not math.isinf(xmax):  # the GPU kernel has no xmax normalization
+        backend = "numba"
     for k, x in enumerate(xs):
         if x.size < 2:
             continue
         if backend == "numpy" or _needs_reference(x, opts):
-            r = scan_numpy(x, mode=opts.mode, xmin=opts.xmin, min_tail=opts.min_tail, small_n=opts.small_n)
+            r = scan_numpy(x, mode=opts.mode, xmin=opts.xmin, min_tail=opts.min_tail, small_n=opts.small_n,
+                           xmax=xmax)
             out[k] = None if r is None else _Core(x, *r)
         else:
             todo.append(k)
@@ -305,10 +358,10 @@ def _scan_batch(backend: str, opts: _Options, xs: Sequence[np.ndarray]) -> list[
 
         if len(todo) == 1:
             x = xs[todo[0]]
-            results = [nb.best_of(x, *_kernel_args(opts))]
+            results = [nb.best_of(x, *_kernel_args(opts), xmax)]
         else:
             values, offsets = _ragged([xs[k] for k in todo])
-            results = zip(*nb.best_of_ragged(values, offsets, *_kernel_args(opts)))
+            results = zip(*nb.best_of_ragged(values, offsets, *_kernel_args(opts), xmax))
     else:
         from zooscope.kernels import powerlaw_cuda
 
@@ -338,6 +391,14 @@ def _scanner(backend: str, opts: _Options, xs: Sequence[np.ndarray]) -> Callable
 def _finish(prepared, scan, opts: _Options, backend: str) -> PowerLawFit:
     evals, x = prepared
     extra: dict[str, float] = {}
+    if opts.fix_fingers == "xmin_peak":
+        if x.size == 0:
+            return PowerLawFit()
+        opts = dataclasses.replace(opts, xmin=xmin_peak_range(x, opts.xmin_max, ww_range=opts.xmin_peak_ww_range),
+                                   fix_fingers=None, small_n=False)  # this ESD's own candidate range
+        scan = _scanner(backend, opts, [])
+    if opts.distribution == "truncated_power_law":
+        return _finish_tpl(evals, x, opts)
     if opts.fix_fingers == "clip_xmax":
         clipped = _clip_xmax(x, evals.size, scan, opts)
         if clipped is None:
@@ -361,11 +422,43 @@ def _finish(prepared, scan, opts: _Options, backend: str) -> PowerLawFit:
         extra.update(_bootstrap(core, opts, backend))
     n = core.n_tail
     alpha = core.alpha
-    warning = "over-trained" if alpha < OVER_TRAINED_THRESH else "under-trained" if alpha > UNDER_TRAINED_THRESH else ""
     return PowerLawFit(
-        alpha=alpha, xmin=core.xmin, xmax=float(core.x[-1]), D=core.D, sigma=(alpha - 1.0) / math.sqrt(n),
-        num_pl_spikes=int(np.count_nonzero(evals >= core.xmin)), n_tail=n, status="success", warning=warning,
+        alpha=alpha, xmin=core.xmin, xmax=_reported_xmax(core.x, opts), D=core.D, sigma=(alpha - 1.0) / math.sqrt(n),
+        num_pl_spikes=int(np.count_nonzero(evals >= core.xmin)), n_tail=n, status="success", warning=_warning(alpha),
         **extra)
+
+
+def _warning(alpha: float) -> str:
+    return "over-trained" if alpha < OVER_TRAINED_THRESH else "under-trained" if alpha > UNDER_TRAINED_THRESH else ""
+
+
+def xmin_peak_range(x: np.ndarray, xmin_max: float | None = None, *, ww_range: bool = False) -> tuple[float, float]:
+    """WeightWatcher's ``fix_fingers='xmin_peak'`` xmin range for the positive values ``x`` (spec §5.3).
+
+    ``peak = 10**e`` with ``e`` the left edge of the fullest of 100 bins of ``log10(x)`` (first on ties);
+    returns ``(0.95·peak, xmin_max)`` with ``xmin_max = 1.5·peak`` by default (empty if ``xmin_max`` is below
+    ``0.95·peak``). ``ww_range=True``: WeightWatcher 0.7's range, whose lower end ``log10(0.95·peak)`` is in
+    log10 units, ordered as powerlaw 1.5 reads it, ``(min, max)``.
+    """
+    counts, edges = np.histogram(np.log10(x), bins=PEAK_BINS)
+    peak = 10 ** edges[np.argmax(counts)]
+    hi = 1.5 * peak if xmin_max is None else float(xmin_max)
+    if ww_range:
+        lo = float(np.log10(0.95 * peak))
+        return min(lo, hi), max(lo, hi)
+    return float(0.95 * peak), float(hi)
+
+
+def _finish_tpl(evals: np.ndarray, x: np.ndarray, opts: _Options) -> PowerLawFit:
+    """WeightWatcher's ``fit='TPL'`` row: powerlaw 1.5's scan with a truncated power law at every candidate."""
+    r = tpl_scan(x, xmin=opts.xmin, xmax=_ks_xmax(opts))
+    if r is None or not math.isfinite(r[1]):
+        return PowerLawFit()
+    i, alpha, Lambda, D, loglik = r
+    xmin = float(x[i])
+    return PowerLawFit(alpha=alpha, xmin=xmin, xmax=_reported_xmax(x, opts), D=D,
+                       num_pl_spikes=int(np.count_nonzero(evals >= xmin)), n_tail=x.size - i, status="success",
+                       warning=_warning(alpha), tpl_alpha=alpha, Lambda=Lambda, tpl_loglik=loglik)
 
 
 def _clip_xmax(x: np.ndarray, n_evals: int, scan, opts: _Options) -> tuple[_Core, float, int] | None:
@@ -446,6 +539,81 @@ def loglikelihood_ratio(ll1: np.ndarray, ll2: np.ndarray) -> tuple[float, float]
     return R / (math.sqrt(n) * sd), float(erfc(abs(R) / (math.sqrt(2 * n) * sd)))
 
 
+_TINY = 10.0 ** sys.float_info.min_10_exp
+"""powerlaw 1.5's stand-in for a zero likelihood or CDF value."""
+
+
+def tpl_scan(x: np.ndarray, *, xmin: Any = None, xmax: float = math.inf
+             ) -> tuple[int, float, float, float, float] | None:
+    """powerlaw 1.5's ``Fit(x, xmin_distribution='truncated_power_law')`` scan of ascending positive ``x``.
+
+    Candidates as ``mode='powerlaw'`` (distinct values, optional ``(lo, hi)`` range, last one dropped). At each
+    candidate ``Truncated_Power_Law.fit`` is repeated: ``scipy.optimize.fmin`` (default tolerances) on the
+    negative log-likelihood of ``x^-alpha e^(-Lambda x) Lambda^(1-alpha) / Γ(1-alpha, Lambda·xmin)`` from
+    ``(alpha_PL, 1/mean(tail))``, then the KS distance ``max(D+, D-)`` against the rebased global ECDF, with the
+    model CDF renormalised to ``[xmin, xmax]`` when ``xmax`` is finite (NaN: the largest value). The winner is
+    the first argmin of D among valid fits (alpha > 1, Lambda > 0), or over all if none is valid.
+    Returns ``(index of xmin, alpha, Lambda, D, loglik)`` or None without candidates.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    N = x.size
+    if N < 2:
+        return None
+    first = np.r_[True, x[1:] != x[:-1]]
+    cand = _candidates_numpy(x, first, True, xmin, 2)
+    if cand.size == 0:
+        return None
+    bins, ecdf = x[first], np.flatnonzero(first) / float(N)  # powerlaw's fitting CDF: fraction strictly below
+    top = x[-1] if math.isnan(xmax) else None if math.isinf(xmax) else xmax
+    fits = [_tpl_fit_at(x[i:], x[i], bins, ecdf, top) for i in cand]
+    alphas, lambdas, Ds, logliks = (np.array(v, dtype=np.float64) for v in zip(*fits))
+    good = (lambdas > 0) & (alphas > 1)
+    c = int(np.argmin(Ds)) if good.all() or not good.any() else int(np.ma.masked_array(Ds, mask=~good).argmin())
+    return int(cand[c]), float(alphas[c]), float(lambdas[c]), float(Ds[c]), float(logliks[c])
+
+
+@np.errstate(all="ignore")  # extreme trial parameters overflow, as in powerlaw (which silences them too)
+def _tpl_fit_at(data: np.ndarray, xmin: float, bins: np.ndarray, ecdf: np.ndarray, xmax: float | None
+                ) -> tuple[float, float, float, float]:
+    """powerlaw 1.5's ``Truncated_Power_Law`` fit and KS at one xmin: (alpha, Lambda, D, loglik), same arithmetic."""
+    from mpmath import gammainc
+    from scipy.optimize import fmin
+
+    n = data.size
+
+    def nll(params):
+        alpha, lam = params[0], params[1]
+        if lam > 0 and alpha > 1:
+            lik = data ** -alpha * np.exp(-lam * data) * (lam ** (1 - alpha) / float(gammainc(1 - alpha, lam * xmin)))
+            lik[lik == 0] = _TINY
+        else:
+            lik = np.full(n, _TINY)
+        return -np.add.accumulate(np.log(lik))[-1]  # sequential, as powerlaw's builtin sum
+
+    start = (1 + n / np.sum(np.log(data / xmin)), 1 / np.mean(data))
+    params, fopt = fmin(nll, start, full_output=1, disp=False)[:2]
+    alpha, lam = params[0], params[1]
+    ind = bins >= xmin
+    actual = ecdf[ind] - ecdf[ind][0]
+    actual /= 1 - ecdf[ind][0]
+    if lam > 0 and alpha > 1:
+        def base(v):  # powerlaw's _cdf_base_function
+            return 1 - np.array([float(gammainc(1 - alpha, lam * t)) for t in np.atleast_1d(v)]) / lam ** (1 - alpha)
+
+        base_xmin = base(xmin)[0]
+        if base_xmin == 1:
+            model = np.ones(int(ind.sum()))
+        else:
+            norm = 1 - base_xmin
+            if xmax:
+                norm = norm - (1 - base(xmax)[0])
+            model = (base(bins[ind]) - base_xmin) / norm
+    else:
+        model = np.full(int(ind.sum()), _TINY)
+    diff = model - actual
+    return float(alpha), float(lam), float(max(diff.max(), -diff.min())), float(-fopt)
+
+
 def truncated_power_law(tail: np.ndarray, xmin: float, alpha0: float) -> tuple[float, float, float]:
     """MLE ``(alpha, Lambda, loglik)`` of the density ∝ ``x^-alpha exp(-Lambda x)`` on ``x >= xmin``.
 
@@ -503,5 +671,5 @@ def _bootstrap(core: _Core, opts: _Options, backend: str) -> dict[str, float]:
     return dict(p_value=float(np.mean(D_sim >= core.D)), alpha_ci_low=float(low), alpha_ci_high=float(high))
 
 
-__all__ = ["PowerLawFit", "fit", "fit_many", "scan_numpy", "truncated_power_law", "loglikelihood_ratio",
-           "BackendUnavailable"]
+__all__ = ["PowerLawFit", "fit", "fit_many", "scan_numpy", "tpl_scan", "xmin_peak_range", "truncated_power_law",
+           "loglikelihood_ratio", "BackendUnavailable"]

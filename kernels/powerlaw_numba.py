@@ -2,7 +2,9 @@
 
 Every candidate ``i`` of an ascending sample ``x`` (length N) has tail size ``n = N - i``, exponent
 ``alpha_i = 1 + (n - bias) / S_i`` with ``S_i = sum_{j>=i} ln(x_j / x_i)`` and KS distance
-``D_i = max_{j in pts, j>=i} |1 - (x_j/x_i)^(1-alpha_i) - (j-i)/n|`` (the lower empirical CDF step).
+``D_i = max_{j in pts, j>=i} |F_i(x_j) - (j-i)/n|`` (the lower empirical CDF step) with the model CDF
+``F_i(x) = (1 - (x/x_i)^(1-alpha_i)) / (1 - (xmax/x_i)^(1-alpha_i))``; ``xmax = inf`` (default) makes the
+denominator exactly 1, a finite ``xmax`` is powerlaw 1.5's KS normalization of a fit with an upper bound.
 
 The scan is exact but pruned: a candidate is abandoned as soon as one deviation exceeds the best D known
 to the thread (it then cannot be the argmin), likely winners are visited first (a coarse pass, then the
@@ -97,7 +99,7 @@ _STACK = 64
 
 
 @njit(**_JIT)
-def _ks(x, pts, p0, i, alpha, limit, probe, F, stack_a, stack_b):
+def _ks(x, pts, p0, i, alpha, limit, probe, F, stack_a, stack_b, xmax_val):
     """(D, position of its max) for candidate ``i``, or (inf, position) once a deviation exceeds ``limit``.
 
     The signed deviation ``F(x) - k/n`` is evaluated on a coarse grid of points; between two evaluated
@@ -110,12 +112,13 @@ def _ks(x, pts, p0, i, alpha, limit, probe, F, stack_a, stack_b):
     n = float(x.size - i)
     e = 1.0 - alpha
     xi = x[i]
+    norm = 1.0 - (xmax_val / xi) ** e  # exactly 1.0 for xmax_val = inf
     last = pts.size - 1
     m = 0.0
     at = p0
     if probe > p0 and probe <= last:
         j = pts[probe]
-        d = abs(1.0 - (x[j] / xi) ** e - (j - i) / n)
+        d = abs((1.0 - (x[j] / xi) ** e) / norm - (j - i) / n)
         if d > limit:
             return np.inf, probe
         m = d
@@ -126,7 +129,7 @@ def _ks(x, pts, p0, i, alpha, limit, probe, F, stack_a, stack_b):
     p = p0
     while True:  # coarse grid p0, p0+step, ..., last
         j = pts[p]
-        F[p] = 1.0 - (x[j] / xi) ** e
+        F[p] = (1.0 - (x[j] / xi) ** e) / norm
         d = abs(F[p] - (j - i) / n)
         if d > m:
             m = d
@@ -155,7 +158,7 @@ def _ks(x, pts, p0, i, alpha, limit, probe, F, stack_a, stack_b):
                 continue
             mid = (lo + hi) // 2
             j = pts[mid]
-            F[mid] = 1.0 - (x[j] / xi) ** e
+            F[mid] = (1.0 - (x[j] / xi) ** e) / norm
             d = abs(F[mid] - (j - i) / n)
             if d > m:
                 m = d
@@ -172,7 +175,7 @@ def _ks(x, pts, p0, i, alpha, limit, probe, F, stack_a, stack_b):
 
 
 @njit(**_JIT)
-def _sweep(x, cand, pts, pos, alphas, Ds, done, c0, c1, stride, limit, probe):
+def _sweep(x, cand, pts, pos, alphas, Ds, done, c0, c1, stride, limit, probe, xmax_val):
     """Evaluate candidates ``c0, c0+stride, ... < c1`` not yet done, pruned against a running best."""
     F = np.empty(pts.size)
     stack_a = np.empty(_STACK, dtype=np.int64)
@@ -181,7 +184,7 @@ def _sweep(x, cand, pts, pos, alphas, Ds, done, c0, c1, stride, limit, probe):
         if done[c]:
             continue
         i = cand[c]
-        D, at = _ks(x, pts, pos[i], i, alphas[c], limit, probe, F, stack_a, stack_b)
+        D, at = _ks(x, pts, pos[i], i, alphas[c], limit, probe, F, stack_a, stack_b, xmax_val)
         Ds[c] = D
         done[c] = True
         probe = at
@@ -191,7 +194,7 @@ def _sweep(x, cand, pts, pos, alphas, Ds, done, c0, c1, stride, limit, probe):
 
 
 @njit(**_JIT)
-def _prime(x, cand, pts, pos, S, bias, alphas, Ds, done):
+def _prime(x, cand, pts, pos, S, bias, alphas, Ds, done, xmax_val):
     """Alphas of all candidates, then a coarse pass and its best's neighbourhood; returns (best D, probe)."""
     N = x.size
     nc = cand.size
@@ -199,44 +202,50 @@ def _prime(x, cand, pts, pos, S, bias, alphas, Ds, done):
         i = cand[c]
         alphas[c] = 1.0 + (N - i - bias) / S[i]
     step = max(1, int(math.sqrt(nc)))
-    limit, probe = _sweep(x, cand, pts, pos, alphas, Ds, done, 0, nc, step, np.inf, -1)
+    limit, probe = _sweep(x, cand, pts, pos, alphas, Ds, done, 0, nc, step, np.inf, -1, xmax_val)
     cb = 0
     for c in range(0, nc, step):
         if Ds[c] < Ds[cb]:
             cb = c
     limit, probe = _sweep(x, cand, pts, pos, alphas, Ds, done, max(0, cb - step), min(nc, cb + step + 1), 1,
-                          limit, probe)
+                          limit, probe, xmax_val)
     return limit, probe
 
 
 @njit(**_JIT)
-def scan_serial(x: np.ndarray, cand: np.ndarray, pts: np.ndarray, pos: np.ndarray, S: np.ndarray, bias: float
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(alphas, Ds) over the candidates ``cand``; pruned candidates have ``D = inf``. One thread."""
+def scan_serial(x: np.ndarray, cand: np.ndarray, pts: np.ndarray, pos: np.ndarray, S: np.ndarray, bias: float,
+                xmax_val: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
+    """(alphas, Ds) over the candidates ``cand``; pruned candidates have ``D = inf``. One thread.
+
+    ``xmax_val``: the upper bound of powerlaw 1.5's KS normalization (``inf``: none)."""
     nc = cand.size
     alphas = np.empty(nc)
     Ds = np.full(nc, np.inf)
     done = np.zeros(nc, dtype=np.bool_)
-    limit, probe = _prime(x, cand, pts, pos, S, bias, alphas, Ds, done)
-    _sweep(x, cand, pts, pos, alphas, Ds, done, 0, nc, 1, limit, probe)
+    limit, probe = _prime(x, cand, pts, pos, S, bias, alphas, Ds, done, xmax_val)
+    _sweep(x, cand, pts, pos, alphas, Ds, done, 0, nc, 1, limit, probe, xmax_val)
     return alphas, Ds
 
 
 @njit(**_JIT)
-def best_of(x: np.ndarray, unique: bool, fixed: bool, lo_val: float, hi_val: float, min_tail: int, bias: float
-            ) -> tuple[int, float, float]:
-    """(index of xmin, alpha, D) of the scan of ascending ``x`` (options as in ``layout``); index -1 if none."""
+def best_of(x: np.ndarray, unique: bool, fixed: bool, lo_val: float, hi_val: float, min_tail: int, bias: float,
+            xmax_val: float = np.inf) -> tuple[int, float, float]:
+    """(index of xmin, alpha, D) of the scan of ascending ``x`` (options as in ``layout``); index -1 if none.
+
+    ``xmax_val``: as in ``scan_serial``, or NaN for the largest value of ``x``."""
     cand, pts, pos = layout(x, unique, fixed, lo_val, hi_val, min_tail)
     if cand.size == 0:
         return -1, np.nan, np.nan
-    alphas, Ds = scan_serial(x, cand, pts, pos, tail_log_sums(x), bias)
+    if math.isnan(xmax_val):  # WeightWatcher's xmax='force': the sample's largest value
+        xmax_val = x[x.size - 1]
+    alphas, Ds = scan_serial(x, cand, pts, pos, tail_log_sums(x), bias, xmax_val)
     c = np.argmin(Ds)
     return cand[c], alphas[c], Ds[c]
 
 
 @njit(parallel=True, **_JIT)
 def best_of_ragged(values: np.ndarray, offsets: np.ndarray, unique: bool, fixed: bool, lo_val: float, hi_val: float,
-                   min_tail: int, bias: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   min_tail: int, bias: float, xmax_val: float = np.inf) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``best_of`` for every sample ``values[offsets[b]:offsets[b+1]]`` (each ascending), samples over threads.
 
     Returns (index of xmin within its sample or -1, alpha, D), arrays of length ``offsets.size - 1``.
@@ -247,5 +256,5 @@ def best_of_ragged(values: np.ndarray, offsets: np.ndarray, unique: bool, fixed:
     D = np.full(B, np.nan)
     for b in prange(B):
         idx[b], alpha[b], D[b] = best_of(values[offsets[b]:offsets[b + 1]], unique, fixed, lo_val, hi_val,
-                                         min_tail, bias)
+                                         min_tail, bias, xmax_val)
     return idx, alpha, D

@@ -163,13 +163,14 @@ def chained_strength_correlation(w_l: np.ndarray, w_next: np.ndarray, *, layout:
     return strength_correlation(a, b) if a.size == b.size else float("nan")
 
 
-def layer_stats(tensor: np.ndarray, bins: int = 64, *, layer_type: str = "dense",
-                zero_tol: float = ZERO_TOL) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+def layer_stats(tensor: np.ndarray, bins: int = 64, *, layer_type: str = "dense", zero_tol: float = ZERO_TOL,
+                in_strength: np.ndarray | None = None) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
     """Everything the analysis stores per layer: ``(stats, counts (bins,), edges (bins+1,))``.
 
     ``stats`` holds ``moments`` plus ``ns_mean, ns_std`` (mean and population std of ``node_strength``; NaN for
     tensors with fewer than 2 axes). ``layer_type`` ``"conv1d"`` with a 2-D tensor means HF ``Conv1D`` (in, out);
     other types use the ``(out, in, ...)`` layout. Raises ``ValueError`` when the tensor has non-finite entries.
+    ``in_strength``: the tensor's ``node_strength`` when the caller already has it (not recomputed).
     """
     t = np.asarray(tensor, dtype=np.float64)  # converted once: moments, node_strength and histogram reuse it
     n_bad = t.size - int(np.count_nonzero(np.isfinite(t)))
@@ -178,7 +179,7 @@ def layer_stats(tensor: np.ndarray, bins: int = 64, *, layer_type: str = "dense"
     stats = moments(t, zero_tol=zero_tol)
     if t.ndim >= 2:
         layout: Layout = "in_out" if layer_type == "conv1d" and t.ndim == 2 else "out_in"
-        ns = node_strength(t, layout=layout)
+        ns = node_strength(t, layout=layout) if in_strength is None else np.asarray(in_strength)
         stats["ns_mean"], stats["ns_std"] = float(ns.mean()), float(ns.std())
     else:
         stats["ns_mean"] = stats["ns_std"] = float("nan")

@@ -37,8 +37,17 @@ class AnalysisOptions:
     esd_backend, precision: passed to ``kernels.esd.eigenvalues`` (``auto`` routes by shape).
     esd_table: a ``kernels.esd.RoutingTable`` measured by ``zooscope bench svd --tune`` (None: built-in rule).
     fit_backend: ``numba`` (CPU), ``numpy`` (reference) or ``cuda``.
-    fix_fingers: None or ``"clip_xmax"``; xmax: WeightWatcher's ``xmax`` (None, or an int k clipping the top k).
-    pl_mode: ``"ww"`` (WeightWatcher's WWFit) or ``"powerlaw"`` (the powerlaw package's candidates and D).
+    fix_fingers: None, ``"clip_xmax"`` or ``"xmin_peak"`` (xmin searched in ``[0.95·peak, xmin_max]`` of the
+        log10 ESD histogram; ``xmin_max`` defaults to ``1.5·peak``).
+    xmax: WeightWatcher's ``xmax``: None, an int k clipping the top k, or ``"force"`` (``pl_mode="powerlaw"``
+        only: the largest eigenvalue bounds the KS normalization, as powerlaw 1.5 does).
+    pl_mode: ``"ww"`` (WeightWatcher's WWFit) or ``"powerlaw"`` (powerlaw 1.5's candidates and D; WeightWatcher's
+        ``pl_package="powerlaw"``: its ``xmax`` column is NaN unless forced).
+    fit: ``"PL"`` (power law), ``"TPL"`` (truncated power law at every xmin candidate, ``pl_mode="powerlaw"``
+        only: alpha, Lambda and D of the TPL, sigma NaN) or ``"E_TPL"`` (= TPL with ``fix_fingers="xmin_peak"``).
+    ww_quirks: reproduce WeightWatcher 0.7 bugs that change numbers (``zooscope.analyze(ww_compat=True)``):
+        ``xmin_peak``'s range starts at ``log10(0.95·peak)``, and ``xmin_peak`` with ``pl_mode="ww"`` fails
+        every layer.
     bootstrap: number of bootstrap replicas for the goodness-of-fit p-value and alpha interval (0: none).
     mp_fit, randomize, detX: WeightWatcher's optional metric groups.
     weightstats, hist_bins: weight moments, node strength and a histogram per layer.
@@ -57,8 +66,11 @@ class AnalysisOptions:
     esd_table: Any = None
     fit_backend: str = "numba"
     fix_fingers: str | None = None
-    xmax: int | None = None
+    xmax: int | str | None = None
+    xmin_max: float | None = None
     pl_mode: str = "ww"
+    fit: str = "PL"
+    ww_quirks: bool = False
     bootstrap: int = 0
     mp_fit: bool = False
     randomize: bool = False
@@ -78,6 +90,25 @@ class AnalysisOptions:
         if self.max_N < self.max_evals:
             raise ValueError(f"max_N ({self.max_N}) must be at least max_evals ({self.max_evals})")
         object.__setattr__(self, "layers", tuple(self.layers))
+        if self.fit not in ("PL", "TPL", "E_TPL"):
+            raise ValueError(f"fit must be 'PL', 'TPL' or 'E_TPL', got {self.fit!r}")
+        if self.fit == "E_TPL":  # WeightWatcher's normalize_params
+            if self.fix_fingers == "clip_xmax":
+                raise ValueError("fit='E_TPL' implies fix_fingers='xmin_peak'; it cannot be combined with 'clip_xmax'")
+            object.__setattr__(self, "fit", "TPL")
+            object.__setattr__(self, "fix_fingers", "xmin_peak")
+        if self.fix_fingers not in (None, False, "clip_xmax", "xmin_peak"):
+            raise ValueError(f"fix_fingers must be None, 'clip_xmax' or 'xmin_peak', got {self.fix_fingers!r}")
+        if isinstance(self.xmax, str) and self.xmax != "force":
+            raise ValueError(f"xmax must be None, an int or 'force', got {self.xmax!r}")
+        if self.pl_mode != "powerlaw" and (self.xmax == "force" or self.fit != "PL"):
+            raise ValueError("xmax='force' and fit='TPL'/'E_TPL' need pl_mode='powerlaw' (WeightWatcher's "
+                             "pl_package='powerlaw'), as in WeightWatcher")
+
+    @property
+    def ww_fails_every_fit(self) -> bool:
+        """WeightWatcher 0.7 fails every layer with ``fix_fingers='xmin_peak'`` and its own fit (spec §5.3)."""
+        return self.ww_quirks and self.fix_fingers == "xmin_peak" and self.pl_mode == "ww"
 
     def as_params(self) -> dict[str, Any]:
         """The options as plain JSON-able values (what the store records as analysis parameters)."""
@@ -91,8 +122,12 @@ class AnalysisOptions:
         options: dict[str, Any] = {"mode": self.pl_mode, "small_n": self.ww_version == "0.7.7"}
         if self.fix_fingers:
             options["fix_fingers"] = self.fix_fingers
-        if self.xmax is not None:
-            options["xmax"] = int(self.xmax)  # WeightWatcher's int xmax: clip the top |k| eigenvalues
+        if self.fix_fingers == "xmin_peak":
+            options.update(xmin_max=self.xmin_max, xmin_peak_ww_range=self.ww_quirks)
+        if self.xmax is not None:  # 'force', or WeightWatcher's int xmax: clip the top |k| eigenvalues
+            options["xmax"] = self.xmax if self.xmax == "force" else int(self.xmax)
+        if self.fit == "TPL":
+            options["distribution"] = "truncated_power_law"
         if self.bootstrap:
             options["bootstrap"] = self.bootstrap
         return options
@@ -128,8 +163,7 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
         t0 = time.perf_counter()
         tensor = ckpt.read(info.key)
         timings["read"] += time.perf_counter() - t0
-        stats_row, hist = _weight_stats(tensor, info, options, timings)
-        strength = _node_strengths(tensor, info) if stats_row else None
+        stats_row, hist, strength = _weight_stats(tensor, info, options, timings)
         try:
             stacks = layer_matrices(tensor, info, pool=options.pool, conv2d_norm=options.conv2d_norm,
                                     source=ckpt.path)
@@ -183,18 +217,23 @@ def _identity(info: LayerInfo, slice_id: int, options: AnalysisOptions) -> dict[
     return row
 
 
-def _weight_stats(tensor: np.ndarray, info: LayerInfo, options: AnalysisOptions,
-                  timings: dict[str, float]) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
+def _weight_stats(tensor: np.ndarray, info: LayerInfo, options: AnalysisOptions, timings: dict[str, float]
+                  ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
+    """(stats row, histogram (counts, edges), node strengths as ``_node_strengths`` or None) of one tensor."""
     bins = options.hist_bins
     if not options.weightstats:
-        return {}, (np.zeros(0), np.zeros(1))
+        return {}, (np.zeros(0), np.zeros(1)), None
     t0 = time.perf_counter()
+    t = np.asarray(tensor, dtype=np.float64)  # converted once for the strengths and the statistics
     try:
-        stats, counts, edges = weightstats.layer_stats(tensor, bins=bins, layer_type=info.layer_type)
+        strength = _node_strengths(t, info) if t.ndim >= 2 else None
+        stats, counts, edges = weightstats.layer_stats(t, bins=bins, layer_type=info.layer_type,
+                                                       in_strength=None if strength is None else strength[0])
     except ValueError:  # non-finite weights: the layer row carries the error, stats stay empty
         stats, counts, edges = {}, np.full(bins, np.nan), np.full(bins + 1, np.nan)
+        strength = None
     timings["stats"] += time.perf_counter() - t0
-    return stats, (counts, edges)
+    return stats, (counts, edges), strength
 
 
 def _node_strengths(tensor: np.ndarray, info: LayerInfo) -> tuple[np.ndarray, np.ndarray]:
@@ -217,7 +256,10 @@ def _fit_and_measure(rows: list[dict[str, Any]], esds: list[np.ndarray], options
     """Fit every ok layer's ESD (batched, so a GPU backend fits them in one launch) and add the metrics."""
     ok = [i for i, row in enumerate(rows) if row["status"] == "ok"]
     t0 = time.perf_counter()
-    fits = powerlaw.fit_many([esds[i] for i in ok], backend=options.fit_backend, **options.fit_options())
+    if options.ww_fails_every_fit:
+        fits = [powerlaw.PowerLawFit()] * len(ok)
+    else:
+        fits = powerlaw.fit_many([esds[i] for i in ok], backend=options.fit_backend, **options.fit_options())
     timings["fit"] += time.perf_counter() - t0
     for i, fit in zip(ok, fits):
         row, evals = rows[i], esds[i]

@@ -288,7 +288,7 @@ def test_bad_options_are_rejected():
     with pytest.raises(TypeError, match="unknown power-law option"):
         pl.fit(x, xmin_peak=True)
     with pytest.raises(ValueError, match="fix_fingers"):
-        pl.fit(x, fix_fingers="xmin_peak")
+        pl.fit(x, fix_fingers="bogus")
     with pytest.raises(ValueError, match="mode"):
         pl.fit(x, mode="scipy")
 

@@ -18,8 +18,10 @@ __all__ = ["analyze", "scan", "open", "regress", "__version__"]
 _WW_OPTION_NAMES = {
     "min_evals": "min_evals", "max_evals": "max_evals", "max_N": "max_N", "pool": "pool",
     "conv2d_norm": "conv2d_norm", "mp_fit": "mp_fit", "randomize": "randomize", "detX": "detX",
-    "fix_fingers": "fix_fingers", "xmax": "xmax",
+    "fix_fingers": "fix_fingers", "xmax": "xmax", "xmin_max": "xmin_max",
 }
+#: WeightWatcher's ``fit`` spellings (``normalize_params``) and the ``AnalysisOptions.fit`` each one becomes.
+_WW_FITS = {"PL": "PL", "power_law": "PL", "TPL": "TPL", "truncated_power_law": "TPL", "E_TPL": "E_TPL"}
 
 
 def _options_from_kwargs(kwargs: dict[str, Any]):
@@ -38,8 +40,9 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
                 raise ValueError(f"pl_package must be 'ww' or 'powerlaw', got {value!r}")
             options["pl_mode"] = value
         elif key == "fit":
-            if value not in ("PL", "power_law"):
-                raise ValueError(f"only the power-law fit (fit='PL') is supported, got {value!r}")
+            if value not in _WW_FITS:
+                raise ValueError(f"fit must be one of {sorted(_WW_FITS)}, got {value!r}")
+            options["fit"] = _WW_FITS[value]
         elif key == "layers":
             options["layers"] = tuple(value)
         elif key in _WW_OPTION_NAMES:
@@ -57,7 +60,8 @@ def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
 
     model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz), a ``torch.nn.Module`` or a state
         dict. options: ``AnalysisOptions`` fields or WeightWatcher's ``analyze()`` argument names.
-    ww_compat: write failed fits as WeightWatcher does (alpha = −1 ...) instead of NaN with status 'failed'.
+    ww_compat: write failed fits as WeightWatcher does (alpha = −1 ...) instead of NaN with status 'failed',
+        and reproduce WeightWatcher's ``fix_fingers='xmin_peak'`` bugs (``AnalysisOptions.ww_quirks``).
     For an ``nn.Module``, ``layer_id`` counts ``named_modules()`` as WeightWatcher does. Weight statistics are
     not among WeightWatcher's columns, so they are skipped here (``zooscope scan`` stores them).
     With ``esd_backend="auto"`` (the default) the routing table saved by ``zooscope bench svd --tune`` is used.
@@ -66,7 +70,7 @@ def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
     from zooscope.pipelines.analyze import analyze_checkpoint, to_weightwatcher_frame
     from zooscope.pipelines.readers import open_checkpoint
 
-    opts = with_saved_table(_options_from_kwargs({"weightstats": False, **options}))
+    opts = with_saved_table(_options_from_kwargs({"weightstats": False, "ww_quirks": ww_compat, **options}))
     with open_checkpoint(model) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
     frame = to_weightwatcher_frame(result.layers, result.esd, failed_as_minus_one=ww_compat)
