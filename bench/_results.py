@@ -1,4 +1,4 @@
-"""Shared by the bench scripts: describe the machine and append a result table to bench/RESULTS.md."""
+"""Shared by the bench scripts: time a call, describe the machine, append a result table to bench/RESULTS.md."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -6,9 +6,20 @@ import os
 import platform
 import shlex
 import sys
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    """(best wall time in seconds, last result) over ``repeats`` calls."""
+    best, out = float("inf"), None
+    for _ in range(max(1, repeats)):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
 
 
 def machine() -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import record  # noqa: E402
+from _results import best_time, record  # noqa: E402
 
 from zooscope.kernels import powerlaw as pl  # noqa: E402
 
@@ -32,16 +32,6 @@ def heavy_tailed_esd(n: int, seed: int = 0) -> np.ndarray:
     W = rng.standard_t(3.0, size=(slices, 512, 256))
     evals = np.linalg.eigvalsh(np.einsum("bij,bik->bjk", W, W)).ravel()
     return np.sort(rng.choice(evals, size=n, replace=False))
-
-
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    """(best wall time in seconds, last result) over ``repeats`` calls."""
-    best, out = float("inf"), None
-    for _ in range(max(1, repeats)):
-        t = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
 
 
 def quiet(fn):

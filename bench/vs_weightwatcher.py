@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _results import record
+from _results import best_time, record
 
 
 def _package_file(package: str, relative: str) -> Path | None:
@@ -43,22 +42,13 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _best_of(repeats: int, run):
-    """(result, fastest seconds) of ``repeats`` calls of ``run()``."""
-    best, result = float("inf"), None
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        result = run()
-        best = min(best, time.perf_counter() - t0)
-    return result, best
-
-
 def run_weightwatcher(path: Path, repeats: int):
     import weightwatcher as ww
 
     logging.getLogger("weightwatcher").setLevel(logging.ERROR)
     state = _state_dict(path)
-    return _best_of(repeats, lambda: ww.WeightWatcher(model=state).analyze())
+    seconds, details = best_time(lambda: ww.WeightWatcher(model=state).analyze(), repeats)
+    return details, seconds
 
 
 #: zooscope configurations compared: the default (fp64 Gram + eigvalsh, matrices it cannot certify to 1e-6
@@ -73,8 +63,9 @@ COLUMNS = ["D", "xmin", "sigma", "num_pl_spikes", "log_norm", "log_spectral_norm
 def run_zooscope(path: Path, esd_backend: str, repeats: int = 1):
     import zooscope
 
-    return _best_of(repeats, lambda: zooscope.analyze(str(path), ww_version="0.7.7", ww_compat=True,
-                                                      esd_backend=esd_backend))
+    seconds, details = best_time(lambda: zooscope.analyze(str(path), ww_version="0.7.7", ww_compat=True,
+                                                          esd_backend=esd_backend), repeats)
+    return details, seconds
 
 
 def _max_rel(ours, theirs, columns) -> float:

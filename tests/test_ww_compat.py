@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 ww_module = pytest.importorskip("weightwatcher")
 
 import zooscope  # noqa: E402
+from conftest import heavy_tailed_  # noqa: E402
 
 RTOL = 1e-6
 METRICS = [
@@ -22,21 +23,8 @@ METRICS = [
 ]
 
 
-def _heavy_tailed_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Give every weight Student-t(3) entries, so the ESDs have power-law tails as trained layers do."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("weight"):
-                z = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-                chi = torch.randn((*p.shape, 3), generator=gen, dtype=torch.float64).pow(2).sum(-1)
-                t = z / torch.sqrt(chi / 3.0)
-                p.copy_((t / np.sqrt(p.shape[-1])).to(p.dtype))
-    return module
-
-
 def _mlp() -> torch.nn.Module:
-    return _heavy_tailed_(torch.nn.Sequential(
+    return heavy_tailed_(torch.nn.Sequential(
         torch.nn.Linear(300, 100), torch.nn.ReLU(), torch.nn.Linear(100, 64), torch.nn.ReLU(),
         torch.nn.Linear(64, 40),
     ), seed=1)
@@ -53,7 +41,7 @@ class _SmallCNN(torch.nn.Module):
 
 
 def _cnn() -> torch.nn.Module:
-    return _heavy_tailed_(_SmallCNN(), seed=2)
+    return heavy_tailed_(_SmallCNN(), seed=2)
 
 
 def _weightwatcher(model: torch.nn.Module, **kwargs) -> pd.DataFrame:

@@ -21,6 +21,7 @@ if getattr(powerlaw_pkg, "__version__", "") != "1.5":  # powerlaw 2.x makes ever
     pytest.skip("WeightWatcher's powerlaw-package options need powerlaw 1.5", allow_module_level=True)
 
 import zooscope  # noqa: E402
+from conftest import heavy_tailed_  # noqa: E402
 from zooscope.kernels import powerlaw as pl  # noqa: E402
 
 RTOL = 1e-6
@@ -34,21 +35,9 @@ def _quiet(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def _heavy_tailed_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Student-t(3) weights: ESDs with power-law tails, as trained layers have."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("weight"):
-                z = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-                chi = torch.randn((*p.shape, 3), generator=gen, dtype=torch.float64).pow(2).sum(-1)
-                p.copy_((z / torch.sqrt(chi / 3.0) / np.sqrt(p.shape[-1])).to(p.dtype))
-    return module
-
-
 @pytest.fixture(scope="module")
 def mlp() -> torch.nn.Module:
-    return _heavy_tailed_(torch.nn.Sequential(
+    return heavy_tailed_(torch.nn.Sequential(
         torch.nn.Linear(300, 100), torch.nn.ReLU(), torch.nn.Linear(100, 64), torch.nn.ReLU(),
         torch.nn.Linear(64, 40),
     ), seed=0)  # its last layer's xmin lies below 0.95·peak: WeightWatcher's xmin_peak range bug shows
@@ -120,7 +109,7 @@ def test_xmin_peak_with_ww_package_fails_every_layer_like_weightwatcher(mlp):
 def test_tpl_matches_weightwatcher_on_a_tiny_layer():
     """fit='TPL' and 'E_TPL' on one 40-eigenvalue layer. Runtime: ~2.5 s in WeightWatcher + ~2 s here (TPL),
     ~1.5 s together for E_TPL: both tools fit a TPL by Nelder–Mead with mpmath at every xmin candidate."""
-    model = _heavy_tailed_(torch.nn.Sequential(torch.nn.Linear(120, 40)), seed=3)
+    model = heavy_tailed_(torch.nn.Sequential(torch.nn.Linear(120, 40)), seed=3)
     for fit in ("TPL", "E_TPL"):
         theirs = _weightwatcher(model, pl_package="powerlaw", fit=fit)
         ours = zooscope.analyze(model, ww_compat=True, min_evals=10, pl_package="powerlaw", fit=fit)
