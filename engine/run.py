@@ -63,7 +63,7 @@ def execute(
     """Run ``tasks`` and yield ``(task, result or exception)`` as each finishes (completion order).
 
     ``client=None`` runs them one by one in this process; otherwise they are submitted to the Dask
-    ``client`` (GPU-wanting tasks ask for ``resources={"GPU": 1}`` when some worker offers that resource).
+    ``client``, GPU-wanting tasks asking for ``resources={"GPU": 1}`` as :func:`task_resources` decides.
     A progress bar on stderr counts models, shards and bytes.
     """
     with _Progress(tasks, enabled=progress) as bar:
@@ -93,7 +93,8 @@ def _on_cluster(tasks: Sequence[Task], options: AnalysisOptions, client: Any,
 
     if not client.scheduler_info().get("workers"):  # e.g. SLURM jobs still queued: GPU routing needs a worker
         client.wait_for_workers(1)
-    gpu = has_gpu_workers(client)
+    workers = client.scheduler_info().get("workers", {})
+    n_gpu = sum(w.get("resources", {}).get("GPU", 0) > 0 for w in workers.values())
     run_id = uuid.uuid4().hex[:8]
     by_key: dict[str, Task] = {}
     futures = []
@@ -103,7 +104,7 @@ def _on_cluster(tasks: Sequence[Task], options: AnalysisOptions, client: Any,
         futures.append(client.submit(
             run_task, task.path, options, task.keys, task.model_id,
             key=key, retries=retries, pure=False,
-            resources={"GPU": 1} if gpu and task.wants_gpu else None,
+            resources=task_resources(task, n_gpu, len(workers)),
         ))
     for future in as_completed(futures):
         try:
@@ -115,10 +116,24 @@ def _on_cluster(tasks: Sequence[Task], options: AnalysisOptions, client: Any,
         yield task, outcome
 
 
-def has_gpu_workers(client: Any) -> bool:
-    """Whether some worker of ``client``'s cluster advertises a ``GPU`` resource."""
-    workers = client.scheduler_info().get("workers", {})
-    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in workers.values())
+GPU_TASK_MIN_BYTES = 64 << 20
+"""On a cluster where only some workers have a GPU, tasks reading fewer bytes than this may run on any worker."""
+
+
+def task_resources(task: Task, gpu_workers: int, workers: int,
+                   min_bytes: int | None = None) -> dict[str, int] | None:
+    """The Dask resources ``task`` asks for on a cluster of ``workers`` workers, ``gpu_workers`` of them with a GPU.
+
+    A GPU-wanting task asks for one ``GPU`` whenever a worker has one (one task per GPU at a time), except on a
+    mixed cluster, where tasks below ``min_bytes`` (default ``GPU_TASK_MIN_BYTES``) ask for nothing so that the
+    CPU workers take them. Every route
+    ``auto`` takes on either kind of worker keeps λ within 1e-6 of LAPACK SVD's; ``esd_backend`` records which.
+    """
+    if not task.wants_gpu or gpu_workers == 0:
+        return None
+    if gpu_workers < workers and task.nbytes < (GPU_TASK_MIN_BYTES if min_bytes is None else min_bytes):
+        return None
+    return {"GPU": 1}
 
 
 class _Progress:

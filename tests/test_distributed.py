@@ -21,7 +21,9 @@ from zarr.storage import LocalStore
 from test_scan import assert_same_store, layers_by_model, write_zoo
 from test_store import make_result
 from zooscope.engine.cluster import ClusterConfigError, load_profiles, make_client
-from zooscope.engine.run import EXIT_MARKER_ENV, EXIT_ON_ENV, has_gpu_workers
+from zooscope.engine import run as run_module
+from zooscope.engine.plan import Task
+from zooscope.engine.run import EXIT_MARKER_ENV, EXIT_ON_ENV, task_resources
 from zooscope.engine.scan import scan
 from zooscope.engine.lock import LOCK_NAME
 from zooscope.engine.store import ZooStore
@@ -68,11 +70,51 @@ def reference(workdir, zoo) -> Path:
 
 
 def test_cluster_scan_equals_in_process_scan(client, zoo, reference, tmp_path):
-    assert not has_gpu_workers(client)
+    assert not any(w.get("resources", {}).get("GPU") for w in client.scheduler_info()["workers"].values())
     store = tmp_path / "cluster.zarr"
     report = scan([zoo], store, client=client, progress=False)
     assert (report.n_ok, report.n_error, report.cluster) == (N_MODELS, 0, "client")
     assert_same_store(reference, store)
+
+
+def test_task_resources():
+    small, big = (Task("m", "p", "h", None, 0, 1, nbytes, wants_gpu=True) for nbytes in (10, 1000))
+    assert task_resources(big, gpu_workers=0, workers=4) is None  # no GPU anywhere
+    assert task_resources(small, gpu_workers=4, workers=4, min_bytes=100) == {"GPU": 1}  # all GPU: one task each
+    assert task_resources(small, gpu_workers=1, workers=4, min_bytes=100) is None  # mixed: CPU workers take it
+    assert task_resources(big, gpu_workers=1, workers=4, min_bytes=100) == {"GPU": 1}
+    cpu_only = Task("m", "p", "h", None, 0, 1, 1000, wants_gpu=False)
+    assert task_resources(cpu_only, gpu_workers=4, workers=4) is None
+
+
+def _set_gpu_resource(client, worker: str, amount: int) -> None:
+    async def set_resources(dask_worker):
+        await dask_worker.set_resources(GPU=amount)
+
+    client.run(set_resources, workers=[worker])
+    deadline = time.monotonic() + 10
+    while client.scheduler_info()["workers"][worker].get("resources", {}).get("GPU", 0) != amount:
+        assert time.monotonic() < deadline, "the scheduler did not see the worker's new resources"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("min_bytes, small_tasks_anywhere", [(1 << 40, True), (0, False)])
+def test_mixed_cluster_routes_small_tasks_to_any_worker(client, zoo, reference, tmp_path, monkeypatch, min_bytes,
+                                                        small_tasks_anywhere):
+    from distributed import get_task_stream
+
+    gpu_worker, cpu_worker = sorted(client.scheduler_info()["workers"])
+    monkeypatch.setattr(run_module, "GPU_TASK_MIN_BYTES", min_bytes)
+    _set_gpu_resource(client, gpu_worker, 1)  # a pretend GPU: the analysis still runs on the CPU
+    try:
+        with get_task_stream(client) as stream:
+            report = scan([zoo], tmp_path / "mixed.zarr", client=client, progress=False)
+    finally:
+        _set_gpu_resource(client, gpu_worker, 0)
+    assert report.n_ok == N_MODELS
+    assert_same_store(reference, tmp_path / "mixed.zarr")
+    ran_on = {t["worker"] for t in stream.data if str(t["key"]).startswith("analyze-")}
+    assert (cpu_worker in ran_on) == small_tasks_anywhere  # else every task waited for the GPU worker
 
 
 def test_sharded_cluster_scan_equals_unsharded_in_process_scan(client, zoo, reference, tmp_path):
