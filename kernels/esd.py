@@ -191,7 +191,7 @@ def eigenvalues(
     stack: ``(B, N, M)`` real floats (any float dtype; N ≥ M not required).
     Returns ``(B, min(N, M))`` fp64, ascending per row, clipped at 0 from below (units of W²).
     Batches are solved in chunks of at most ``CHUNK_BYTES`` so memory stays bounded. GPU backends copy the stored
-    dtype (e.g. fp16) to the device and widen it there (exactly), so the host never holds an fp64 copy.
+    dtype (e.g. fp16) to the device and widen it there (exactly); CPU backends widen one chunk at a time.
     """
     stack = np.asarray(stack)
     if stack.ndim != 3:

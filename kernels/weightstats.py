@@ -117,14 +117,32 @@ def _check(tensor: np.ndarray, layout: Layout) -> np.ndarray:
     return t
 
 
+def strength_layout(layer_type: str, ndim: int) -> Layout:
+    """The node-strength layout of a layer's tensor: ``"in_out"`` for a 2-D ``conv1d`` (HF ``Conv1D``), else
+    ``"out_in"``."""
+    return "in_out" if layer_type == "conv1d" and ndim == 2 else "out_in"
+
+
+def _abs64(tensor: np.ndarray, layout: Layout) -> np.ndarray:
+    """|W| in fp64 with the unit on axis 0 and the inputs on axis 1 (see ``_check``)."""
+    return np.abs(_check(tensor, layout).astype(np.float64, copy=False))
+
+
+def _in_sums(a: np.ndarray) -> np.ndarray:
+    return a.reshape(a.shape[0], -1).sum(axis=1)
+
+
+def _out_sums(a: np.ndarray) -> np.ndarray:
+    return a.sum(axis=tuple(i for i in range(a.ndim) if i != 1))
+
+
 def node_strength(tensor: np.ndarray, *, layout: Layout = "out_in") -> np.ndarray:
     """In-strength per output unit: sum of |incoming weights|, shape ``(n_out,)`` fp64.
 
     ``(out, in)`` → sum over ``in``; ``(Cout, Cin, kh, kw)`` → sum over ``Cin, kh, kw``; see the module docstring
     for ``layout``.
     """
-    t = _check(tensor, layout)
-    return np.abs(t.astype(np.float64, copy=False)).reshape(t.shape[0], -1).sum(axis=1)
+    return _in_sums(_abs64(tensor, layout))
 
 
 def out_strength(tensor: np.ndarray, *, layout: Layout = "out_in") -> np.ndarray:
@@ -133,8 +151,14 @@ def out_strength(tensor: np.ndarray, *, layout: Layout = "out_in") -> np.ndarray
     ``(out, in)`` → sum over ``out``; ``(Cout, Cin, kh, kw)`` → sum over ``Cout, kh, kw`` (one value per input
     channel).
     """
-    t = np.abs(_check(tensor, layout).astype(np.float64, copy=False))
-    return t.sum(axis=tuple(i for i in range(t.ndim) if i != 1))
+    return _out_sums(_abs64(tensor, layout))
+
+
+def layer_strengths(tensor: np.ndarray, *, layer_type: str = "dense") -> tuple[np.ndarray, np.ndarray]:
+    """``(node_strength, out_strength)`` of a layer's tensor (layout from ``layer_type`` as in ``layer_stats``),
+    with |W| formed once."""
+    a = _abs64(tensor, strength_layout(layer_type, np.ndim(tensor)))
+    return _in_sums(a), _out_sums(a)
 
 
 def strength_correlation(in_strength_next_hidden: np.ndarray, out_strength: np.ndarray) -> float:
@@ -178,7 +202,7 @@ def layer_stats(tensor: np.ndarray, bins: int = 64, *, layer_type: str = "dense"
         raise ValueError(f"{n_bad} of {t.size} weights are NaN or infinite")
     stats = moments(t, zero_tol=zero_tol)
     if t.ndim >= 2:
-        layout: Layout = "in_out" if layer_type == "conv1d" and t.ndim == 2 else "out_in"
+        layout = strength_layout(layer_type, t.ndim)
         ns = node_strength(t, layout=layout) if in_strength is None else np.asarray(in_strength)
         stats["ns_mean"], stats["ns_std"] = float(ns.mean()), float(ns.std())
     else:

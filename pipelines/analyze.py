@@ -162,6 +162,8 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
     for info in infos:
         t0 = time.perf_counter()
         tensor = ckpt.read(info.key)
+        if options.weightstats:  # the statistics need fp64; the matrices then reuse that one copy
+            tensor = np.asarray(tensor, dtype=np.float64)
         timings["read"] += time.perf_counter() - t0
         stats_row, hist, strength = _weight_stats(tensor, info, options, timings)
         try:
@@ -219,14 +221,14 @@ def _identity(info: LayerInfo, slice_id: int, options: AnalysisOptions) -> dict[
 
 def _weight_stats(tensor: np.ndarray, info: LayerInfo, options: AnalysisOptions, timings: dict[str, float]
                   ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
-    """(stats row, histogram (counts, edges), node strengths as ``_node_strengths`` or None) of one tensor."""
+    """(stats row, histogram (counts, edges), ``weightstats.layer_strengths`` or None) of one tensor."""
     bins = options.hist_bins
     if not options.weightstats:
         return {}, (np.zeros(0), np.zeros(1)), None
     t0 = time.perf_counter()
-    t = np.asarray(tensor, dtype=np.float64)  # converted once for the strengths and the statistics
+    t = np.asarray(tensor, dtype=np.float64)
     try:
-        strength = _node_strengths(t, info) if t.ndim >= 2 else None
+        strength = weightstats.layer_strengths(t, layer_type=info.layer_type) if t.ndim >= 2 else None
         stats, counts, edges = weightstats.layer_stats(t, bins=bins, layer_type=info.layer_type,
                                                        in_strength=None if strength is None else strength[0])
     except ValueError:  # non-finite weights: the layer row carries the error, stats stay empty
@@ -234,12 +236,6 @@ def _weight_stats(tensor: np.ndarray, info: LayerInfo, options: AnalysisOptions,
         strength = None
     timings["stats"] += time.perf_counter() - t0
     return stats, (counts, edges), strength
-
-
-def _node_strengths(tensor: np.ndarray, info: LayerInfo) -> tuple[np.ndarray, np.ndarray]:
-    """(in-strength per output unit, out-strength per input unit) of a layer's weight tensor."""
-    layout = "in_out" if info.layer_type == "conv1d" and tensor.ndim == 2 else "out_in"
-    return weightstats.node_strength(tensor, layout=layout), weightstats.out_strength(tensor, layout=layout)
 
 
 def _randomize(stack: np.ndarray, evals: np.ndarray, row: dict[str, Any], backend: str,

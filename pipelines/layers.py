@@ -171,7 +171,10 @@ def _filter_reason(N: int, M: int, rf: int, *, min_evals: int, max_evals: int, m
 
 def layer_matrices(W: np.ndarray, info: LayerInfo, *, pool: bool = True, conv2d_norm: bool = True,
                    source: str = "") -> list[np.ndarray]:
-    """The fp64 matrix stacks of one weight tensor, each ``(B, N, M)`` with N >= M.
+    """The matrix stacks of one weight tensor, each ``(B, N, M)`` with N >= M and C-ordered.
+
+    A 2-D layer keeps its stored float dtype (``kernels.esd.eigenvalues`` widens it to fp64: on the device for
+    GPU backends, so an fp16 matrix crosses the bus as fp16); kernel tensors are rescaled in fp64.
 
     Pooled: one stack with all ``n_slices`` slices, slice ``s = i*kw + j`` being ``W[:, :, i, j]`` (3-D:
     ``W[:, :, s]``). ``pool=False``: one ``(1, N, M)`` stack per slice. With ``conv2d_norm``, slices of 3-D/4-D
@@ -188,13 +191,12 @@ def layer_matrices(W: np.ndarray, info: LayerInfo, *, pool: bool = True, conv2d_
         n_nan = int(np.isnan(W).sum())
         raise LayerError(source, info.key, f"layer '{info.name}' has {n_nan} NaN and {int(bad.sum()) - n_nan} "
                                            "Inf values")
-    if W.ndim == 2:  # one fp64 C-ordered copy at most (none for an fp64 tall matrix)
-        return [np.ascontiguousarray(W if W.shape[0] >= W.shape[1] else W.T, dtype=np.float64)[None]]
+    if W.ndim == 2:  # one C-ordered copy at most (none for a C-ordered tall matrix)
+        return [np.ascontiguousarray(W if W.shape[0] >= W.shape[1] else W.T)[None]]
     stack = np.moveaxis(W.reshape(W.shape[0], W.shape[1], -1), 2, 0)  # (rf, out, in), s = i*kw + j
     if stack.shape[1] < stack.shape[2]:
         stack = stack.transpose(0, 2, 1)
-    stack = np.ascontiguousarray(stack, dtype=np.float64)
-    if pool:
-        return [stack * np.sqrt(0.5) if conv2d_norm else stack]
-    scale = np.sqrt(info.rf / 2) if conv2d_norm else 1.0
-    return [stack[s: s + 1] * scale for s in range(stack.shape[0])]
+    scale = (np.sqrt(0.5) if pool else np.sqrt(info.rf / 2)) if conv2d_norm else 1.0
+    # one pass: widened to fp64, rescaled and made C-ordered (never a view of W)
+    stack = np.multiply(stack, scale, out=np.empty(stack.shape), dtype=np.float64)
+    return [stack] if pool else [stack[s: s + 1] for s in range(stack.shape[0])]
