@@ -125,8 +125,9 @@ def scan(
     except ValueError as err:  # not a store, or a store made with other analysis options
         raise ScanUsageError(str(err)) from err
     try:
-        hashes, stats, failures = _hash_all(models, zoo.models(), rehash)
-        done = set(zoo.committed_hashes())
+        known = zoo.models(columns=("path", "file_stat", "content_hash"))
+        hashes, stats, failures = _hash_all(models, known, rehash)
+        done = zoo.committed_hashes()
         for model, message in failures:  # unreadable before any task: recorded now, with a path-derived hash
             digest = "unreadable:" + hashlib.sha256(model.path.encode()).hexdigest()
             if digest in done:

@@ -638,14 +638,20 @@ class ZooStore:
         return (f"<ZooStore {self._location} mode={self.mode!r}: {c['n_models']} models, {c['n_layers']} layers, "
                 f"{c['n_esd']} eigenvalues, {c['n_drift']} drift rows>")
 
-    def _read_table(self, table: str) -> pd.DataFrame:
+    def _read_table(self, table: str, columns: Iterable[str] | None = None) -> pd.DataFrame:
         n = self._counters[COUNTER_OF[table]]
-        data = {col: self._column(table, col, n) for col in self._columns[table]}
+        wanted = self._columns[table] if columns is None else [c for c in self._columns[table] if c in set(columns)]
+        data = {col: self._column(table, col, n) for col in wanted}
         return pd.DataFrame(data, index=pd.RangeIndex(n, name=INDEX_NAMES[table]))
 
-    def models(self, latest: bool = False) -> pd.DataFrame:
-        """One row per committed model, indexed by model row; ``latest``: only each model_id's highest version."""
-        df = self._read_table("models")
+    def models(self, latest: bool = False, columns: Iterable[str] | None = None) -> pd.DataFrame:
+        """One row per committed model, indexed by model row; ``latest``: only each model_id's highest version.
+
+        columns: read only these columns (those the store holds); default all.
+        """
+        if columns is not None and latest:
+            columns = {*columns, "model_id", "version"}
+        df = self._read_table("models", columns)
         if latest and len(df):
             df = df.loc[np.sort(df.groupby("model_id", sort=False)["version"].idxmax().to_numpy())]
         return df
@@ -705,6 +711,18 @@ class ZooStore:
         if not 0 <= layer_row < n:
             raise IndexError(f"layer row {layer_row} out of range: the store holds {n} histogram rows")
         return self._array("hist", "counts")[layer_row], self._array("hist", "edges")[layer_row]
+
+    def hists(self, layer_rows: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The weight histograms of several layer rows (default: all), read in one pass over the span they
+        cover: counts (rows, bins) and edges (rows, bins + 1); NaN rows for layers without one."""
+        n = self._counters["n_hist"]
+        if not n:
+            raise LookupError("the store holds no weight histograms")
+        rows = np.arange(n) if layer_rows is None else np.asarray(list(layer_rows), dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= n):
+            raise IndexError(f"layer rows out of range: the store holds {n} histogram rows")
+        lo, hi = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 0)
+        return tuple(self._array("hist", name)[lo:hi][rows - lo] for name in ("counts", "edges"))
 
     def drift(self) -> pd.DataFrame:
         """The committed drift rows."""

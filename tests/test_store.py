@@ -109,6 +109,9 @@ def test_round_trip_with_varying_columns_and_error_rows(tmp_path, rng):
         np.testing.assert_array_equal(got_c, cnt)
         np.testing.assert_array_equal(got_e, edg)
     assert np.isnan(view.hist(9)[0]).all() and np.isnan(view.hist(10)[1]).all()  # d had no histograms
+    rows = [10, 0, 4]  # hists reads several rows at once, in the order asked, equal to hist row by row
+    for got, one in zip(view.store.hists(rows), zip(*(view.hist(i) for i in rows))):
+        np.testing.assert_array_equal(got, np.stack(one))
     assert list(view.store.layers(["c"])["name"]) == list(c.layers["name"])
     assert view.check() == []
     with pytest.raises(IndexError):
@@ -139,6 +142,9 @@ def test_reopen_append_continues_versions_and_duplicates(tmp_path, rng):
     latest = open_store(path, latest=True)
     assert list(latest.models["model_id"]) == ["n", "m"] and list(latest.models.index) == [1, 2]
     assert list(latest.layers["model_row"]) == [1, 1, 1, 2, 2]
+    some = view.store.models(latest=True, columns=["content_hash", "no_such_column"])
+    assert list(some["content_hash"]) == ["h2", "h3"] and "path" not in some
+    pd.testing.assert_frame_equal(view.store.models(columns=["version"]), view.models[["version"]])
     assert view.check() == []
 
 

@@ -92,8 +92,7 @@ def _training_sections(store, models, layers, image_layer: str = "fc2") -> list:
         return []
     hist = None
     if store.counters.get("n_hist", 0) >= len(layers) and len(layers):
-        pairs = [store.hist(int(row)) for row in layers.index]
-        hist = (np.stack([c for c, _ in pairs]), np.stack([e for _, e in pairs]))
+        hist = store.hists(layers.index)
     drift = store.drift()
     images = _mask_images(models, image_layer)
     name = image_layer if image_layer.endswith((".weight", ".bias")) else f"{image_layer}.weight"
