@@ -23,9 +23,11 @@ Options (keyword arguments of :func:`fit` and :func:`fit_many`):
   eigenvalues are removed first, ``num_pl_spikes`` is counted on what remains; ``|k| > len/2`` fails —
   WeightWatcher logs a failure there and then fits anyway, see DIFFERENCES — and ``k = 0`` or ``False``
   removes everything and fails). The reported ``xmax`` is the largest fitted value with ``mode='ww'``
-  (WWFit) and, as powerlaw 1.5's ``Fit.xmax``, the given or forced bound (NaN if none) with ``mode='powerlaw'``.
+  (WWFit) and, as powerlaw 1.5's ``Fit.xmax``, the given or forced bound (NaN if none) with ``mode='powerlaw'``,
+  failed fits included.
 - ``fix_fingers='clip_xmax'`` (spec §5.3) with ``max_fingers=10`` and ``finger_thresh=1.0``: fills
-  ``raw_alpha`` and ``num_fingers``.
+  ``raw_alpha`` and ``num_fingers``; with a given or forced xmax, each clipped fit's KS bound is the clipped
+  value just above its sample, as in WeightWatcher.
 - ``fix_fingers='xmin_peak'`` (spec §5.3): ``peak = 10**(left edge of the fullest of 100 bins of
   log10(fitted values))`` and the xmin candidates are restricted to ``[0.95·peak, xmin_max]`` (``xmin_max``
   defaults to ``1.5·peak``; an empty range fails). ``xmin_peak_ww_range=True`` reproduces WeightWatcher 0.7's
@@ -393,22 +395,23 @@ def _finish(prepared, scan, opts: _Options, backend: str) -> PowerLawFit:
     extra: dict[str, float] = {}
     if opts.fix_fingers == "xmin_peak":
         if x.size == 0:
-            return PowerLawFit()
+            return _failed(evals, opts)
         opts = dataclasses.replace(opts, xmin=xmin_peak_range(x, opts.xmin_max, ww_range=opts.xmin_peak_ww_range),
                                    fix_fingers=None, small_n=False)  # this ESD's own candidate range
         scan = _scanner(backend, opts, [])
     if opts.distribution == "truncated_power_law":
         return _finish_tpl(evals, x, opts)
     if opts.fix_fingers == "clip_xmax":
-        clipped = _clip_xmax(x, evals.size, scan, opts)
+        clipped = _clip_xmax(x, evals.size, scan, opts, backend)
         if clipped is None:
-            return PowerLawFit()
-        core, raw_alpha, num_fingers = clipped
+            return _failed(evals, opts)
+        core, raw_alpha, num_fingers, xmax = clipped
         extra.update(raw_alpha=raw_alpha, num_fingers=float(num_fingers))
     else:
         core = scan(x)
+        xmax = None
     if core is None or not math.isfinite(core.alpha) or core.alpha <= 1.0:
-        return PowerLawFit()
+        return _failed(evals, opts)
     tail = core.x[core.i:]
     if opts.tpl:
         extra.update(zip(("tpl_alpha", "Lambda", "tpl_loglik"), truncated_power_law(tail, core.xmin, core.alpha)))
@@ -423,9 +426,18 @@ def _finish(prepared, scan, opts: _Options, backend: str) -> PowerLawFit:
     n = core.n_tail
     alpha = core.alpha
     return PowerLawFit(
-        alpha=alpha, xmin=core.xmin, xmax=_reported_xmax(core.x, opts), D=core.D, sigma=(alpha - 1.0) / math.sqrt(n),
+        alpha=alpha, xmin=core.xmin, xmax=_reported_xmax(core.x, opts) if xmax is None else xmax, D=core.D, sigma=(alpha - 1.0) / math.sqrt(n),
         num_pl_spikes=int(np.count_nonzero(evals >= core.xmin)), n_tail=n, status="success", warning=_warning(alpha),
         **extra)
+
+
+def _failed(evals: np.ndarray, opts: _Options) -> PowerLawFit:
+    """A failed fit of the ascending ``evals``: NaN numbers, except that ``mode='powerlaw'`` still reports the
+    given xmax, or the forced one (``max(evals)``, set by WeightWatcher before it fits)."""
+    bound = _ks_xmax(opts)
+    if math.isnan(bound):
+        bound = float(evals[-1]) if evals.size else _NAN
+    return PowerLawFit(xmax=bound if not math.isinf(bound) else _NAN)
 
 
 def _warning(alpha: float) -> str:
@@ -453,7 +465,7 @@ def _finish_tpl(evals: np.ndarray, x: np.ndarray, opts: _Options) -> PowerLawFit
     """WeightWatcher's ``fit='TPL'`` row: powerlaw 1.5's scan with a truncated power law at every candidate."""
     r = tpl_scan(x, xmin=opts.xmin, xmax=_ks_xmax(opts))
     if r is None or not math.isfinite(r[1]):
-        return PowerLawFit()
+        return _failed(evals, opts)
     i, alpha, Lambda, D, loglik = r
     xmin = float(x[i])
     return PowerLawFit(alpha=alpha, xmin=xmin, xmax=_reported_xmax(x, opts), D=D,
@@ -461,10 +473,24 @@ def _finish_tpl(evals: np.ndarray, x: np.ndarray, opts: _Options) -> PowerLawFit
                        warning=_warning(alpha), tpl_alpha=alpha, Lambda=Lambda, tpl_loglik=loglik)
 
 
-def _clip_xmax(x: np.ndarray, n_evals: int, scan, opts: _Options) -> tuple[_Core, float, int] | None:
-    """WeightWatcher's ``fit_clipped_powerlaw`` (spec §5.3); None where WeightWatcher raises (→ failed)."""
-    def clipped(k):
-        return scan(x[:x.size - k]) if k < x.size else None
+def _clip_xmax(x: np.ndarray, n_evals: int, scan, opts: _Options, backend: str
+               ) -> tuple[_Core, float, int, float | None] | None:
+    """WeightWatcher's ``fit_clipped_powerlaw`` (spec §5.3): ``(best fit, raw alpha, num_fingers, its xmax)``, the
+    xmax where it differs from the plain fit's; None where WeightWatcher raises (→ failed).
+
+    With a given or forced xmax (``mode='powerlaw'``), WeightWatcher fits the sample without its top ``k`` values
+    with the KS bound lowered to the ``k``-th largest value, just above the sample; its check fits use the
+    sample's own largest value.
+    """
+    bounded = not math.isinf(_ks_xmax(opts))
+
+    def without_top(k: int, bound_rank: int):
+        if k >= x.size:
+            return None
+        if not bounded:
+            return scan(x[:x.size - k])
+        bound = float(x[x.size - bound_rank])
+        return _scanner(backend, dataclasses.replace(opts, xmax=bound), [])(x[:x.size - k])
 
     raw = scan(x)
     if raw is None:
@@ -474,7 +500,7 @@ def _clip_xmax(x: np.ndarray, n_evals: int, scan, opts: _Options) -> tuple[_Core
         max_fingers = 10
     best, num_fingers, last = raw, 0, None
     for idx in range(2, max_fingers):
-        last = clipped(idx)
+        last = without_top(idx, idx)
         if last is None:
             return None
         if last.alpha + opts.finger_thresh < raw.alpha:
@@ -485,12 +511,13 @@ def _clip_xmax(x: np.ndarray, n_evals: int, scan, opts: _Options) -> tuple[_Core
     if last is None:  # the loop never ran: WeightWatcher's ``idx`` is unbound and it fails
         return None
     for idy in range(idx + 1, idx + 4):  # WeightWatcher's check fits only log, but can fail
-        check = clipped(idy)
+        check = without_top(idy, idy + 1)
         if check is None:
             return None
         if abs(check.alpha - last.alpha) > opts.finger_thresh:
             break
-    return best, raw.alpha, num_fingers
+    xmax = float(x[x.size - num_fingers - 1]) if bounded and num_fingers else None
+    return best, raw.alpha, num_fingers, xmax
 
 
 # --------------------------------------------------------------------------- alternative tail models

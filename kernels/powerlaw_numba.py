@@ -99,6 +99,14 @@ _STACK = 64
 
 
 @njit(**_JIT)
+def _deviation(x, pts, p, i, xi, e, norm, n, F):
+    """``|F_i(x_j) - (j-i)/n|`` at ECDF point ``p`` (``j = pts[p]``), storing ``F_i(x_j)`` in ``F[p]``."""
+    j = pts[p]
+    F[p] = (1.0 - (x[j] / xi) ** e) / norm
+    return abs(F[p] - (j - i) / n)
+
+
+@njit(**_JIT)
 def _ks(x, pts, p0, i, alpha, limit, probe, F, stack_a, stack_b, xmax_val):
     """(D, position of its max) for candidate ``i``, or (inf, position) once a deviation exceeds ``limit``.
 
@@ -117,8 +125,7 @@ def _ks(x, pts, p0, i, alpha, limit, probe, F, stack_a, stack_b, xmax_val):
     m = 0.0
     at = p0
     if probe > p0 and probe <= last:
-        j = pts[probe]
-        d = abs((1.0 - (x[j] / xi) ** e) / norm - (j - i) / n)
+        d = _deviation(x, pts, probe, i, xi, e, norm, n, F)
         if d > limit:
             return np.inf, probe
         m = d
@@ -128,9 +135,7 @@ def _ks(x, pts, p0, i, alpha, limit, probe, F, stack_a, stack_b, xmax_val):
     step = max(1, min(step, span))
     p = p0
     while True:  # coarse grid p0, p0+step, ..., last
-        j = pts[p]
-        F[p] = (1.0 - (x[j] / xi) ** e) / norm
-        d = abs(F[p] - (j - i) / n)
+        d = _deviation(x, pts, p, i, xi, e, norm, n, F)
         if d > m:
             m = d
             at = p
@@ -157,9 +162,7 @@ def _ks(x, pts, p0, i, alpha, limit, probe, F, stack_a, stack_b, xmax_val):
             if bound + _MARGIN <= m:
                 continue
             mid = (lo + hi) // 2
-            j = pts[mid]
-            F[mid] = (1.0 - (x[j] / xi) ** e) / norm
-            d = abs(F[mid] - (j - i) / n)
+            d = _deviation(x, pts, mid, i, xi, e, norm, n, F)
             if d > m:
                 m = d
                 at = mid

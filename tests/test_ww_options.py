@@ -73,11 +73,16 @@ def _esd(layer: torch.nn.Linear) -> np.ndarray:
     dict(pl_package="powerlaw", xmax="force"),
     dict(pl_package="powerlaw", fix_fingers="xmin_peak"),
     dict(pl_package="powerlaw", fix_fingers="xmin_peak", xmax="force"),
-], ids=["powerlaw", "force", "xmin_peak", "xmin_peak+force"])
+    dict(pl_package="powerlaw", fix_fingers="xmin_peak", xmax="force", xmin_max=1e-9),
+    dict(pl_package="powerlaw", fix_fingers="clip_xmax"),
+    dict(pl_package="powerlaw", fix_fingers="clip_xmax", xmax="force"),
+], ids=["powerlaw", "force", "xmin_peak", "xmin_peak+force", "failed+force", "clip_xmax", "clip_xmax+force"])
 def test_powerlaw_package_options_match_weightwatcher(mlp, options):
+    """``failed+force``: an xmin range below the peak fails two layers, which still report the forced xmax.
+    ``clip_xmax+force``: the last layer loses 4 fingers; WeightWatcher's KS bound is then the 5th largest value."""
     theirs = _weightwatcher(mlp, **options)
     ours = zooscope.analyze(mlp, ww_compat=True, min_evals=10, **options)
-    _compare(ours, theirs, FIT_COLUMNS)
+    _compare(ours, theirs, FIT_COLUMNS + (["num_fingers"] if "clip_xmax" in options.values() else []))
     xmax = ours.set_index("longname").loc[theirs.index, "xmax"].to_numpy(dtype=float)
     if options.get("xmax") == "force":  # the forced bound, max(evals), is reported
         np.testing.assert_allclose(xmax, theirs["xmax"].to_numpy(dtype=float), rtol=1e-12)
