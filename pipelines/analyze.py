@@ -19,6 +19,7 @@ from zooscope.kernels import powerlaw, spectral, weightstats
 from zooscope.pipelines.layers import LayerError, LayerInfo, layer_matrices, plan_layers
 from zooscope.pipelines.readers import Checkpoint, open_checkpoint
 from zooscope.pipelines.result import ModelResult, add_strength_correlation
+from zooscope.pipelines.summary import weightwatcher_rows
 
 #: WeightWatcher releases whose defaults can be reproduced (spec §10).
 WW_VERSIONS = ("0.7.5", "0.7.7")
@@ -298,28 +299,18 @@ def to_weightwatcher_frame(layers: pd.DataFrame, esd: list[np.ndarray] | None = 
                            failed_as_minus_one: bool = True) -> pd.DataFrame:
     """Layer rows in WeightWatcher 0.7's layout: its column names and order, ``status`` success/failed.
 
-    With ``failed_as_minus_one`` a failed fit reads as WeightWatcher writes it: alpha, D, sigma, xmin and
-    num_pl_spikes are −1, warning is 'over-trained', alpha_weighted = −log10 λmax and (when the ESDs aligned
-    with ``layers`` are given) log_alpha_norm = log10 Σ λ⁻¹. Layers with ``status="error"`` are dropped
-    (WeightWatcher would have crashed on them).
+    With ``failed_as_minus_one`` a failed fit reads as WeightWatcher writes it (``summary.weightwatcher_rows``:
+    −1s, 'over-trained', and log_alpha_norm from the ESDs aligned with ``layers`` when given). Layers with
+    ``status="error"`` are dropped (WeightWatcher would have crashed on them).
     """
-    keep = (layers["status"] != "error").to_numpy()
-    frame = layers[keep].copy()
+    if failed_as_minus_one:
+        esd_of = None if esd is None else (lambda row: esd[layers.index.get_loc(row.name)])
+        frame = weightwatcher_rows(layers, esd_of).copy()
+    else:
+        frame = layers[layers["status"] != "error"].copy()
     frame["longname"] = frame["name"]
     frame["has_esd"] = True
     frame["status"] = np.where(frame["status"] == "ok", "success", "failed")
-    failed = (frame["status"] == "failed").to_numpy()
-    if failed_as_minus_one and failed.any():
-        for column in ("alpha", "D", "sigma", "xmin", "num_pl_spikes"):
-            frame.loc[failed, column] = -1
-        frame.loc[failed, "warning"] = "over-trained"
-        frame.loc[failed, "alpha_weighted"] = -np.log10(frame.loc[failed, "lambda_max"].astype(float))
-        if esd is not None:
-            kept_esd = [e for e, k in zip(esd, keep) if k]
-            with np.errstate(divide="ignore"):
-                frame.loc[failed, "log_alpha_norm"] = [
-                    np.log10(np.sum(1.0 / e)) for e, f in zip(kept_esd, failed) if f
-                ]
     columns = ["layer_id", "name"] + sorted(
         [c for c in _WW_COLUMNS if c in frame] + [c for c in _OPTIONAL_WW_COLUMNS if c in frame]
     )

@@ -13,13 +13,15 @@ SUMMARY_METRICS = (
 MODES = ("ww", "robust")
 
 
-def _ww_frame(layers: pd.DataFrame, esd: Callable[[pd.Series], np.ndarray] | None) -> pd.DataFrame:
-    """The rows WeightWatcher would report, with failed fits written the way it writes them (alpha = −1).
+def weightwatcher_rows(layers: pd.DataFrame, esd: Callable[[pd.Series], np.ndarray] | None = None) -> pd.DataFrame:
+    """The rows WeightWatcher would report, with failed fits written the way it writes them.
 
-    Rows with ``status == 'error'`` do not exist in WeightWatcher's details and are dropped. For a failed fit
-    WeightWatcher keeps alpha = −1 in its formulas: ``alpha_weighted = −log10 λmax`` and
-    ``log_alpha_norm = log10 Σ λ⁻¹`` over all eigenvalues, which needs the ESD (``esd(row)``); without it that
-    layer's ``log_alpha_norm`` stays NaN and the plain mean skips it.
+    Rows with ``status == 'error'`` do not exist in WeightWatcher's details and are dropped. A failed fit
+    (``status == 'failed'``; NaN alpha in a table without ``status``) gets alpha, D, sigma, xmin and num_pl_spikes
+    −1 and warning 'over-trained'. WeightWatcher keeps alpha = −1 in its formulas: ``alpha_weighted = −log10 λmax``
+    and ``log_alpha_norm = log10 Σ λ⁻¹`` over all eigenvalues, which needs the ESD (``esd(row)``); without it
+    that layer's ``log_alpha_norm`` stays NaN and the plain mean skips it. Returns ``layers`` itself when no row
+    changes.
     """
     df = layers
     if "status" in df:
@@ -30,8 +32,11 @@ def _ww_frame(layers: pd.DataFrame, esd: Callable[[pd.Series], np.ndarray] | Non
     if not failed.any():
         return df
     df = df.copy()
-    if "alpha" in df:
-        df.loc[failed, "alpha"] = -1.0
+    for column in ("alpha", "D", "sigma", "xmin", "num_pl_spikes"):
+        if column in df:
+            df.loc[failed, column] = -1.0
+    if "warning" in df:
+        df.loc[failed, "warning"] = "over-trained"
     if "alpha_weighted" in df and "log_spectral_norm" in df:
         df.loc[failed, "alpha_weighted"] = -df.loc[failed, "log_spectral_norm"]
     if "log_alpha_norm" in df and esd is not None:
@@ -79,7 +84,7 @@ def model_summary(
 
     - ``ww``: WeightWatcher 0.7 ``get_summary``: plain mean (NaN skipped) over every analysed layer, failed fits
       counted with alpha = −1, ``alpha_weighted = −log10 λmax`` and ``log_alpha_norm = log10 Σλ⁻¹`` (the latter
-      only when ``esd(row) -> eigenvalues`` is given; see ``_ww_frame``). ``max_alpha``/``drop_*`` are ignored.
+      only when ``esd(row) -> eigenvalues`` is given; see ``weightwatcher_rows``). ``max_alpha``/``drop_*`` are ignored.
     - ``robust``: mean over layers with ``status == 'ok'``, ``alpha <= max_alpha``, ``layer_type`` not in
       ``drop_types``, and with ``drop_first_last`` without the first and last layer (by ``layer_id``).
 
@@ -90,7 +95,7 @@ def model_summary(
         raise ValueError(f"unknown summary mode {mode!r}; expected one of {MODES}")
     analysed = layers[layers["status"] != "error"] if "status" in layers else layers
     if mode == "ww":
-        used = _ww_frame(layers, esd)
+        used = weightwatcher_rows(layers, esd)
     else:
         used = _robust_frame(layers, max_alpha, tuple(drop_types), drop_first_last)
     out: dict = {}

@@ -108,5 +108,6 @@ def test_failed_fit_is_nan_by_default_and_minus_one_in_compat_mode():
     compat = zooscope.analyze(model, ww_compat=True)
     assert native.loc[0, "status"] == "failed" and np.isnan(native.loc[0, "alpha"])
     assert theirs["status"].iloc[0] == "failed"
-    _compare(compat, theirs, ["alpha", "D", "xmin", "sigma", "num_pl_spikes", "alpha_weighted", "log_norm"])
+    _compare(compat, theirs, ["alpha", "D", "xmin", "sigma", "num_pl_spikes", "alpha_weighted", "log_alpha_norm",
+                              "log_norm"])
     assert compat.loc[0, "warning"] == theirs["warning"].iloc[0]
