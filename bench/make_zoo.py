@@ -180,7 +180,6 @@ def write_zoo(arch: str, n_models: int, out: str | Path, dtype: str = "fp16", se
 
 def check_zoo(paths: list[Path], arch: str, dtype: str) -> str:
     """Read every tensor with zooscope's reader and with ``safetensors.safe_open``; assert equal; time both."""
-    import torch
     from safetensors import safe_open
 
     from zooscope.pipelines.layers import plan_layers

@@ -83,8 +83,10 @@ def _table(df, max_rows: int = MAX_TABLE_ROWS) -> str:
     return df.head(max_rows).to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}", border=0) + more
 
 
-def _figure(img: str, caption: str, anchor: str | None = None) -> str:
+def figure_html(fig, caption: str, *, alt: str | None = None, anchor: str | None = None) -> str:
+    """A matplotlib figure as an HTML ``<figure>`` (PNG inlined by ``embed_png``, alt text ``alt`` or the caption)."""
     ident = f' id="{_e(anchor)}"' if anchor else ""
+    img = embed_png(fig, caption if alt is None else alt)
     return f"<figure{ident}>{img}<figcaption>{_e(caption)}</figcaption></figure>"
 
 
@@ -165,7 +167,7 @@ def _depth_section(lab, column: str, title: str, anchor: str, intro: str, bands=
                   for m in shown for g in [sub[sub["_model"] == m]]}
         note = f" ({len(shown)} of {len(names)} models, evenly spaced)" if len(shown) < len(names) else ""
         fig = depth_plot(curves, ylabel=column, title=f"{s}: {column} by depth", bands=bands)
-        parts.append(_figure(embed_png(fig, f"{column} by layer depth, series {s}"), f"series {s}{note}"))
+        parts.append(figure_html(fig, f"series {s}{note}", alt=f"{column} by layer depth, series {s}"))
     parts.append("</div>")
     return Section(title, "".join(parts), anchor)
 
@@ -183,7 +185,7 @@ def _histogram_section(lab) -> Section:
             if column in sub and sub[column].notna().any():
                 vals = {m: sub.loc[sub["_model"] == m, column].to_numpy(float) for m in shown}
                 fig = series_histograms(vals, xlabel=column, title=f"{s}: {column}")
-                parts.append(_figure(embed_png(fig, f"histogram of {column}, series {s}"), f"series {s}: {column}"))
+                parts.append(figure_html(fig, f"series {s}: {column}", alt=f"histogram of {column}, series {s}"))
     parts.append("</div>")
     return Section("Histograms per series", "".join(parts), "histograms")
 
@@ -225,7 +227,7 @@ def _esd_section(lab, esd, chosen: tuple[str, ...], n_worst: int) -> tuple[Secti
         fig = esd_plot(evals, alpha=float(row.get("alpha", np.nan)), xmin=float(row.get("xmin", np.nan)),
                        xmax=float(row.get("xmax", np.nan)), title=name)
         cap = f"{name} — {why}; alpha={row.get('alpha', np.nan):.3f}, D={row.get('D', np.nan):.3f}"
-        parts.append(_figure(embed_png(fig, f"ESD of {name}"), cap, _esd_anchor(idx)))
+        parts.append(figure_html(fig, cap, alt=f"ESD of {name}", anchor=_esd_anchor(idx)))
     parts.append("</div>")
     return Section(title, "".join(parts), "esd"), set(picks)
 
@@ -260,7 +262,7 @@ def _regression_section(regression) -> Section:
               _table(regression.groups), '<div class="grid">']
     for row, fig in group_figures(regression, MAX_REGRESSION_PLOTS):
         label = f"{group_label(row, regression.by)}: {row['metric']}"
-        parts.append(_figure(embed_png(fig, f"{row['metric']} against {regression.y}, {label}"), label))
+        parts.append(figure_html(fig, label, alt=f"{row['metric']} against {regression.y}, {label}"))
     parts.append("</div>")
     return Section("Meta-regression", "".join(parts), "regression")
 

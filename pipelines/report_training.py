@@ -17,7 +17,7 @@ from zooscope.kernels import drift as drift_kernels
 from zooscope.kernels import weightstats
 from zooscope.pipelines.drift import time_to_loss
 from zooscope.pipelines.embed import accuracy_groups, embed, stat_vectors
-from zooscope.pipelines.report import Section, embed_png
+from zooscope.pipelines.report import Section, figure_html
 
 #: Metadata columns tried, in order, to group models by accuracy (higher is better; errors are negated).
 METRICS = ("test_acc", "top1_acc", "accuracy", "train_acc", "top1_error", "test_error")
@@ -135,11 +135,6 @@ def _figure(width: float = 6.4, height: float = 4.2, nrows: int = 1, ncols: int 
     return fig, fig.subplots(nrows, ncols, squeeze=False)
 
 
-def _html_fig(fig: Figure, caption: str) -> str:
-    img = embed_png(fig, caption)
-    return f"<figure>{img}<figcaption>{_html.escape(caption)}</figcaption></figure>"
-
-
 def _width_colors(widths) -> dict:
     from matplotlib import colormaps
 
@@ -178,7 +173,7 @@ def _rmsd_section(runs: pd.DataFrame, loss: str) -> Section:
             "line per run, coloured by width (paper 001 Fig. 5). Wide networks stay close to their initialization; "
             "narrow ones travel further, and a jump in RMSD together with the loss marks a crossing into "
             "untrainability.</p>")
-    return Section("Distance from initialization over training", text + _html_fig(fig, "RMSD and loss vs step"),
+    return Section("Distance from initialization over training", text + figure_html(fig, "RMSD and loss vs step"),
                    "drift-rmsd")
 
 
@@ -204,7 +199,7 @@ def _time_to_loss_section(runs: pd.DataFrame, loss: str, theta: Sequence[float] 
     text = ("<p>For each loss level θ, the first checkpoint at which a run's training loss is at most θ and its RMSD "
             "from initialization there, averaged over the runs of each width (runs that never reach θ are left "
             "out). Wider networks reach a given loss closer to their initialization.</p>")
-    body = text + _html_fig(fig, "t_theta and RMSD at t_theta vs width") + table.to_html(
+    body = text + figure_html(fig, "t_theta and RMSD at t_theta vs width") + table.to_html(
         index=False, na_rep="–", float_format=lambda v: f"{v:.4g}", border=0)
     return Section("Time and distance to reach a loss", body, "drift-theta")
 
@@ -251,7 +246,7 @@ def _weight_image(W: np.ndarray, vmax: float, caption: str, title: str) -> str:
     im = ax.imshow(W, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
     fig.colorbar(im, ax=ax, extend="both", shrink=0.85)
     ax.set(title=title, xlabel="input unit", ylabel="output unit")
-    return _html_fig(fig, caption)
+    return figure_html(fig, caption)
 
 
 def _fig3_section(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], seed: int) -> Section:
@@ -279,7 +274,7 @@ def _fig3_section(pairs: Mapping[str, tuple[np.ndarray, np.ndarray]], seed: int)
                 label=f"c_opt = {c_opt:.3f} ± {res:.1g}")
         ax.set(xlabel="initial weight w_i", ylabel="final weight w_f", title=title)
         ax.legend(fontsize=7, loc="upper left")
-        parts.append(_html_fig(fig, f"(w_i, w_f) density: {title}"))
+        parts.append(figure_html(fig, f"(w_i, w_f) density: {title}"))
     return Section("Final against initial weights", "".join(parts), "drift-joint")
 
 
@@ -299,7 +294,7 @@ def _density_section(groups: pd.Series, lab: pd.DataFrame | None, hist, weights,
         axes[0, 0].set(xlabel="weight", ylabel="density", title="Weights by accuracy group (KDE)")
         axes[0, 0].legend(fontsize=8)
         axes[0, 0].grid(alpha=0.3)
-        figs = [_html_fig(fig, "weight KDE per accuracy group")]
+        figs = [figure_html(fig, "weight KDE per accuracy group")]
     elif hist is not None and lab is not None and len(lab) and np.shape(hist[0])[1] > 0:
         figs = _hist_density_figs(groups, lab, np.asarray(hist[0]), np.asarray(hist[1]))
     else:
@@ -330,7 +325,7 @@ def _hist_density_figs(groups: pd.Series, lab: pd.DataFrame, counts: np.ndarray,
         axes[0, 0].set(xlabel="weight", ylabel="density", title=f"{name}: normalised histogram per group")
         axes[0, 0].legend(fontsize=7)
         axes[0, 0].grid(alpha=0.3)
-        figs.append(_html_fig(fig, f"weight density of {name} per accuracy group"))
+        figs.append(figure_html(fig, f"weight density of {name} per accuracy group"))
     return figs
 
 
@@ -366,7 +361,7 @@ def _strength_section(groups: pd.Series, lab: pd.DataFrame) -> Section | None:
     text = ("<p>For each pair of consecutive layers, the correlation across the models of a group of their mean "
             "node strength (sum of absolute incoming weights per unit; paper 000).</p>")
     df = pd.DataFrame(table, index=labels).reset_index(names="layers")
-    return Section("Node strength across layers", text + _html_fig(fig, "node strength correlation per group") +
+    return Section("Node strength across layers", text + figure_html(fig, "node strength correlation per group") +
                    df.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.3f}", border=0), "stats-strength")
 
 
@@ -388,4 +383,4 @@ def _map_section(groups: pd.Series, lab: pd.DataFrame, seed: int) -> Section | N
     axes[0, 0].legend(fontsize=7)
     text = (f"<p>t-SNE map of the models, each described by its standardised per-layer statistics "
             f"({_html.escape(', '.join(cols))}), coloured by accuracy group (paper 000).</p>")
-    return Section("Weight-space map", text + _html_fig(fig, "t-SNE map by accuracy group"), "stats-tsne")
+    return Section("Weight-space map", text + figure_html(fig, "t-SNE map by accuracy group"), "stats-tsne")
