@@ -99,11 +99,13 @@ _STACK = 64
 
 
 @njit(**_JIT)
-def _deviation(x, pts, p, i, xi, e, norm, n, F):
-    """``|F_i(x_j) - (j-i)/n|`` at ECDF point ``p`` (``j = pts[p]``), storing ``F_i(x_j)`` in ``F[p]``."""
+def _visit(x, pts, p, i, xi, e, norm, n, F, m, at):
+    """The running maximum deviation ``m`` and its position ``at``, updated with ``|F_i(x_j) - (j-i)/n|`` at
+    ECDF point ``p`` (``j = pts[p]``); stores ``F_i(x_j)`` in ``F[p]``."""
     j = pts[p]
     F[p] = (1.0 - (x[j] / xi) ** e) / norm
-    return abs(F[p] - (j - i) / n)
+    d = abs(F[p] - (j - i) / n)
+    return (d, p) if d > m else (m, at)
 
 
 @njit(**_JIT)
@@ -125,22 +127,17 @@ def _ks(x, pts, p0, i, alpha, limit, probe, F, stack_a, stack_b, xmax_val):
     m = 0.0
     at = p0
     if probe > p0 and probe <= last:
-        d = _deviation(x, pts, probe, i, xi, e, norm, n, F)
-        if d > limit:
+        m, at = _visit(x, pts, probe, i, xi, e, norm, n, F, 0.0, probe)
+        if m > limit:
             return np.inf, probe
-        m = d
-        at = probe
     span = last - p0
     step = int(0.5 * limit * n) if limit < 1.0 else int(math.sqrt(span))
     step = max(1, min(step, span))
     p = p0
     while True:  # coarse grid p0, p0+step, ..., last
-        d = _deviation(x, pts, p, i, xi, e, norm, n, F)
-        if d > m:
-            m = d
-            at = p
-            if m > limit:
-                return np.inf, p
+        m, at = _visit(x, pts, p, i, xi, e, norm, n, F, m, at)
+        if m > limit:
+            return np.inf, p
         if p == last:
             break
         p = min(p + step, last)
@@ -162,12 +159,9 @@ def _ks(x, pts, p0, i, alpha, limit, probe, F, stack_a, stack_b, xmax_val):
             if bound + _MARGIN <= m:
                 continue
             mid = (lo + hi) // 2
-            d = _deviation(x, pts, mid, i, xi, e, norm, n, F)
-            if d > m:
-                m = d
-                at = mid
-                if m > limit:
-                    return np.inf, mid
+            m, at = _visit(x, pts, mid, i, xi, e, norm, n, F, m, at)
+            if m > limit:
+                return np.inf, mid
             stack_a[top] = lo
             stack_b[top] = mid
             stack_a[top + 1] = mid

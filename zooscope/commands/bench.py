@@ -33,7 +33,6 @@ def register(subparsers: Any) -> None:
         help="benchmark the compute backends",
         description="Benchmarks of zooscope's compute backends on this machine.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
     svd = sub.add_parser(
@@ -42,7 +41,6 @@ def register(subparsers: Any) -> None:
         description="Time numpy/scipy/torch/cupy, SVD vs Gram+eigh, fp64 vs fp32 on stacks of heavy-tailed "
                     "matrices; error against fp64 LAPACK SVD.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     source = svd.add_mutually_exclusive_group()
     source.add_argument("--shapes", metavar="BxNxM,...", help=f"stacks to time (default {DEFAULT_SHAPES})")

@@ -25,7 +25,6 @@ def register(subparsers: Any) -> None:
         help="verify a store's integrity",
         description="Verify the integrity of a zooscope store; exit 1 on any fault.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("store", metavar="STORE", help="zooscope store (directory or zarr URL)")
     parser.set_defaults(func=run)

@@ -21,7 +21,7 @@ WIDTHS, SEEDS, EPOCHS, CHECKPOINTS = "16,32,64,128", "0,1", "40", "3"
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo", help="train a small zoo on digits, scan it, regress and report (no downloads)",
-        description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__, epilog=EXAMPLES,
     )
     parser.add_argument("--out", default="zooscope-demo", help="output directory (default: %(default)s)")
     parser.add_argument("--cluster", default="local",

@@ -28,7 +28,6 @@ def register(subparsers: Any) -> None:
         description="Ordinary least squares of Y on each model-level metric within each group of models, with "
                     "R², MSE, rank correlations and a bootstrap interval for R² (paper 002, Table 3).",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("source", metavar="SOURCE", help="zooscope store directory, or a CSV with one row per model")
     parser.add_argument("--y", required=True, metavar="COL", help="the quality column (e.g. top1_error)")

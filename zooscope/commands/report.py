@@ -30,7 +30,6 @@ def register(subparsers: Any) -> None:
         help="HTML report of a store",
         description="Write one self-contained HTML page (figures embedded) describing the models of a store.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("store", metavar="STORE", help="zooscope store directory")
     parser.add_argument("--regress", metavar="DIR", help="output directory of 'zooscope regress' to include")

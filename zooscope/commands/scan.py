@@ -43,7 +43,6 @@ def register(subparsers: Any) -> None:
         help="analyse checkpoints into a Zarr store",
         description="Analyse every new or changed checkpoint into a Zarr store (one row per model and per layer).",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("paths", nargs="*", metavar="PATH",
                         help="checkpoint file, model directory, or directory of checkpoints")

@@ -32,7 +32,6 @@ def register(subparsers: Any) -> None:
         help="print a store's models or layers",
         description="Print the models (or layers) of a zooscope store as a table.",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("store", metavar="STORE", help="zooscope store (directory or zarr URL)")
     parser.add_argument("--layers", action="store_true", help="show layer rows instead of model rows")

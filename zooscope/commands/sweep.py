@@ -33,7 +33,6 @@ def register(subparsers) -> None:
             "one safetensors file per network and checkpoint epoch plus OUT/manifest.csv for `zooscope scan`."
         ),
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--widths", type=_int_list, default=[10, 30, 100], help="hidden widths (default 10,30,100)")
