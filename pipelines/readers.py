@@ -244,6 +244,19 @@ class _MappingShard:
         self._tensors = {}
 
 
+#: First byte of a pickle of protocol 2 or later (torch's legacy, non-zip format, is protocol 2).
+_PICKLE_PROTO = b"\x80"
+
+
+def _torch_load_error(exc: Exception) -> str:
+    """The part of a ``torch.load`` error a user needs: for a refused pickle, the object it refused."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", text)
+    if refused:
+        return f"refused to unpickle non-tensor objects (weights_only=True): {refused.group(1).strip()}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _load_torch_file(path: Path, loaded_as: str) -> _MappingShard:
     """A torch state-dict file; memory-mapped for zip archives, fully loaded for the legacy format."""
     import torch
@@ -260,10 +273,10 @@ def _load_torch_file(path: Path, loaded_as: str) -> _MappingShard:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if "weights_only" in str(exc) or "Weights only" in str(exc):
-            msg = f"refused to unpickle non-tensor objects (weights_only=True): {msg}"
-        raise CheckpointError(p, None, f"cannot load as a torch {loaded_as}: {msg}") from exc
+        if not is_zip and not magic.startswith(_PICKLE_PROTO):
+            raise CheckpointError(p, None, f"not a torch checkpoint: neither a zip archive nor a pickle "
+                                           f"(starts with {magic!r})") from exc
+        raise CheckpointError(p, None, f"cannot load as a torch {loaded_as}: {_torch_load_error(exc)}") from exc
     if isinstance(obj, torch.nn.Module) or not isinstance(obj, Mapping):
         raise CheckpointError(p, None, f"expected a state dict, found {type(obj).__name__}")
     shard = _MappingShard(p, obj, copy=False)

@@ -148,11 +148,21 @@ def test_legacy_torch_format(tmp_path):
 
 
 def test_torch_file_with_pickled_object_is_refused(tmp_path):
+    """The message names what torch refused to unpickle, in one line (torch's own text is a paragraph)."""
     f = tmp_path / "module.pt"
     torch.save(torch.nn.Linear(3, 4), f)
     with pytest.raises(CheckpointError, match="module.pt") as err:
         open_checkpoint(f)
     assert "weights_only" in str(err.value)
+    assert "torch.nn.modules.linear.Linear" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_file_that_is_no_torch_checkpoint_says_so(tmp_path):
+    f = tmp_path / "notes.bin"
+    f.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match=r"notes\.bin: not a torch checkpoint: neither a zip archive nor a "
+                                              r"pickle \(starts with b'this'\)"):
+        open_checkpoint(f)
 
 
 def test_npz(tmp_path):
