@@ -348,6 +348,11 @@ def test_check_and_show_usage(sound_store, tmp_path, capsys):
     assert cli_main(["show", str(sound_store)]) == 0
     out = capsys.readouterr().out
     assert "5 models" in out and "x.pt: not a checkpoint" in out and "broken" in out
+    every_column = ",".join(map(str, ZooStore.open(sound_store, "r").models().columns))
+    assert cli_main(["show", str(sound_store), "--columns", every_column]) == 0  # piped: nothing folded to 80
+    out = capsys.readouterr().out
+    assert f"{sound_store}: 5 models" in out  # the long title on one line
+    assert sum(line.startswith("│") for line in out.splitlines()) == 5  # a line a model
     assert cli_main(["show", str(sound_store), "--layers", "--model", "m1", "--latest",
                      "--columns", "name,alpha"]) == 0
     out = capsys.readouterr().out

@@ -24,6 +24,8 @@ MODEL_COLUMNS = ("model_id", "version", "status", "n_layers", "alpha", "alpha_we
 LAYER_COLUMNS = ("model_id", "layer_id", "name", "layer_type", "N", "M", "num_evals", "status", "alpha", "D",
                  "xmin", "log_norm", "log_spectral_norm", "warning", "error")
 MAX_TEXT = 60
+#: Console width when stdout is not a terminal: wide enough that tables are never folded.
+PIPED_WIDTH = 1000
 
 
 def register(subparsers: Any) -> None:
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.limit > 0:
         frame = frame.head(args.limit)
 
-    table = Table(title=f"{args.store}: {total} {what}", title_justify="left")
+    table = Table()
     table.add_column(frame.index.name or "row", justify="right", style="dim")
     for col in wanted:
         numeric = pd.api.types.is_numeric_dtype(frame[col].dtype)
@@ -95,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     for (index, row), is_error in zip(frame[wanted].iterrows(), errors):
         table.add_row(str(index), *(_cell(v) for v in row.tolist()), style="red" if is_error else None)
     console = Console()
+    if not console.is_terminal:  # a pipe or a log file: the table at its natural width, not folded to 80 columns
+        console = Console(width=PIPED_WIDTH)
+    console.print(f"{args.store}: {total} {what}", markup=False, highlight=False, soft_wrap=True)
     console.print(table)
     if total > len(frame):
         console.print(f"… {total - len(frame)} more rows (--limit 0 shows all)")
