@@ -1,5 +1,5 @@
-"""Zoo scaling: scan throughput (models/s, MB/s) over 1, 2, 4, ... Dask CPU workers (and a GPU worker), and
-the time a nightly rerun takes when nothing is new.
+"""Zoo scaling: scan throughput (models/s, MB/s) over 1, 2, 4, ... Dask CPU workers (and a GPU worker), the
+workers' peak memory, and the time a nightly rerun takes when nothing is new.
 
     python bench/scaling.py --n-models 12 --workers 1,2                   # the 2-core CI machine
     python bench/scaling.py --n-models 200 --workers 1,2,4,8 --gpu        # the 16-core GPU machine
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -54,9 +55,20 @@ def layer_values(store: Path) -> np.ndarray:
     return layers[["alpha", "D", "xmin", "lambda_max", "log_norm", "stable_rank"]].to_numpy(np.float64)
 
 
+def peak_rss() -> int:
+    """Peak resident memory of this process so far, bytes (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker_peak_rss(client) -> int:
+    """The largest peak resident memory among the client's workers (this process without a client), bytes."""
+    return max(client.run(peak_rss).values()) if client is not None else peak_rss()
+
+
 def run_one(label: str, profile: str, config: Path | None, workers: int | None, manifest: Path, store: Path,
             warm: Path, options: AnalysisOptions) -> dict:
-    """Start the cluster, warm its workers, time one scan of the manifest into a new store."""
+    """Start the cluster, warm its workers, time one scan of the manifest into a new store; the workers' peak
+    memory after the warm-up and after the scan."""
     t0 = time.perf_counter()
     with make_client(profile, config=config, workers=workers) as client:
         started = time.perf_counter()
@@ -65,16 +77,18 @@ def run_one(label: str, profile: str, config: Path | None, workers: int | None, 
         else:
             analyze_path(str(warm), options)
         warmed = time.perf_counter()
+        rss_warm = worker_peak_rss(client)
         report = scan(store=store, manifest=manifest, options=options, client=client, cluster="none",
                       progress=False)
         seconds = time.perf_counter() - warmed
+        rss_scan = worker_peak_rss(client)
         n_workers = len(client.scheduler_info()["workers"]) if client is not None else 1
     if report.n_error:
         raise RuntimeError(f"{label}: {report.n_error} models failed: {report.failed[:3]}")
     print(f"{label}: {report.n_ok} models in {seconds:.1f} s (start {started - t0:.1f} s, warm-up "
           f"{warmed - started:.1f} s)", flush=True)
     return {"label": label, "workers": n_workers, "models": report.n_ok, "seconds": seconds,
-            "startup": warmed - t0, "store": store}
+            "startup": warmed - t0, "store": store, "rss_warm": rss_warm, "rss_scan": rss_scan}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = ensure_zoo(zoo, args.arch, args.n_models)
         warm_dir = tmp / "warm"
         (warm,) = write_zoo("mlp", 1, warm_dir)
-        nbytes = sum(p.stat().st_size for p in zoo.glob(f"{args.arch}-*.safetensors"))
+        sizes = [p.stat().st_size for p in zoo.glob(f"{args.arch}-*.safetensors")]
+        nbytes, largest = sum(sizes), max(sizes)
         config = tmp / "cluster.yaml"
         config.write_text(yaml.safe_dump({
             "bench": {"kind": "local", "threads_per_worker": 1, "dashboard_address": ":0"},
@@ -124,24 +139,28 @@ def main(argv: list[str] | None = None) -> int:
         base = next((r for r in runs if r["label"] == f"local {min(counts)}w"), runs[0])
         reference = layer_values(base["store"])
         lines = ["| run | workers | models | seconds | models/s | MB/s | speed-up vs "
-                 f"{base['label']} | efficiency | start + warm-up (s) | bitwise = {base['label']} |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 f"{base['label']} | efficiency | start + warm-up (s) | bitwise = {base['label']} | "
+                 "worker peak RSS MB: warm → scanned |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in runs:
             speedup = base["seconds"] / r["seconds"]
             same = np.array_equal(layer_values(r["store"]), reference, equal_nan=True)
             lines.append(
                 f"| {r['label']} | {r['workers']} | {r['models']} | {r['seconds']:.1f} | "
                 f"{r['models'] / r['seconds']:.3f} | {nbytes / 1e6 / r['seconds']:.1f} | {speedup:.2f}x | "
-                f"{speedup * base['workers'] / r['workers']:.0%} | {r['startup']:.1f} | {'yes' if same else 'NO'} |")
+                f"{speedup * base['workers'] / r['workers']:.0%} | {r['startup']:.1f} | {'yes' if same else 'NO'} | "
+                f"{r['rss_warm'] / 1e6:.0f} → {r['rss_scan'] / 1e6:.0f} |")
         lines.append(f"| rerun, nothing new (stat check) | - | {args.n_models} skipped | {rescan:.2f} | "
-                     f"{args.n_models / rescan:.1f} | - | - | - | - | - |")
+                     f"{args.n_models / rescan:.1f} | - | - | - | - | - | - |")
         lines.append(f"| rerun, nothing new (--rehash) | - | {args.n_models} skipped | {rehash:.2f} | "
-                     f"{args.n_models / rehash:.1f} | {nbytes / 1e6 / rehash:.0f} | - | - | - | - |")
+                     f"{args.n_models / rehash:.1f} | {nbytes / 1e6 / rehash:.0f} | - | - | - | - | - |")
         record(f"Zoo scaling: {args.n_models} synthetic {args.arch} (fp16 safetensors, {nbytes / 1e6:.0f} MB)",
                "\n".join(lines),
                "timed scan excludes cluster start and worker warm-up (shown apart); one thread per worker; "
                "efficiency = speed-up x base workers / workers; rerun rows: a second scan of the same zoo "
-               "into the filled store (no cluster is started when nothing is new).")
+               "into the filled store (no cluster is started when nothing is new); worker peak RSS: the largest "
+               f"ru_maxrss among the workers after the warm-up and after the scan (largest model file "
+               f"{largest / 1e6:.0f} MB).")
     return 0
 
 
