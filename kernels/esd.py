@@ -219,7 +219,7 @@ def eigenvalues(
     return out
 
 
-def singular_value_stats(evals_per_slice: np.ndarray, n: int) -> dict:
+def singular_value_stats(evals_per_slice: np.ndarray, n: int, *, ww_sv_min: bool = False) -> dict:
     """Singular-value columns of one layer (WeightWatcher spec §4.1) from per-slice eigenvalues.
 
     evals_per_slice: ``(B, M)`` eigenvalues of WᵀW per slice (already conv-rescaled); n: the layer's N.
@@ -227,8 +227,8 @@ def singular_value_stats(evals_per_slice: np.ndarray, n: int) -> dict:
     (Σ over slices of ``M − #{σ > σmax_slice·n·eps64}``) and ``weak_rank_loss`` (``#{λ < 1e-6}``).
 
     ``sv_min`` deliberately differs from WeightWatcher 0.7, which reports the *maximum* over slices of the slice
-    minimum (``min_sv = max(min_sv, min(sv))``) — a bug; here it is the global minimum. The two agree for
-    single-matrix (dense) layers.
+    minimum (``min_sv = max(min_sv, min(sv))``) — a bug; here it is the global minimum, unless ``ww_sv_min``
+    asks for WeightWatcher's. The two agree for single-matrix (dense) layers.
     """
     lam = np.maximum(np.asarray(evals_per_slice, dtype=np.float64), 0.0)
     if lam.ndim != 2 or lam.size == 0:
@@ -238,7 +238,7 @@ def singular_value_stats(evals_per_slice: np.ndarray, n: int) -> dict:
     kept = np.count_nonzero(sv > slice_max * n * np.finfo(np.float64).eps)
     return {
         "sv_max": float(sv.max()),
-        "sv_min": float(sv.min()),
+        "sv_min": float(sv.min(axis=1).max() if ww_sv_min else sv.min()),
         "rank_loss": int(sv.size - kept),
         "weak_rank_loss": int(np.count_nonzero(lam < WEAK_RANK_TOLERANCE)),
     }

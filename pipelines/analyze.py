@@ -47,8 +47,8 @@ class AnalysisOptions:
     fit: ``"PL"`` (power law), ``"TPL"`` (truncated power law at every xmin candidate, ``pl_mode="powerlaw"``
         only: alpha, Lambda and D of the TPL, sigma NaN) or ``"E_TPL"`` (= TPL with ``fix_fingers="xmin_peak"``).
     ww_quirks: reproduce WeightWatcher 0.7 bugs that change numbers (``zooscope.analyze(ww_compat=True)``):
-        ``xmin_peak``'s range starts at ``log10(0.95·peak)``, and ``xmin_peak`` with ``pl_mode="ww"`` fails
-        every layer.
+        ``xmin_peak``'s range starts at ``log10(0.95·peak)``, ``xmin_peak`` with ``pl_mode="ww"`` fails
+        every layer, and a Conv2D layer's ``sv_min`` is the largest of its slices' smallest singular values.
     bootstrap: number of bootstrap replicas for the goodness-of-fit p-value and alpha interval (0: none).
     mp_fit, randomize, detX: WeightWatcher's optional metric groups.
     weightstats, hist_bins: weight moments, node strength and a histogram per layer.
@@ -188,7 +188,7 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
             timings["esd"] += time.perf_counter() - t0
             row = {**_identity(info, slice_id, options), **stats_row, "status": "ok", "error": "",
                    "esd_backend": backend, "num_evals": per_slice.size}
-            row.update(esd_kernels.singular_value_stats(per_slice, info.N))
+            row.update(esd_kernels.singular_value_stats(per_slice, info.N, ww_sv_min=options.ww_quirks))
             evals = np.sort(per_slice.ravel())
             if options.randomize:  # needs the matrices, so done now: one layer's weights in memory at a time
                 row.update(_randomize(stack, evals, row, backend, options))

@@ -235,6 +235,8 @@ def test_singular_value_stats_against_weightwatcher():
     assert stats["rank_loss"] == sum(RMT_Util.calc_rank_loss(sv, n) for sv in svs) == 15
     assert stats["sv_max"] == pytest.approx(max(sv.max() for sv in svs), rel=1e-12)
     assert stats["sv_min"] == pytest.approx(min(sv.min() for sv in svs), abs=1e-12)  # global min, not WW's bug
+    ww_min = singular_value_stats(evals, n, ww_sv_min=True)["sv_min"]  # WeightWatcher's max of slice minima
+    assert ww_min == pytest.approx(max(sv.min() for sv in svs), rel=1e-12) and ww_min > stats["sv_min"]
     pooled = np.concatenate([sv**2 for sv in svs])
     assert stats["weak_rank_loss"] == int(np.count_nonzero(pooled < 1e-6)) > 0
 

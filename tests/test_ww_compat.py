@@ -19,7 +19,7 @@ RTOL = 1e-6
 METRICS = [
     "alpha", "D", "xmin", "xmax", "sigma", "num_pl_spikes", "lambda_max", "spectral_norm", "norm", "log_norm",
     "log_spectral_norm", "alpha_weighted", "log_alpha_norm", "stable_rank", "entropy", "matrix_rank",
-    "num_evals", "sv_max", "rank_loss", "weak_rank_loss", "rf",
+    "num_evals", "sv_max", "sv_min", "rank_loss", "weak_rank_loss", "rf",
 ]
 
 
@@ -69,6 +69,20 @@ def test_default_columns_match_weightwatcher(make):
     assert list(ours["warning"]) == list(theirs.loc[ours["longname"], "warning"])
     # WeightWatcher numbers every module of named_modules(); so does the facade for an nn.Module.
     assert list(ours["layer_id"]) == list(theirs.loc[ours["longname"], "layer_id"])
+
+
+def test_conv_sv_min_is_the_global_minimum_without_ww_compat():
+    """WeightWatcher's Conv2D sv_min is the largest slice minimum (ww_compat reproduces it, see above); the native
+    value is the smallest singular value of the pooled, rescaled slices, from a direct SVD."""
+    model = _cnn()
+    ours = zooscope.analyze(model).set_index("longname")
+    theirs = _weightwatcher(model)
+    for name in ("conv1", "conv2", "conv3"):
+        W = getattr(model, name).weight.detach().double().numpy()
+        slices = W.reshape(W.shape[0], W.shape[1], -1).transpose(2, 0, 1) / np.sqrt(2)  # conv2d_norm, pooled
+        smallest = min(np.linalg.svd(s, compute_uv=False).min() for s in slices)
+        np.testing.assert_allclose(ours.loc[name, "sv_min"], smallest, rtol=1e-6)  # the checked route's bound
+        assert ours.loc[name, "sv_min"] < theirs.loc[name, "sv_min"]
 
 
 def test_summary_of_default_run_matches_weightwatcher():

@@ -61,7 +61,8 @@ def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
     model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz), a ``torch.nn.Module`` or a state
         dict. options: ``AnalysisOptions`` fields or WeightWatcher's ``analyze()`` argument names.
     ww_compat: write failed fits as WeightWatcher does (alpha = −1 ...) instead of NaN with status 'failed',
-        and reproduce WeightWatcher's ``fix_fingers='xmin_peak'`` bugs (``AnalysisOptions.ww_quirks``).
+        and reproduce WeightWatcher's ``fix_fingers='xmin_peak'`` and Conv2D ``sv_min`` bugs
+        (``AnalysisOptions.ww_quirks``).
     For an ``nn.Module``, ``layer_id`` counts ``named_modules()`` as WeightWatcher does. Weight statistics are
     not among WeightWatcher's columns, so they are skipped here (``zooscope scan`` stores them).
     With ``esd_backend="auto"`` (the default) the routing table saved by ``zooscope bench svd --tune`` is used.
