@@ -213,7 +213,7 @@ def _identity(info: LayerInfo, slice_id: int, options: AnalysisOptions) -> dict[
         "N": info.N,
         "M": info.M,
         "Q": info.N / info.M,
-        "rf": info.rf if options.pool else 1,
+        "rf": info.rf,  # per slice too, as WeightWatcher reports it
     }
     if not options.pool:
         row["slice_id"] = slice_id

@@ -121,7 +121,7 @@ def summarize_models(
     Models are keyed by ``model_row`` (store layer tables), else ``model_id``, else ``model``; the key is the
     first column. Metric columns are named ``prefix + metric`` (default: no prefix for ``ww``, ``robust_`` for
     ``robust``, the store's naming). ``n_layers`` counts analysed layers; ``n_params`` is Σ N·M·rf over them
-    (weights in the analysed matrices, biases and skipped tensors excluded). ``options`` go to
+    (N·M for a per-slice row; weights in the analysed matrices, biases and skipped tensors excluded). ``options`` go to
     ``model_summary``.
     """
     key = next((k for k in ("model_row", "model_id", "model") if k in layers), None)
@@ -137,7 +137,9 @@ def summarize_models(
         row["n_layers"] = summary["n_layers"]
         if {"N", "M"} <= set(group.columns):
             analysed = group[group["status"] != "error"] if "status" in group else group
-            rf = analysed["rf"] if "rf" in analysed else 1
-            row["n_params"] = int((analysed["N"] * analysed["M"] * rf).sum())
+            rf = analysed["rf"].to_numpy() if "rf" in analysed else 1
+            if "slice_id" in analysed:  # a per-slice row (pool=False) holds one N x M slice of its layer
+                rf = np.where(analysed["slice_id"].fillna(-1).to_numpy() >= 0, 1, rf)
+            row["n_params"] = int((analysed["N"].to_numpy() * analysed["M"].to_numpy() * rf).sum())
         rows.append(row)
     return pd.DataFrame(rows)

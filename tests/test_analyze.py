@@ -5,6 +5,7 @@ import scipy.linalg
 
 import zooscope
 from zooscope.pipelines.analyze import AnalysisOptions, analyze_checkpoint, to_weightwatcher_frame
+from zooscope.pipelines.summary import summarize_models
 from zooscope.pipelines.readers import open_checkpoint
 from zooscope.pipelines.result import merge_results
 
@@ -46,6 +47,9 @@ def test_per_slice_mode_gives_one_row_per_kernel_position():
     sliced = analyze_checkpoint(open_checkpoint({"c.weight": conv}), AnalysisOptions(pool=False)).layers
     assert len(pooled) == 1 and pooled.loc[0, "rf"] == 9 and pooled.loc[0, "num_evals"] == 9 * 16
     assert list(sliced["slice_id"]) == list(range(9)) and (sliced["num_evals"] == 16).all()
+    assert (sliced["rf"] == 9).all()  # the layer's receptive field on every slice row, as WeightWatcher reports
+    counted = [summarize_models(t.assign(model="m"))["n_params"].item() for t in (pooled, sliced)]
+    assert counted == [conv.size, conv.size]  # nine 32 x 16 slices are the layer's weights once
     # per-slice eigenvalues are scaled by kh*kw/2 = 4.5, pooled ones by 1/2 (WeightWatcher §3.4)
     top = scipy.linalg.svdvals(conv[:, :, 0, 0])[0] ** 2
     assert sliced.loc[0, "lambda_max"] == pytest.approx(4.5 * top, rel=1e-12)

@@ -71,6 +71,18 @@ def test_default_columns_match_weightwatcher(make):
     assert list(ours["layer_id"]) == list(theirs.loc[ours["longname"], "layer_id"])
 
 
+def test_per_slice_mode_matches_weightwatcher():
+    """pool=False: one row per Conv2D kernel position (M = 16 eigenvalues on conv1, so 0.7.7's small-N fit)."""
+    model = _cnn()
+    theirs = _weightwatcher(model, pool=False).reset_index().set_index(["longname", "slice_id"])
+    ours = zooscope.analyze(model, ww_compat=True, min_evals=10, pool=False, ww_version="0.7.7")
+    ours = ours.set_index(["longname", "slice_id"])
+    assert sorted(ours.index) == sorted(theirs.index) and len(ours) > 9
+    for column in METRICS:
+        np.testing.assert_allclose(ours.loc[theirs.index, column].to_numpy(float), theirs[column].to_numpy(float),
+                                   rtol=RTOL, atol=1e-12, err_msg=column)
+
+
 def test_conv_sv_min_is_the_global_minimum_without_ww_compat():
     """WeightWatcher's Conv2D sv_min is the largest slice minimum (ww_compat reproduces it, see above); the native
     value is the smallest singular value of the pooled, rescaled slices, from a direct SVD."""
