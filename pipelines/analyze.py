@@ -23,6 +23,8 @@ from zooscope.pipelines.summary import weightwatcher_rows
 
 #: WeightWatcher releases whose defaults can be reproduced (spec §10).
 WW_VERSIONS = ("0.7.5", "0.7.7")
+#: WeightWatcher's ``max_fingers`` and ``finger_thresh`` defaults.
+_FINGER_DEFAULTS = (10, 1.0)
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class AnalysisOptions:
     fit_backend: ``numba`` (CPU), ``numpy`` (reference) or ``cuda``.
     fix_fingers: None, ``"clip_xmax"`` or ``"xmin_peak"`` (xmin searched in ``[0.95·peak, xmin_max]`` of the
         log10 ESD histogram; ``xmin_max`` defaults to ``1.5·peak``).
+    max_fingers, finger_thresh: ``clip_xmax``'s WeightWatcher parameters (``max_fingers`` counts only when at
+        least half the layer's eigenvalues, as in WeightWatcher).
     xmax: WeightWatcher's ``xmax``: None, an int k clipping the top k, or ``"force"`` (``pl_mode="powerlaw"``
         only: the largest eigenvalue bounds the KS normalization, as powerlaw 1.5 does).
     pl_mode: ``"ww"`` (WeightWatcher's WWFit) or ``"powerlaw"`` (powerlaw 1.5's candidates and D; WeightWatcher's
@@ -67,6 +71,8 @@ class AnalysisOptions:
     esd_table: Any = None
     fit_backend: str = "numba"
     fix_fingers: str | None = None
+    max_fingers: int = 10
+    finger_thresh: float = 1.0
     xmax: int | str | None = None
     xmin_max: float | None = None
     pl_mode: str = "ww"
@@ -115,6 +121,8 @@ class AnalysisOptions:
         """The options as plain JSON-able values (what the store records as analysis parameters)."""
         params = dataclasses.asdict(self)
         del params["esd_table"]  # a routing table changes speed, not results (auto keeps λ within 1e-6 of SVD)
+        if self.fix_fingers != "clip_xmax" or (self.max_fingers, self.finger_thresh) == _FINGER_DEFAULTS:
+            del params["max_fingers"], params["finger_thresh"]  # no effect: stores made before them stay valid
         params["layers"] = list(self.layers)
         return params
 
@@ -123,6 +131,8 @@ class AnalysisOptions:
         options: dict[str, Any] = {"mode": self.pl_mode, "small_n": self.ww_version == "0.7.7"}
         if self.fix_fingers:
             options["fix_fingers"] = self.fix_fingers
+        if self.fix_fingers == "clip_xmax":
+            options.update(max_fingers=self.max_fingers, finger_thresh=self.finger_thresh)
         if self.fix_fingers == "xmin_peak":
             options.update(xmin_max=self.xmin_max, xmin_peak_ww_range=self.ww_quirks)
         if self.xmax is not None:  # 'force', or WeightWatcher's int xmax: clip the top |k| eigenvalues
@@ -291,17 +301,23 @@ _OPTIONAL_WW_COLUMNS = (
     "num_spikes", "sigma_mp", "mp_softrank", "W_scale", "bulk_max", "bulk_min",
     "max_rand_eval", "rand_distance", "ww_softrank", "ww_maxdist", "rand_num_spikes", "rand_sigma_mp",
     "rand_mp_softrank", "rand_W_scale", "rand_bulk_max", "rand_bulk_min",
-    "detX_num", "detX_val", "detX_val_unrescaled", "num_fingers", "raw_alpha", "Lambda", "slice_id",
+    "num_traps", "detX_num", "detX_val", "detX_val_unrescaled", "num_ERG_spikes", "ERG_gap", "slice_id",
 )
+#: Fit columns WeightWatcher reports only with one option: (column, option field, the value that adds it).
+_FIT_OPTION_COLUMNS = (("num_fingers", "fix_fingers", "clip_xmax"), ("raw_alpha", "fix_fingers", "clip_xmax"),
+                       ("Lambda", "fit", "TPL"))
 
 
 def to_weightwatcher_frame(layers: pd.DataFrame, esd: list[np.ndarray] | None = None, *,
-                           failed_as_minus_one: bool = True) -> pd.DataFrame:
+                           failed_as_minus_one: bool = True, options: AnalysisOptions | None = None) -> pd.DataFrame:
     """Layer rows in WeightWatcher 0.7's layout: its column names and order, ``status`` success/failed.
 
     With ``failed_as_minus_one`` a failed fit reads as WeightWatcher writes it (``summary.weightwatcher_rows``:
     −1s, 'over-trained', and log_alpha_norm from the ESDs aligned with ``layers`` when given). Layers with
-    ``status="error"`` are dropped (WeightWatcher would have crashed on them).
+    ``status="error"`` are dropped (WeightWatcher would have crashed on them). WeightWatcher's aliases are added
+    (``num_traps`` = ``rand_num_spikes``, ``num_ERG_spikes`` = ``detX_num``, ``ERG_gap`` = ``detX_num −
+    num_pl_spikes``); with the ``options`` of the analysis, fit columns appear only for the option that makes
+    WeightWatcher report them (``num_fingers``/``raw_alpha``: ``clip_xmax``; ``Lambda``: a TPL fit).
     """
     if failed_as_minus_one:
         esd_of = None if esd is None else (lambda row: esd[layers.index.get_loc(row.name)])
@@ -311,7 +327,14 @@ def to_weightwatcher_frame(layers: pd.DataFrame, esd: list[np.ndarray] | None = 
     frame["longname"] = frame["name"]
     frame["has_esd"] = True
     frame["status"] = np.where(frame["status"] == "ok", "success", "failed")
+    if "rand_num_spikes" in frame:
+        frame["num_traps"] = frame["rand_num_spikes"]
+    if "detX_num" in frame:
+        frame["num_ERG_spikes"] = frame["detX_num"]
+        frame["ERG_gap"] = frame["detX_num"] - frame["num_pl_spikes"]
+    fit_columns = [c for c, field, value in _FIT_OPTION_COLUMNS
+                   if c in frame and (options is None or getattr(options, field) == value)]
     columns = ["layer_id", "name"] + sorted(
-        [c for c in _WW_COLUMNS if c in frame] + [c for c in _OPTIONAL_WW_COLUMNS if c in frame]
+        [c for c in _WW_COLUMNS if c in frame] + [c for c in _OPTIONAL_WW_COLUMNS if c in frame] + fit_columns
     )
     return frame[columns].reset_index(drop=True)

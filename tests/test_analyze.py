@@ -1,5 +1,6 @@
 """The per-model analysis pipeline: options, error rows, per-slice mode, randomize, node-strength chaining."""
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.linalg
 
@@ -61,8 +62,20 @@ def test_options_validate_and_follow_the_weightwatcher_version():
         AnalysisOptions(ww_version="0.6")
     with pytest.raises(ValueError, match="min_evals"):
         AnalysisOptions(min_evals=20000)
-    with pytest.raises(TypeError, match="unknown option"):
+    with pytest.raises(TypeError, match="unknown option 'glorot_fx'"):
+        zooscope.analyze(_mlp(), glorot_fx=True)
+    with pytest.raises(ValueError, match="glorot_fix=True is not implemented"):  # WeightWatcher's, not done here
         zooscope.analyze(_mlp(), glorot_fix=True)
+    # at WeightWatcher's defaults its unimplemented options mean what zooscope does; ERG and ww2x are aliases
+    plain = zooscope.analyze(_mlp(), detX=True)
+    same = zooscope.analyze(_mlp(), ERG=True, glorot_fix=False, plot=False, vectors=False, tolerance=1e-6,
+                            savefig="ww-img", sparsify=True)
+    pd.testing.assert_frame_equal(plain, same)
+    assert "slice_id" in zooscope.analyze(_mlp(), ww2x=True)
+    # clip_xmax's parameters are store parameters only where they change results (older stores stay valid)
+    assert "finger_thresh" not in AnalysisOptions(finger_thresh=2.0).as_params()
+    assert "finger_thresh" not in AnalysisOptions(fix_fingers="clip_xmax").as_params()
+    assert AnalysisOptions(fix_fingers="clip_xmax", finger_thresh=2.0).as_params()["finger_thresh"] == 2.0
 
 
 def test_randomize_is_seeded_per_layer_and_independent_of_sharding():

@@ -117,11 +117,33 @@ def test_optional_metric_groups_match_weightwatcher():
     theirs = _weightwatcher(model, mp_fit=True, detX=True)
     ours = zooscope.analyze(model, mp_fit=True, detX=True, ww_compat=True)
     _compare(ours, theirs, ["num_spikes", "mp_softrank", "W_scale", "detX_num", "detX_val",
-                            "detX_val_unrescaled"])
+                            "detX_val_unrescaled", "num_ERG_spikes", "ERG_gap"])
     # sigma_mp comes from a Nelder–Mead polish; WeightWatcher's and ours stop within the optimiser's tolerance.
     _compare_loose = ours.set_index("longname").loc[theirs.index]
     np.testing.assert_allclose(_compare_loose["sigma_mp"], theirs["sigma_mp"], rtol=1e-3)
     np.testing.assert_allclose(_compare_loose["bulk_max"], theirs["bulk_max"], rtol=2e-3)
+
+
+@pytest.mark.parametrize("options", [
+    {}, dict(mp_fit=True), dict(randomize=True), dict(detX=True), dict(fix_fingers="clip_xmax"), dict(pool=False),
+], ids=["default", "mp_fit", "randomize", "detX", "clip_xmax", "per-slice"])
+def test_column_layout_matches_weightwatcher(options):
+    """The same columns in the same order as WeightWatcher's details, for each option that adds columns."""
+    model = _cnn()
+    theirs = _weightwatcher(model, **options)
+    ours = zooscope.analyze(model, ww_compat=True, min_evals=10, **options)
+    assert [c for c in ours.columns if c != "longname"] == list(theirs.columns)  # theirs: longname is the index
+
+
+def test_clip_xmax_parameters_match_weightwatcher():
+    """finger_thresh (and max_fingers, which WeightWatcher only honours from half the eigenvalues up)."""
+    model = _mlp()
+    options = dict(fix_fingers="clip_xmax", finger_thresh=2.0, max_fingers=30)
+    theirs = _weightwatcher(model, **options)
+    ours = zooscope.analyze(model, ww_compat=True, **options)
+    _compare(ours, theirs, ["alpha", "D", "xmin", "num_fingers", "raw_alpha"])
+    default = zooscope.analyze(model, ww_compat=True, fix_fingers="clip_xmax").set_index("longname")
+    assert (ours.set_index("longname")["num_fingers"] != default["num_fingers"]).any()
 
 
 def test_failed_fit_is_nan_by_default_and_minus_one_in_compat_mode():

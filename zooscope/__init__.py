@@ -18,8 +18,18 @@ __all__ = ["analyze", "scan", "open", "regress", "__version__"]
 _WW_OPTION_NAMES = {
     "min_evals": "min_evals", "max_evals": "max_evals", "max_N": "max_N", "pool": "pool",
     "conv2d_norm": "conv2d_norm", "mp_fit": "mp_fit", "randomize": "randomize", "detX": "detX",
-    "fix_fingers": "fix_fingers", "xmax": "xmax", "xmin_max": "xmin_max",
+    "fix_fingers": "fix_fingers", "max_fingers": "max_fingers", "finger_thresh": "finger_thresh", "xmax": "xmax",
+    "xmin_max": "xmin_max",
 }
+#: WeightWatcher ``analyze()`` arguments zooscope does not implement, accepted at the value that means what zooscope
+#: does (WeightWatcher's default); any other value raises.
+_WW_DEFAULT_ONLY = {
+    "glorot_fix": False, "plot": False, "conv2d_fft": False, "fft": False, "deltas": False, "intra": False,
+    "vectors": False, "channels": None, "stacked": False, "peft": False, "inverse": False, "base_model": None,
+    "start_ids": 0, "tolerance": 1e-6, "min_size": None, "max_size": None,
+}
+#: WeightWatcher arguments that only matter with an option refused above (``savefig``: plot, ``sparsify``: intra).
+_WW_INERT = ("savefig", "sparsify")
 #: WeightWatcher's ``fit`` spellings (``normalize_params``) and the ``AnalysisOptions.fit`` each one becomes.
 _WW_FITS = {"PL": "PL", "power_law": "PL", "TPL": "TPL", "truncated_power_law": "TPL", "E_TPL": "E_TPL"}
 
@@ -45,13 +55,23 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
             options["fit"] = _WW_FITS[value]
         elif key == "layers":
             options["layers"] = tuple(value)
+        elif key in ("ERG", "ww2x"):  # WeightWatcher's aliases: ERG=True is detX=True, ww2x=True is pool=False
+            if value:
+                options["detX" if key == "ERG" else "pool"] = key == "ERG"
+        elif key in _WW_DEFAULT_ONLY:
+            if value != _WW_DEFAULT_ONLY[key]:
+                raise ValueError(f"WeightWatcher's {key}={value!r} is not implemented by zooscope.analyze; "
+                                 f"only {key}={_WW_DEFAULT_ONLY[key]!r} (WeightWatcher's default) is accepted")
+        elif key in _WW_INERT:
+            pass
         elif key in _WW_OPTION_NAMES:
             options[_WW_OPTION_NAMES[key]] = value
         elif key in fields:
             options[key] = value
         else:
-            raise TypeError(f"analyze() got an unknown option {key!r}; known: "
-                            f"{sorted(fields | set(_WW_OPTION_NAMES) | {'svd_method', 'pl_package', 'fit'})}")
+            known = fields | set(_WW_OPTION_NAMES) | set(_WW_DEFAULT_ONLY) | set(_WW_INERT) | {
+                "svd_method", "pl_package", "fit", "ERG", "ww2x"}
+            raise TypeError(f"analyze() got an unknown option {key!r}; known: {sorted(known)}")
     return AnalysisOptions(**options)
 
 
@@ -74,7 +94,7 @@ def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
     opts = with_saved_table(_options_from_kwargs({"weightstats": False, "ww_quirks": ww_compat, **options}))
     with open_checkpoint(model) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
-    frame = to_weightwatcher_frame(result.layers, result.esd, failed_as_minus_one=ww_compat)
+    frame = to_weightwatcher_frame(result.layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
     if hasattr(model, "named_modules"):
         module_ids = {name: i for i, (name, _) in enumerate(model.named_modules())}
         frame["layer_id"] = frame["name"].map(module_ids).fillna(frame["layer_id"]).astype(int)
