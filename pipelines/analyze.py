@@ -108,6 +108,13 @@ class AnalysisOptions:
             raise ValueError(f"fix_fingers must be None, 'clip_xmax' or 'xmin_peak', got {self.fix_fingers!r}")
         if isinstance(self.xmax, str) and self.xmax != "force":
             raise ValueError(f"xmax must be None, an int or 'force', got {self.xmax!r}")
+        clipped = isinstance(self.xmax, int)  # WeightWatcher's int xmax (bool included, as in WeightWatcher)
+        if clipped and self.xmax == 0:
+            raise ValueError("xmax cannot be 0 (or False), as in WeightWatcher")
+        if self.fix_fingers and clipped:
+            raise ValueError(f"fix_fingers cannot be combined with an int xmax ({self.xmax}), as in WeightWatcher")
+        if self.fix_fingers and self.max_fingers < 1:
+            raise ValueError(f"max_fingers must be at least 1, got {self.max_fingers}")
         if self.pl_mode != "powerlaw" and (self.xmax == "force" or self.fit != "PL"):
             raise ValueError("xmax='force' and fit='TPL'/'E_TPL' need pl_mode='powerlaw' (WeightWatcher's "
                              "pl_package='powerlaw'), as in WeightWatcher")

@@ -224,6 +224,10 @@ def test_tpl_scan_against_powerlaw_package_and_scipy():
     (dict(fit="lognormal"), ValueError),
     (dict(fix_fingers="bogus"), ValueError),
     (dict(xmax="all"), ValueError),
+    (dict(xmax=0), ValueError),  # the rest as WeightWatcher's params check refuses them
+    (dict(xmax=False), ValueError),
+    (dict(xmax=-2, fix_fingers="clip_xmax"), ValueError),
+    (dict(fix_fingers="clip_xmax", max_fingers=0), ValueError),
     (dict(no_such_option=1), TypeError),
 ])
 def test_invalid_options_raise(mlp, options, error):
