@@ -71,6 +71,19 @@ def test_default_columns_match_weightwatcher(make):
     assert list(ours["layer_id"]) == list(theirs.loc[ours["longname"], "layer_id"])
 
 
+def test_layer_ids_are_weightwatchers_and_unique_with_attention():
+    """MultiheadAttention's in_proj_weight has no module of its own (WeightWatcher skips it, zooscope analyses
+    it): it is numbered after the last module, every other layer as WeightWatcher numbers it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(300, 32), torch.nn.TransformerEncoderLayer(32, 4, 64),
+                                torch.nn.Linear(32, 11))
+    theirs = _weightwatcher(model)
+    ours = zooscope.analyze(model).set_index("longname")
+    assert ours["layer_id"].is_unique
+    assert list(ours.loc[theirs.index, "layer_id"]) == list(theirs["layer_id"])
+    assert ours.loc["1.self_attn.in_proj", "layer_id"] == len(list(model.named_modules()))
+
+
 def test_per_slice_mode_matches_weightwatcher():
     """pool=False: one row per Conv2D kernel position (M = 16 eigenvalues on conv1, so 0.7.7's small-N fit)."""
     model = _cnn()

@@ -83,7 +83,8 @@ def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
     ww_compat: write failed fits as WeightWatcher does (alpha = −1 ...) instead of NaN with status 'failed',
         and reproduce WeightWatcher's ``fix_fingers='xmin_peak'`` and Conv2D ``sv_min`` bugs
         (``AnalysisOptions.ww_quirks``).
-    For an ``nn.Module``, ``layer_id`` counts ``named_modules()`` as WeightWatcher does. Weight statistics are
+    For an ``nn.Module``, ``layer_id`` counts ``named_modules()`` as WeightWatcher does (a weight no module owns
+    as ``.weight``, e.g. ``MultiheadAttention``'s ``in_proj_weight``, is numbered after the last module). Weight statistics are
     not among WeightWatcher's columns, so they are skipped here (``zooscope scan`` stores them).
     With ``esd_backend="auto"`` (the default) the routing table saved by ``zooscope bench svd --tune`` is used.
     """
@@ -97,7 +98,9 @@ def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
     frame = to_weightwatcher_frame(result.layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
     if hasattr(model, "named_modules"):
         module_ids = {name: i for i, (name, _) in enumerate(model.named_modules())}
-        frame["layer_id"] = frame["name"].map(module_ids).fillna(frame["layer_id"]).astype(int)
+        others = dict.fromkeys(n for n in frame["name"] if n not in module_ids)  # e.g. attn.in_proj (no module)
+        module_ids.update((n, len(module_ids) + i) for i, n in enumerate(others))
+        frame["layer_id"] = frame["name"].map(module_ids).astype(int)
     return frame
 
 
