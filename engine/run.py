@@ -8,6 +8,7 @@ times by Dask, and a worker that dies mid-task has its task rescheduled by the s
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -18,6 +19,8 @@ from zooscope.pipelines.analyze import AnalysisOptions, analyze_path
 from zooscope.pipelines.readers import CheckpointError
 from zooscope.pipelines.result import ModelResult
 
+#: In a log (stderr not a terminal), the scan's progress is printed as a line at most this often, seconds.
+LOG_EVERY_S = 30.0
 #: Test hook: a task of this model_id ends its process with ``os._exit(1)`` ...
 EXIT_ON_ENV = "ZOOSCOPE_TEST_EXIT_ON"
 #: ... unless this marker file exists (the hook creates it before exiting, so the retry succeeds).
@@ -64,7 +67,7 @@ def execute(
 
     ``client=None`` runs them one by one in this process; otherwise they are submitted to the Dask
     ``client``, GPU-wanting tasks asking for ``resources={"GPU": 1}`` as :func:`task_resources` decides.
-    A progress bar on stderr counts models, shards and bytes.
+    Progress on stderr counts models, shards and bytes (a bar on a terminal, lines in a log).
     """
     with _Progress(tasks, enabled=progress) as bar:
         outcomes = _in_process(tasks, options) if client is None else _on_cluster(tasks, options, client, retries)
@@ -137,7 +140,9 @@ def task_resources(task: Task, gpu_workers: int, workers: int,
 
 
 class _Progress:
-    """One rich progress bar over bytes, with model and shard counts (disabled: does nothing)."""
+    """Progress over bytes, with model and shard counts, on stderr: a rich bar on a terminal; in a log (stderr not a
+    terminal, e.g. a nightly job) a plain line at most every ``LOG_EVERY_S`` seconds and at the end. Disabled: does
+    nothing."""
 
     def __init__(self, tasks: Sequence[Task], *, enabled: bool) -> None:
         self.enabled = enabled and len(tasks) > 0
@@ -145,8 +150,9 @@ class _Progress:
         for task in tasks:
             self.shards_left[task.content_hash] = self.shards_left.get(task.content_hash, 0) + 1
         self.n_models, self.n_shards = len(self.shards_left), len(tasks)
-        self.models_done = self.shards_done = 0
+        self.models_done = self.shards_done = self.bytes_done = 0
         self.total_bytes = sum(t.nbytes for t in tasks)
+        self.bar: Any = None
 
     def __enter__(self) -> "_Progress":
         if self.enabled:
@@ -154,13 +160,16 @@ class _Progress:
             from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
                                        TimeRemainingColumn, TransferSpeedColumn)
 
-            self.bar = Progress(
-                TextColumn("scan"), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
-                TextColumn("models {task.fields[models]}  shards {task.fields[shards]}"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-            )
-            self.bar.start()
-            self.task_id = self.bar.add_task("scan", total=self.total_bytes, **self._fields())
+            console = Console(stderr=True)
+            self.started = self.logged = time.monotonic()
+            if console.is_terminal:
+                self.bar = Progress(
+                    TextColumn("scan"), BarColumn(), DownloadColumn(binary_units=True), TransferSpeedColumn(),
+                    TextColumn("models {task.fields[models]}  shards {task.fields[shards]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                )
+                self.bar.start()
+                self.task_id = self.bar.add_task("scan", total=self.total_bytes, **self._fields())
         return self
 
     def _fields(self) -> dict[str, str]:
@@ -168,12 +177,29 @@ class _Progress:
 
     def advance(self, task: Task) -> None:
         self.shards_done += 1
+        self.bytes_done += task.nbytes
         self.shards_left[task.content_hash] -= 1
         if self.shards_left[task.content_hash] == 0:
             self.models_done += 1
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.bar is not None:
             self.bar.update(self.task_id, advance=task.nbytes, **self._fields())
+            return
+        now = time.monotonic()
+        if now - self.logged >= LOG_EVERY_S or self.shards_done == self.n_shards:
+            self.logged = now
+            self._log_line(now - self.started)
+
+    def _log_line(self, elapsed: float) -> None:
+        from rich.filesize import decimal
+
+        done = self.bytes_done / self.total_bytes if self.total_bytes else self.shards_done / self.n_shards
+        left = f", ~{elapsed * (1 - done) / done:.0f} s left" if 0 < done < 1 else ""
+        print(f"scan: models {self.models_done}/{self.n_models}  shards {self.shards_done}/{self.n_shards}  "
+              f"{decimal(self.bytes_done)}/{decimal(self.total_bytes)}  {elapsed:.0f} s{left}", file=sys.stderr,
+              flush=True)
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self.bar is not None:
             self.bar.stop()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -179,6 +180,21 @@ def test_scan_round_trip_matches_direct_analysis(scanned):
             robust = model_summary(direct.layers, "robust")
             assert model["alpha"] == pytest.approx(ww["alpha"], rel=1e-12)
             assert model["robust_alpha_weighted"] == pytest.approx(robust["alpha_weighted"], rel=1e-12)
+
+
+def test_progress_in_a_log_is_plain_lines(scanned, tmp_path, monkeypatch, capsys):
+    """stderr is not a terminal here: a line per progress step (every shard with LOG_EVERY_S = 0), ending complete."""
+    from zooscope.engine import run
+
+    _, manifest, _, _ = scanned
+    monkeypatch.setattr(run, "LOG_EVERY_S", 0.0)
+    report = scan(store=tmp_path / "log.zarr", manifest=manifest, cluster="none", shard_bytes=3000)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("scan: ")]
+    assert report.n_ok == 3 and len(lines) > 3  # sharded: more shards than models
+    assert lines[0].startswith("scan: models 0/3  shards 1/") and "s left" in lines[0]
+    assert lines[-1].startswith("scan: models 3/3  shards ") and "left" not in lines[-1]
+    done, total = re.search(r"  (\S+ \S+)/(\S+ \S+)  ", lines[-1]).groups()
+    assert done == total and done.endswith("kB")
 
 
 def test_sharded_model_rows_equal_unsharded(scanned, tmp_path):
