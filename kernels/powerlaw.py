@@ -425,8 +425,10 @@ def _finish(prepared, scan, opts: _Options, backend: str) -> PowerLawFit:
         extra.update(_bootstrap(core, opts, backend))
     n = core.n_tail
     alpha = core.alpha
+    if xmax is None:
+        xmax = _reported_xmax(core.x, opts)
     return PowerLawFit(
-        alpha=alpha, xmin=core.xmin, xmax=_reported_xmax(core.x, opts) if xmax is None else xmax, D=core.D, sigma=(alpha - 1.0) / math.sqrt(n),
+        alpha=alpha, xmin=core.xmin, xmax=xmax, D=core.D, sigma=(alpha - 1.0) / math.sqrt(n),
         num_pl_spikes=int(np.count_nonzero(evals >= core.xmin)), n_tail=n, status="success", warning=_warning(alpha),
         **extra)
 

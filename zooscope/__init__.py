@@ -84,8 +84,8 @@ def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
         and reproduce WeightWatcher's ``fix_fingers='xmin_peak'`` and Conv2D ``sv_min`` bugs
         (``AnalysisOptions.ww_quirks``).
     For an ``nn.Module``, ``layer_id`` counts ``named_modules()`` as WeightWatcher does (a weight no module owns
-    as ``.weight``, e.g. ``MultiheadAttention``'s ``in_proj_weight``, is numbered after the last module). Weight statistics are
-    not among WeightWatcher's columns, so they are skipped here (``zooscope scan`` stores them).
+    as ``.weight``, e.g. ``MultiheadAttention``'s ``in_proj_weight``, is numbered after the last module). Weight
+    statistics are not among WeightWatcher's columns, so they are skipped here (``zooscope scan`` stores them).
     With ``esd_backend="auto"`` (the default) the routing table saved by ``zooscope bench svd --tune`` is used.
     """
     from zooscope.engine.tune import with_saved_table
