@@ -82,6 +82,8 @@ def test_layer_ids_are_weightwatchers_and_unique_with_attention():
     assert ours["layer_id"].is_unique
     assert list(ours.loc[theirs.index, "layer_id"]) == list(theirs["layer_id"])
     assert ours.loc["1.self_attn.in_proj", "layer_id"] == len(list(model.named_modules()))
+    shifted = zooscope.analyze(model, start_ids=5).set_index("longname")
+    assert list(shifted.loc[theirs.index, "layer_id"]) == list(_weightwatcher(model, start_ids=5)["layer_id"])
 
 
 def test_per_slice_mode_matches_weightwatcher():

@@ -26,7 +26,7 @@ _WW_OPTION_NAMES = {
 _WW_DEFAULT_ONLY = {
     "glorot_fix": False, "plot": False, "conv2d_fft": False, "fft": False, "deltas": False, "intra": False,
     "vectors": False, "channels": None, "stacked": False, "peft": False, "inverse": False, "base_model": None,
-    "start_ids": 0, "tolerance": 1e-6, "min_size": None, "max_size": None,
+    "tolerance": 1e-6, "min_size": None, "max_size": None,
 }
 #: WeightWatcher arguments that only matter with an option refused above (``savefig``: plot, ``sparsify``: intra).
 _WW_INERT = ("savefig", "sparsify")
@@ -75,7 +75,7 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
     return AnalysisOptions(**options)
 
 
-def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
+def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **options: Any):
     """Analyse one model and return one row per layer matrix with WeightWatcher 0.7's column names.
 
     model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz), a ``torch.nn.Module`` or a state
@@ -86,12 +86,15 @@ def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
     For an ``nn.Module``, ``layer_id`` counts ``named_modules()`` as WeightWatcher does (a weight no module owns
     as ``.weight``, e.g. ``MultiheadAttention``'s ``in_proj_weight``, is numbered after the last module). Weight
     statistics are not among WeightWatcher's columns, so they are skipped here (``zooscope scan`` stores them).
+    start_ids: WeightWatcher's first layer id (``layer_id`` is shifted by it for every source).
     With ``esd_backend="auto"`` (the default) the routing table saved by ``zooscope bench svd --tune`` is used.
     """
     from zooscope.engine.tune import with_saved_table
     from zooscope.pipelines.analyze import analyze_checkpoint, to_weightwatcher_frame
     from zooscope.pipelines.readers import open_checkpoint
 
+    if start_ids < 0:
+        raise ValueError(f"start_ids must be >= 0, got {start_ids}")
     opts = with_saved_table(_options_from_kwargs({"weightstats": False, "ww_quirks": ww_compat, **options}))
     with open_checkpoint(model) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
@@ -101,6 +104,7 @@ def analyze(model: Any, *, ww_compat: bool = False, **options: Any):
         others = dict.fromkeys(n for n in frame["name"] if n not in module_ids)  # e.g. attn.in_proj (no module)
         module_ids.update((n, len(module_ids) + i) for i, n in enumerate(others))
         frame["layer_id"] = frame["name"].map(module_ids).astype(int)
+    frame["layer_id"] += start_ids
     return frame
 
 
