@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 
 from zooscope.kernels.backends import BackendUnavailable, torch_cuda_available
-from zooscope.pipelines.analyze import AnalysisOptions
 from zooscope.kernels.esd import (
     BACKENDS,
     PRECISIONS,
@@ -32,6 +31,7 @@ from zooscope.kernels.esd import (
     is_gram,
     size_class,
 )
+from zooscope.pipelines.analyze import AnalysisOptions
 
 TABLE_NAME = "esd_routing.json"
 REFERENCE_BACKEND = "scipy-gesdd"

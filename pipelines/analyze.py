@@ -104,7 +104,7 @@ class AnalysisOptions:
                 raise ValueError("fit='E_TPL' implies fix_fingers='xmin_peak'; it cannot be combined with 'clip_xmax'")
             object.__setattr__(self, "fit", "TPL")
             object.__setattr__(self, "fix_fingers", "xmin_peak")
-        if self.fix_fingers not in (None, False, "clip_xmax", "xmin_peak"):
+        if self.fix_fingers not in powerlaw.FIX_FINGERS:
             raise ValueError(f"fix_fingers must be None, 'clip_xmax' or 'xmin_peak', got {self.fix_fingers!r}")
         if isinstance(self.xmax, str) and self.xmax != "force":
             raise ValueError(f"xmax must be None, an int or 'force', got {self.xmax!r}")

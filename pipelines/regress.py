@@ -119,6 +119,11 @@ def fit_one(x: np.ndarray, y: np.ndarray, *, n_boot: int = 1000, rng: np.random.
     return out
 
 
+def _finite_rows(df: pd.DataFrame, *columns: str) -> pd.Series:
+    """Rows whose ``columns`` are all finite numbers (NaN and ±inf are missing values here)."""
+    return np.isfinite(df[list(columns)].astype(float)).all(axis=1)
+
+
 def regress(
     models: pd.DataFrame,
     y: str,
@@ -186,7 +191,7 @@ def regress(
     small: dict[str, int] = {}
     grouped = list(df.groupby(list(by), sort=True, dropna=False)) if by else [((), df)]
     for mi, metric in enumerate(metrics):
-        ok_rows = np.isfinite(df[y].astype(float)) & np.isfinite(df[metric].astype(float))
+        ok_rows = _finite_rows(df, y, metric)
         dropped[metric] = int((~ok_rows).sum())
         small[metric] = 0
         for gi, (key, group) in enumerate(grouped):
@@ -267,7 +272,7 @@ def group_figures(result: RegressionResult, max_plots: int | None = None):
         for c in result.by:
             sel &= (result.data[c] == row[c]).to_numpy() | (result.data[c].isna() & pd.isna(row[c])).to_numpy()
         sub = result.data[sel]
-        sub = sub[np.isfinite(sub[result.y].astype(float)) & np.isfinite(sub[row["metric"]].astype(float))]
+        sub = sub[_finite_rows(sub, result.y, row["metric"])]
         fig = regression_plot(
             sub[row["metric"]].to_numpy(float), sub[result.y].to_numpy(float),
             slope=row["slope"], intercept=row["intercept"], r2=row["r2"],

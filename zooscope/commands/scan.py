@@ -35,6 +35,7 @@ OPTION_FLAGS = {
     "seed": "seed",
 }
 
+
 def register(subparsers: Any) -> None:
     from zooscope.kernels import esd, powerlaw
 
