@@ -2,7 +2,6 @@
 import numpy as np
 import pytest
 import scipy.linalg
-
 from zooscope.kernels.smallest import gram_rounding, smallest_gram_eigenvalues
 
 
@@ -52,7 +51,7 @@ def test_returned_values_meet_the_accuracy_they_claim(seed):
 def test_deterministic_for_a_seed():
     rng = np.random.default_rng(5)
     w = _matrix(rng, 200, 100, np.concatenate([[1e-6], rng.uniform(0.1, 1.0, 99)]))
-    lam, lam_max, next_lower = _inputs(w, 1)
+    _, lam_max, next_lower = _inputs(w, 1)
     first = smallest_gram_eigenvalues(w, 1, lam_max=lam_max, next_lower=next_lower, accuracy=1e-7)
     np.testing.assert_array_equal(first, smallest_gram_eigenvalues(w, 1, lam_max=lam_max, next_lower=next_lower,
                                                                   accuracy=1e-7))
@@ -62,7 +61,7 @@ def test_refuses_what_it_cannot_prove():
     rng = np.random.default_rng(1)
     w = _matrix(rng, 100, 100, np.concatenate([[1e-6], rng.uniform(0.1, 1.0, 99)]))
     lam, lam_max, next_lower = _inputs(w, 1)
-    args = dict(lam_max=lam_max, accuracy=1e-7)
+    args = {"lam_max": lam_max, "accuracy": 1e-7}
     singular = w.copy()
     singular[:, 3] = 0.0
     assert smallest_gram_eigenvalues(singular, 1, next_lower=next_lower, **args) is None  # exact zero
