@@ -61,13 +61,14 @@ def test_rms_table_matches_the_checkpoints_and_the_letter(masked):
 def test_image_layer_reads_the_named_tensor_of_each_checkpoint(masked):
     manifest, store, _ = masked
     models = zooscope.open(store).models
-    images = _mask_images(models, "fc1")
+    images, name = _mask_images(models, "fc1")
+    assert name == "fc1.weight" and _mask_images(models, "fc1.bias")[1] == "fc1.bias"  # the caption's name
     assert list(images) == ["mlp-w24-maskA seed 0 (mask A)"]
     ckpts = images["mlp-w24-maskA seed 0 (mask A)"]
     assert [s for s, _ in ckpts] == [0, 1, 3]
     for (_, W), path in zip(ckpts, manifest["path"]):
         np.testing.assert_array_equal(W, load_file(path)["fc1.weight"])
-    assert _mask_images(models.assign(mask=""), "fc2") == {}
+    assert _mask_images(models.assign(mask=""), "fc2")[0] == {}
 
 
 def test_mask_section_is_none_without_masked_data():

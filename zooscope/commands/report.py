@@ -42,14 +42,16 @@ def register(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _mask_images(models, layer: str) -> dict[str, list[tuple[int, np.ndarray]]]:
-    """Network title → ``(step, weights of layer)`` per checkpoint for at most ``MAX_IMAGE_NETWORKS`` masked networks
-    (models rows with a non-empty ``mask``, grouped by ``series`` and ``seed``, ordered by ``step``). Checkpoints that
-    cannot be read, or lack the tensor, are skipped with a warning."""
+def _mask_images(models, layer: str) -> tuple[dict[str, list[tuple[int, np.ndarray]]], str]:
+    """(network title → ``(step, weights)`` per checkpoint, the tensor name read) for at most ``MAX_IMAGE_NETWORKS``
+    masked networks (models rows with a non-empty ``mask``, grouped by ``series`` and ``seed``, ordered by
+    ``step``). The tensor is ``layer`` itself, or ``layer.weight`` when a checkpoint has no tensor ``layer``.
+    Checkpoints that cannot be read, or lack the tensor, are skipped with a warning."""
     from zooscope.pipelines.readers import CheckpointError, open_checkpoint
 
+    name = layer
     if "mask" not in models.columns or "path" not in models.columns:
-        return {}
+        return {}, name
     masked = models[models["mask"].fillna("").astype(str).str.strip() != ""]
     if "status" in masked.columns:
         masked = masked[masked["status"] == "ok"]
@@ -78,23 +80,18 @@ def _mask_images(models, layer: str) -> dict[str, list[tuple[int, np.ndarray]]]:
                 print(f"zooscope report: warning: weight image skipped: {exc}", file=sys.stderr)
         if ckpts:
             images[title] = ckpts
-    return images
+    return images, name
 
 
 def _training_sections(store, models, layers, image_layer: str = "fc2") -> list:
-    """Weight-statistics / drift sections from ``pipelines.report_training`` when that module exists."""
-    try:
-        from zooscope.pipelines import report_training
-    except ModuleNotFoundError as exc:
-        if exc.name != "zooscope.pipelines.report_training":
-            raise
-        return []
+    """Weight-statistics, drift and masked-weight sections (``pipelines.report_training``) of a store."""
+    from zooscope.pipelines import report_training
+
     hist = None
     if store.counters.get("n_hist", 0) >= len(layers) and len(layers):
         hist = store.hists(layers.index)
     drift = store.drift()
-    images = _mask_images(models, image_layer)
-    name = image_layer if image_layer.endswith((".weight", ".bias")) else f"{image_layer}.weight"
+    images, name = _mask_images(models, image_layer)
     return list(report_training.sections(models, layers, hist, drift if len(drift) else None,
                                          weight_images=images, image_layer=name) or [])
 
