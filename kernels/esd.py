@@ -221,12 +221,13 @@ def eigenvalues(
     return out
 
 
-def singular_value_stats(evals_per_slice: np.ndarray, n: int, *, ww_sv_min: bool = False) -> dict:
+def singular_value_stats(evals_per_slice: np.ndarray, n: int, *, ww_sv_min: bool = False,
+                         weak_rank_tolerance: float = WEAK_RANK_TOLERANCE) -> dict:
     """Singular-value columns of one layer (WeightWatcher spec §4.1) from per-slice eigenvalues.
 
     evals_per_slice: ``(B, M)`` eigenvalues of WᵀW per slice (already conv-rescaled); n: the layer's N.
     Returns ``sv_max`` (largest σ), ``sv_min`` (smallest σ over all slices), ``rank_loss``
-    (Σ over slices of ``M − #{σ > σmax_slice·n·eps64}``) and ``weak_rank_loss`` (``#{λ < 1e-6}``).
+    (Σ over slices of ``M − #{σ > σmax_slice·n·eps64}``) and ``weak_rank_loss`` (``#{λ < weak_rank_tolerance}``).
 
     ``sv_min`` deliberately differs from WeightWatcher 0.7, which reports the *maximum* over slices of the slice
     minimum (``min_sv = max(min_sv, min(sv))``) — a bug; here it is the global minimum, unless ``ww_sv_min``
@@ -242,7 +243,7 @@ def singular_value_stats(evals_per_slice: np.ndarray, n: int, *, ww_sv_min: bool
         "sv_max": float(sv.max()),
         "sv_min": float(sv.min(axis=1).max() if ww_sv_min else sv.min()),
         "rank_loss": int(sv.size - kept),
-        "weak_rank_loss": int(np.count_nonzero(lam < WEAK_RANK_TOLERANCE)),
+        "weak_rank_loss": int(np.count_nonzero(lam < weak_rank_tolerance)),
     }
 
 

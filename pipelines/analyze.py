@@ -55,6 +55,8 @@ class AnalysisOptions:
         every layer, and a Conv2D layer's ``sv_min`` is the largest of its slices' smallest singular values.
     bootstrap: number of bootstrap replicas for the goodness-of-fit p-value and alpha interval (0: none).
     mp_fit, randomize, detX: WeightWatcher's optional metric groups.
+    tolerance: eigenvalues below it count towards ``weak_rank_loss`` (WeightWatcher's ``tolerance``; 0 counts
+        none, where WeightWatcher would take its default 1e-6).
     weightstats, hist_bins: weight moments, node strength and a histogram per layer.
     seed: seeds every random draw (randomize, bootstrap); a layer's draws depend only on (seed, layer_id).
     layers: restrict to these layer names (key prefixes); empty means all.
@@ -82,6 +84,7 @@ class AnalysisOptions:
     mp_fit: bool = False
     randomize: bool = False
     detX: bool = False
+    tolerance: float = esd_kernels.WEAK_RANK_TOLERANCE
     weightstats: bool = True
     hist_bins: int = 64
     seed: int = 0
@@ -113,6 +116,8 @@ class AnalysisOptions:
             raise ValueError("xmax cannot be 0 (or False), as in WeightWatcher")
         if self.fix_fingers and clipped:
             raise ValueError(f"fix_fingers cannot be combined with an int xmax ({self.xmax}), as in WeightWatcher")
+        if not self.tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.fix_fingers and self.max_fingers < 1:
             raise ValueError(f"max_fingers must be at least 1, got {self.max_fingers}")
         if self.pl_mode != "powerlaw" and (self.xmax == "force" or self.fit != "PL"):
@@ -130,6 +135,8 @@ class AnalysisOptions:
         del params["esd_table"]  # a routing table changes speed, not results (auto keeps λ within 1e-6 of SVD)
         if self.fix_fingers != "clip_xmax" or (self.max_fingers, self.finger_thresh) == _FINGER_DEFAULTS:
             del params["max_fingers"], params["finger_thresh"]  # no effect: stores made before them stay valid
+        if self.tolerance == esd_kernels.WEAK_RANK_TOLERANCE:
+            del params["tolerance"]  # the default: stores made before it stay valid
         params["layers"] = list(self.layers)
         return params
 
@@ -205,7 +212,8 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
             timings["esd"] += time.perf_counter() - t0
             row = {**_identity(info, slice_id, options), **stats_row, "status": "ok", "error": "",
                    "esd_backend": backend, "num_evals": per_slice.size}
-            row.update(esd_kernels.singular_value_stats(per_slice, info.N, ww_sv_min=options.ww_quirks))
+            row.update(esd_kernels.singular_value_stats(per_slice, info.N, ww_sv_min=options.ww_quirks,
+                                                        weak_rank_tolerance=options.tolerance))
             evals = np.sort(per_slice.ravel())
             if options.randomize:  # needs the matrices, so done now: one layer's weights in memory at a time
                 row.update(_randomize(stack, evals, row, backend, options))

@@ -76,6 +76,9 @@ def test_options_validate_and_follow_the_weightwatcher_version():
     assert "finger_thresh" not in AnalysisOptions(finger_thresh=2.0).as_params()
     assert "finger_thresh" not in AnalysisOptions(fix_fingers="clip_xmax").as_params()
     assert AnalysisOptions(fix_fingers="clip_xmax", finger_thresh=2.0).as_params()["finger_thresh"] == 2.0
+    assert "tolerance" not in AnalysisOptions().as_params() and AnalysisOptions(tolerance=0.1).as_params()
+    with pytest.raises(ValueError, match="tolerance"):
+        AnalysisOptions(tolerance=-1.0)
 
 
 def test_randomize_is_seeded_per_layer_and_independent_of_sharding():

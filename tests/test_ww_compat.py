@@ -161,6 +161,15 @@ def test_clip_xmax_parameters_match_weightwatcher():
     assert (ours.set_index("longname")["num_fingers"] != default["num_fingers"]).any()
 
 
+def test_tolerance_sets_weak_rank_loss_as_in_weightwatcher():
+    model = _cnn()
+    theirs = _weightwatcher(model, tolerance=5.0)  # counts eigenvalues in 4 of 5 layers
+    ours = zooscope.analyze(model, ww_compat=True, tolerance=5.0)
+    _compare(ours, theirs, ["weak_rank_loss"])
+    default = zooscope.analyze(model, ww_compat=True).set_index("longname")["weak_rank_loss"]
+    assert (ours.set_index("longname")["weak_rank_loss"] > default).any()
+
+
 def test_failed_fit_is_nan_by_default_and_minus_one_in_compat_mode():
     """A layer whose eigenvalues all fall below WeightWatcher's 1e-5 threshold fails the fit."""
     model = torch.nn.Sequential(torch.nn.Linear(50, 40))

@@ -26,7 +26,7 @@ _WW_OPTION_NAMES = {
 _WW_DEFAULT_ONLY = {
     "glorot_fix": False, "plot": False, "conv2d_fft": False, "fft": False, "deltas": False, "intra": False,
     "vectors": False, "channels": None, "stacked": False, "peft": False, "inverse": False, "base_model": None,
-    "tolerance": 1e-6, "min_size": None, "max_size": None,
+    "min_size": None, "max_size": None,
 }
 #: WeightWatcher arguments that only matter with an option refused above (``savefig``: plot, ``sparsify``: intra).
 _WW_INERT = ("savefig", "sparsify")
