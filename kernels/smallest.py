@@ -71,11 +71,13 @@ def smallest_gram_eigenvalues(w: np.ndarray, k: int, *, lam_max: float, next_low
             return None
         u, sv, vt = np.linalg.svd(a @ q, full_matrices=False)  # descending: the wanted values are the last k
         u, sv, z = u[:, -k:], sv[-k:], q @ vt[-k:].T
+        if np.any(2.0 * rounding > accuracy * sv):  # θᵢ's rounding alone exceeds the bound, now and for the
+            return None  # true σᵢ ≤ this Ritz value: values this close to 0 are the whole SVD's
         theta = sv * sv
         residual = np.linalg.norm((a.T @ u - z * sv) * sv) + rounding * np.linalg.norm(sv)  # ‖H·Z − Z·diag(θ)‖_F
         gap = next_lower - theta
         if np.all(gap > 0):
-            bound = residual**2 / gap + 2.0 * sv * rounding
+            bound = residual**2 / gap + 2.0 * rounding * sv
             if np.all(bound <= accuracy * theta):
                 return theta[::-1].copy()
     return None

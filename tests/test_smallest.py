@@ -67,5 +67,7 @@ def test_refuses_what_it_cannot_prove():
     assert smallest_gram_eigenvalues(singular, 1, next_lower=next_lower, **args) is None  # exact zero
     assert smallest_gram_eigenvalues(np.where(w > 0.1, np.nan, w), 1, next_lower=next_lower, **args) is None
     assert smallest_gram_eigenvalues(w, 47, next_lower=next_lower, **args) is None  # block over half the side
+    tiny = _matrix(rng, 100, 100, np.concatenate([[1e-17], rng.uniform(0.1, 1.0, 99)]))  # σ₁ lost to rounding
+    assert smallest_gram_eigenvalues(tiny, 1, next_lower=next_lower, **args) is None
     assert smallest_gram_eigenvalues(w, 1, next_lower=lam[0] * 0.5, **args) is None  # no gap above λ₁: no proof
     assert smallest_gram_eigenvalues(w, 1, next_lower=next_lower, **args) is not None
