@@ -87,6 +87,17 @@ def sigma_at(wi: np.ndarray, wf: np.ndarray, x: float = 0.0) -> float:
 C_GRID = np.linspace(-1.0, 3.0, 81)
 #: ``peak_slope`` runs its coarse grid on a seeded subsample of this many pairs; refinements use every pair.
 COARSE_MAX_PAIRS = 200_000
+#: Largest (slopes × pairs) block of residuals w_f − c·w_i, and (slopes × bins) block of counts, made at once.
+BLOCK_ELEMENTS = 1 << 22
+#: Most bins of one slope's residual histogram in ``peak_slope`` (the bin step grows beyond that).
+MAX_BINS = 1 << 16
+
+
+def _residual_blocks(x: np.ndarray, y: np.ndarray, cs: np.ndarray):
+    """``(slice of cs, residuals y − c·x for those c, shape (k, n))`` in blocks of at most ``BLOCK_ELEMENTS``."""
+    step = max(1, BLOCK_ELEMENTS // max(x.size, MAX_BINS))
+    for start in range(0, cs.size, step):
+        yield slice(start, start + step), y - cs[start:start + step, None] * x
 
 
 def _bandwidth(x: np.ndarray, y: np.ndarray, c_grid: np.ndarray, rng: np.random.Generator) -> float:
@@ -96,28 +107,38 @@ def _bandwidth(x: np.ndarray, y: np.ndarray, c_grid: np.ndarray, rng: np.random.
     if n > 100_000:
         idx = rng.choice(x.size, 100_000, replace=False)
         x, y = x[idx], y[idx]
-    scales = []
-    for c in c_grid:
-        rc = y - c * x
-        q25, q75 = np.quantile(rc, (0.25, 0.75))
-        s = min(rc.std(), (q75 - q25) / 1.349)
-        scales.append(s if s > 0 else rc.std())
-    s = min(scales)
+    scales = np.empty(c_grid.size)
+    for rows, rc in _residual_blocks(x, y, c_grid):
+        q25, q75 = np.quantile(rc, (0.25, 0.75), axis=1)
+        std = rc.std(axis=1)
+        robust = np.minimum(std, (q75 - q25) / 1.349)
+        scales[rows] = np.where(robust > 0, robust, std)
+    s = scales.min()
     return 0.9 * s * n ** -0.2 if s > 0 else 0.0
 
 
-def _peak_density(r: np.ndarray, h: float, upsample: int = 4, max_bins: int = 1 << 16) -> float:
-    """Maximum of the Gaussian KDE (bandwidth h) of r, binned on a grid of step h/upsample (1/weight units)."""
+def _peak_densities(x: np.ndarray, y: np.ndarray, cs: np.ndarray, h: float, upsample: int = 4) -> np.ndarray:
+    """For each c of ``cs``: the maximum of the Gaussian KDE (bandwidth h) of r = y − c·x (1/weight units).
+
+    The KDE is binned: counts on bins of step h/upsample from min(r) (coarser where a slope's residuals would
+    need more than ``MAX_BINS`` bins; one step for all c of a block), smoothed by a Gaussian of width h. A slope
+    whose residuals are all equal gets ``inf``.
+    """
     from scipy.ndimage import gaussian_filter1d
 
-    lo, hi = r.min(), r.max()
-    if hi - lo <= 0:
-        return np.inf
-    nbins = int(min(max_bins, max(8, np.ceil((hi - lo) / (h / upsample)))))
-    counts, edges = np.histogram(r, bins=nbins, range=(lo, hi))
-    width = edges[1] - edges[0]
-    smooth = gaussian_filter1d(counts.astype(np.float64), sigma=h / width, mode="constant", truncate=4.0)
-    return float(smooth.max() / (r.size * width))
+    peaks = np.empty(cs.size)
+    for rows, r in _residual_blocks(x, y, cs):
+        lo = r.min(axis=1, keepdims=True)
+        span = r.max(axis=1) - lo[:, 0]
+        width = max(h / upsample, float(span.max()) / MAX_BINS)
+        nbins = int(np.ceil(span.max() / width)) + 1
+        index = ((r - lo) / width).astype(np.intp)
+        index += np.arange(r.shape[0])[:, None] * nbins
+        counts = np.bincount(index.ravel(), minlength=r.shape[0] * nbins).reshape(r.shape[0], nbins)
+        smooth = gaussian_filter1d(counts.astype(np.float64), sigma=h / width, axis=1, mode="constant",
+                                   truncate=4.0)
+        peaks[rows] = np.where(span > 0, smooth.max(axis=1) / (x.size * width), np.inf)
+    return peaks
 
 
 def peak_slope(wi: np.ndarray, wf: np.ndarray, *, c_grid: np.ndarray | None = None, refine: bool = True,
@@ -144,7 +165,7 @@ def peak_slope(wi: np.ndarray, wf: np.ndarray, *, c_grid: np.ndarray | None = No
         h = max(np.ptp(y), np.ptp(x), 1e-12) * 1e-3
 
     def best(cs: np.ndarray, u: np.ndarray, v: np.ndarray) -> float:
-        return float(cs[int(np.argmax([_peak_density(v - c * u, h) for c in cs]))])
+        return float(cs[int(np.argmax(_peak_densities(u, v, cs, h)))])
 
     sub = (np.random.default_rng(seed).choice(x.size, COARSE_MAX_PAIRS, replace=False)
            if x.size > COARSE_MAX_PAIRS else slice(None))
