@@ -16,7 +16,7 @@
 # esd_routing.json (the tuned table), svd_bench.csv/.png. Steps, in order:
 #   setup     install .whl/*.whl into /tmp/site (SITE); make `zooscope.*` importable (symlink tree, no pip -e needed)
 #   env       nvidia-smi, versions of python/torch/cupy/numba/dask/zarr
-#   tests     GPU tests: pytest -k "cuda or gpu" on tests/test_esd.py, test_powerlaw.py, test_sweep.py
+#   tests     GPU tests: pytest -k "cuda or gpu or cupy" on tests/test_esd.py, test_powerlaw.py, test_sweep.py
 #   kernel    CuPy power-law kernel against the Numba kernel on 4,000 random/tied/tiny samples, all modes
 #   svd       zooscope bench svd --tune (GPU-relevant shapes added), table recorded in RESULTS.md
 #   fitgpu    power-law fits of all 193 GPT-2-xl-sized ESDs in one launch (target < 50 ms) and bootstrap
@@ -402,7 +402,7 @@ if want e2e || want scaling; then
 fi
 step env 30 env_info
 step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_esd.py tests/test_powerlaw.py \
-  tests/test_sweep.py -k "cuda or gpu"
+  tests/test_sweep.py -k "cuda or gpu or cupy"
 step kernel 90 "$PY" "$WORK/py/kernel_check.py"
 step svd 170 svd
 step fitgpu 90 "$PY" "$WORK/py/fitgpu.py"
