@@ -1,13 +1,16 @@
 """Eigenvalue backends against LAPACK singular values, routing, and singular-value statistics."""
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import scipy.linalg
 from conftest import requires_gpu
 
-from zooscope.kernels import esd
+from zooscope.kernels import backends, esd
 from zooscope.kernels.backends import BackendUnavailable, cupy_available, torch_cuda_available
 from zooscope.kernels.esd import BACKENDS, Route, RoutingTable, eigenvalues, resolve_backend, singular_value_stats
 
@@ -121,6 +124,15 @@ def test_gpu_backends_match_lapack(backend, precision):
     stack = STACKS["student-t-conv"]
     tol = 1e-10 if precision == "fp64" else 1e-4
     assert _rel_err(eigenvalues(stack, backend=backend, precision=precision), _reference(stack)) < tol
+
+
+@pytest.mark.skipif(any(os.path.exists(p) for p in backends._NVIDIA_DEVICE_NODES) or sys.platform != "linux",
+                    reason="an NVIDIA device node exists (or not Linux): the GPU libraries must be asked")
+def test_no_driver_means_no_gpu_without_importing_gpu_libraries():
+    code = ("import sys; from zooscope.kernels.backends import gpu_available; "
+            "print(gpu_available(), 'torch' in sys.modules, 'cupy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "False"]  # torch's import alone takes seconds
 
 
 def test_resolve_backend_without_table():
