@@ -89,6 +89,11 @@ def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **option
     start_ids: WeightWatcher's first layer id (``layer_id`` is shifted by it for every source).
     With ``esd_backend="auto"`` (the default) the routing table saved by ``zooscope bench svd --tune`` is used.
     """
+    return _analyze(model, ww_compat=ww_compat, start_ids=start_ids, **options)[1]
+
+
+def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **options: Any):
+    """``analyze`` returning ``(ModelResult, WeightWatcher-style frame)``: the result keeps the ESDs."""
     from zooscope.engine.tune import with_saved_table
     from zooscope.pipelines.analyze import analyze_checkpoint, to_weightwatcher_frame
     from zooscope.pipelines.readers import open_checkpoint
@@ -105,7 +110,7 @@ def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **option
         module_ids.update((n, len(module_ids) + i) for i, n in enumerate(others))
         frame["layer_id"] = frame["name"].map(module_ids).astype(int)
     frame["layer_id"] += start_ids
-    return frame
+    return result, frame
 
 
 def scan(paths=(), store: str = "zoo.zarr", **kwargs: Any):

@@ -10,6 +10,7 @@ from zooscope import __version__, commands
 
 EPILOG = """examples:
   zooscope demo                                   build a small zoo, scan it, report
+  zooscope analyze model.safetensors              one checkpoint's layer metrics and means
   zooscope scan ckpts/ --store zoo.zarr           analyse every checkpoint under ckpts/
   zooscope scan --manifest zoo.csv --store zoo.zarr --cluster local
   zooscope show zoo.zarr                          print the models table
@@ -36,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"zooscope {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):  # helpers shared by the commands
+            continue
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
         module.register(subparsers)
     return parser

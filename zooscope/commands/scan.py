@@ -37,8 +37,6 @@ OPTION_FLAGS = {
 
 
 def register(subparsers: Any) -> None:
-    from zooscope.kernels import esd, powerlaw
-
     parser = subparsers.add_parser(
         "scan",
         help="analyse checkpoints into a Zarr store",
@@ -64,21 +62,7 @@ def register(subparsers: Any) -> None:
                            help="commit finished models to the store at least every S seconds (default 10; "
                                 "0: after every model); a crash loses at most the last S seconds of results")
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
-    analysis = parser.add_argument_group("analysis (WeightWatcher option names)")
-    analysis.add_argument("--esd-backend", default="auto", choices=("auto", *esd.BACKENDS), help="eigenvalue backend")
-    analysis.add_argument("--precision", default="fp64", choices=esd.PRECISIONS,
-                          help="eigenvalue precision (fp32: SVD backends only)")
-    analysis.add_argument("--fit-backend", default="numba", choices=powerlaw.BACKENDS,
-                          help="power-law fit kernel")
-    analysis.add_argument("--min-evals", type=int, default=None,
-                          help="skip layers with fewer eigenvalues (default: 10 for --ww-version 0.7.5, 8 for 0.7.7)")
-    analysis.add_argument("--max-evals", type=int, default=15000, help="skip layers with more eigenvalues")
-    analysis.add_argument("--ww-version", default="0.7.5", choices=("0.7.5", "0.7.7"),
-                          help="WeightWatcher release whose defaults are reproduced")
-    analysis.add_argument("--mp-fit", action="store_true", help="Marchenko-Pastur fit columns")
-    analysis.add_argument("--randomize", action="store_true", help="compare with randomized weights")
-    analysis.add_argument("--detx", action="store_true", help="detX columns")
-    analysis.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    add_analysis_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -94,11 +78,37 @@ def _size(text: str) -> int:
     return value
 
 
+def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
+    """The analysis flags (``OPTION_FLAGS``), shared by ``zooscope scan`` and ``zooscope analyze``."""
+    from zooscope.kernels import esd, powerlaw
+
+    analysis = parser.add_argument_group("analysis (WeightWatcher option names)")
+    analysis.add_argument("--esd-backend", default="auto", choices=("auto", *esd.BACKENDS), help="eigenvalue backend")
+    analysis.add_argument("--precision", default="fp64", choices=esd.PRECISIONS,
+                          help="eigenvalue precision (fp32: SVD backends only)")
+    analysis.add_argument("--fit-backend", default="numba", choices=powerlaw.BACKENDS,
+                          help="power-law fit kernel")
+    analysis.add_argument("--min-evals", type=int, default=None,
+                          help="skip layers with fewer eigenvalues (default: 10 for --ww-version 0.7.5, 8 for 0.7.7)")
+    analysis.add_argument("--max-evals", type=int, default=15000, help="skip layers with more eigenvalues")
+    analysis.add_argument("--ww-version", default="0.7.5", choices=("0.7.5", "0.7.7"),
+                          help="WeightWatcher release whose defaults are reproduced")
+    analysis.add_argument("--mp-fit", action="store_true", help="Marchenko-Pastur fit columns")
+    analysis.add_argument("--randomize", action="store_true", help="compare with randomized weights")
+    analysis.add_argument("--detx", action="store_true", help="detX columns")
+    analysis.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+
+
+def option_values(args: argparse.Namespace) -> dict[str, Any]:
+    """``AnalysisOptions`` field → value of the parsed analysis flags (``OPTION_FLAGS``)."""
+    return {field: getattr(args, flag) for flag, field in OPTION_FLAGS.items()}
+
+
 def options_from_args(args: argparse.Namespace) -> Any:
     """``AnalysisOptions`` from the parsed flags (``OPTION_FLAGS``)."""
     from zooscope.pipelines.analyze import AnalysisOptions
 
-    return AnalysisOptions(**{field: getattr(args, flag) for flag, field in OPTION_FLAGS.items()})
+    return AnalysisOptions(**option_values(args))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,54 @@
+"""``zooscope analyze``: one checkpoint's layer table and means on stdout, every column in a CSV."""
+import numpy as np
+import pandas as pd
+import pytest
+
+import zooscope
+from zooscope.cli import main
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    rng = np.random.default_rng(0)
+    weights = {"fc1.weight": rng.standard_t(3, (120, 60)), "fc2.weight": rng.standard_t(3, (60, 40)),
+               "dead.weight": 1e-5 * rng.standard_normal((50, 40)), "fc1.bias": np.zeros(120)}
+    path = tmp_path / "model.npz"
+    np.savez(path, **weights)
+    return path
+
+
+def test_prints_layers_and_writes_every_column(checkpoint, tmp_path, capsys):
+    out = tmp_path / "layers.csv"
+    assert main(["analyze", str(checkpoint), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    written = pd.read_csv(out)
+    expected = zooscope.analyze(str(checkpoint))
+    assert list(written.columns) == list(expected.columns)
+    np.testing.assert_allclose(written["alpha"], expected["alpha"], rtol=1e-12)
+    assert list(written["status"]) == ["success", "success", "failed"]  # λ < 1e-5 everywhere: no fit
+    assert "3 layer matrices" in printed
+    for _, row in expected.dropna(subset=["alpha"]).iterrows():  # one unfolded line per layer, even in a pipe
+        assert any(row["name"] in line and f"{row['alpha']:.4g}" in line for line in printed.splitlines())
+    ok = expected[expected["status"] == "success"]
+    robust = next(line for line in printed.splitlines() if line.lstrip("│ ").startswith("robust mean"))
+    assert f"{ok['alpha'].mean():.4g}" in robust  # the two fitted layers' mean alpha
+
+
+def test_ww_compat_writes_minus_one_and_counts_it_in_the_mean(checkpoint, tmp_path, capsys):
+    out = tmp_path / "layers.csv"
+    assert main(["analyze", str(checkpoint), "--ww-compat", "--ww-version", "0.7.7", "--out", str(out)]) == 0
+    written = pd.read_csv(out)
+    assert written.loc[written["name"] == "dead", "alpha"].item() == -1
+    mean = next(line for line in capsys.readouterr().out.splitlines() if "get_summary" in line)
+    assert f"{written['alpha'].mean():.4g}" in mean  # WeightWatcher's plain mean, the -1 included
+
+
+def test_errors_name_the_file_or_the_column(checkpoint, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["analyze", str(bad)]) == 2
+    assert f"{bad}: not a torch checkpoint" in capsys.readouterr().err
+    assert main(["analyze", str(checkpoint), "--columns", "name,alpah"]) == 2
+    assert "unknown column(s) alpah" in capsys.readouterr().err
+    assert main(["analyze", str(checkpoint), "--min-evals", "0"]) == 2
+    assert "min_evals" in capsys.readouterr().err
