@@ -13,7 +13,7 @@ WeightWatcher computes (spec §4.1). Two routes, several libraries:
   of ill-conditioned matrices differ from WeightWatcher's.
 - Checked Gram (``numpy-gram-checked``, ``torch-gram-checked``, ``cupy-gram-checked``): the Gram route, then
   the eigenvalues that the rounding estimate ``(N + M)·eps·λmax`` cannot certify to ``CHECKED_ACCURACY``
-  relative are solved again: a few smallest ones by inverse iteration on an LU of W (``kernels.smallest``),
+  relative are solved again: a few smallest ones by inverse iteration with W's inverse (``kernels.smallest``),
   more than that by the same library's fp64 SVD of the whole matrix. Every eigenvalue is then
   within ``CHECKED_ACCURACY`` (1e-6) relative of LAPACK SVD's, rank columns included, at the Gram route's
   speed for the well-conditioned matrices that trained layers mostly are.
