@@ -68,6 +68,15 @@ def test_peak_slope_recovers_slope_within_resolution(c, seed):
     assert abs(c_opt - c) <= res
 
 
+@pytest.mark.parametrize("c,seed", [(0.8, 4), (0.3, 5)])
+def test_bandwidth_slope_found_on_a_subsample_is_the_full_grids(c, seed, monkeypatch):
+    wi, wf = _ridge(c, seed, n=30_000)
+    fast = drift._bandwidth(wi, wf, drift.C_GRID, np.random.default_rng(0))
+    monkeypatch.setattr(drift, "SCALE_PAIRS", wi.size)  # quartiles of every slope on every pair
+    full = drift._bandwidth(wi, wf, drift.C_GRID, np.random.default_rng(0))
+    assert fast == pytest.approx(full, rel=1e-12)
+
+
 def test_peak_slope_maximises_b6_directly():
     """B.6 by brute force: max over b of the count of residuals w_f − c·w_i in [b, b + δ], on a fine c grid."""
     wi, wf = _ridge(0.6, 3, n=40_000)
