@@ -5,23 +5,24 @@ import functools
 import os
 import sys
 
-#: Device nodes of which at least one exists on a Linux machine with an NVIDIA driver (``/dev/dxg``: WSL2).
-_NVIDIA_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg")
+#: Device nodes of which at least one exists on a Linux machine with a GPU driver that torch or CuPy can use:
+#: NVIDIA's, WSL2's (``/dev/dxg``) and ROCm's (``/dev/kfd``; torch.cuda and CuPy run on ROCm builds too).
+_GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
 
 
 class BackendUnavailable(RuntimeError):
     """The requested backend needs a library or device that this machine lacks."""
 
 
-def _no_nvidia_driver() -> bool:
-    """True on Linux when no NVIDIA device node exists: no CUDA, known without importing torch or CuPy (seconds)."""
-    return sys.platform.startswith("linux") and not any(os.path.exists(p) for p in _NVIDIA_DEVICE_NODES)
+def _no_gpu_driver() -> bool:
+    """True on Linux when no GPU device node exists: no GPU, known without importing torch or CuPy (seconds)."""
+    return sys.platform.startswith("linux") and not any(os.path.exists(p) for p in _GPU_DEVICE_NODES)
 
 
 @functools.cache
 def cupy_available() -> bool:
     """True when CuPy imports and sees at least one CUDA device."""
-    if _no_nvidia_driver():
+    if _no_gpu_driver():
         return False
     try:
         import cupy
@@ -34,7 +35,7 @@ def cupy_available() -> bool:
 @functools.cache
 def torch_cuda_available() -> bool:
     """True when torch imports and ``torch.cuda.is_available()``."""
-    if _no_nvidia_driver():
+    if _no_gpu_driver():
         return False
     try:
         import torch
