@@ -52,3 +52,16 @@ def test_errors_name_the_file_or_the_column(checkpoint, tmp_path, capsys):
     assert "unknown column(s) alpah" in capsys.readouterr().err
     assert main(["analyze", str(checkpoint), "--min-evals", "0"]) == 2
     assert "min_evals" in capsys.readouterr().err
+
+
+def test_one_model_options_reach_the_analysis(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "cnn.npz"
+    np.savez(path, **{"conv.weight": rng.standard_t(3, (48, 32, 3, 3)), "fc.weight": rng.standard_t(3, (100, 48))})
+    out = tmp_path / "layers.csv"
+    assert main(["analyze", str(path), "--slices", "--fix-fingers", "clip_xmax", "--out", str(out)]) == 0
+    written = pd.read_csv(out)
+    expected = zooscope.analyze(str(path), pool=False, fix_fingers="clip_xmax")
+    assert len(written) == 10 and list(written["slice_id"]) == [*range(9), 0]  # 9 kernel positions + the dense
+    np.testing.assert_allclose(written["alpha"], expected["alpha"], rtol=1e-12)
+    np.testing.assert_array_equal(written["num_fingers"], expected["num_fingers"])

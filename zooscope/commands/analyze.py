@@ -13,13 +13,15 @@ EXAMPLES = """examples:
       WeightWatcher 0.7.7's defaults and its -1 for failed fits; every column written to layers.csv
   zooscope analyze hf-model/ --columns name,N,M,alpha,D,xmin,stable_rank --mp-fit
       chosen columns (any of the CSV's), with the Marchenko-Pastur fit
+  zooscope analyze cnn.pt --slices --fix-fingers clip_xmax
+      one row per Conv2D kernel position, power laws fitted with WeightWatcher's clip_xmax
 
 Options are WeightWatcher's analyze() options; 'zooscope scan' analyses many checkpoints into a store.
 exit status: 0 done, 2 unreadable checkpoint or bad option.
 """
 
 #: Columns printed by default (of WeightWatcher's details frame), after ``layer_id``.
-COLUMNS = ("name", "layer_type", "N", "M", "num_evals", "alpha", "D", "xmin", "num_pl_spikes",
+COLUMNS = ("name", "slice_id", "layer_type", "N", "M", "num_evals", "alpha", "D", "xmin", "num_pl_spikes",
            "alpha_weighted", "log_spectral_norm", "stable_rank", "warning")
 
 
@@ -40,6 +42,10 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--columns", metavar="A,B", help="columns to print, comma-separated (default: a summary)")
     parser.add_argument("--limit", type=int, default=0, metavar="N", help="layers to print (default 0: all)")
     add_analysis_arguments(parser)
+    extra = parser.add_argument_group("one model only")
+    extra.add_argument("--fix-fingers", choices=("clip_xmax", "xmin_peak"), help="WeightWatcher's fix_fingers")
+    extra.add_argument("--slices", action="store_true",
+                       help="one row per Conv2D kernel position (WeightWatcher's pool=False / ww2x)")
     parser.set_defaults(func=run)
 
 
@@ -54,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     try:
-        result, frame = _analyze(args.model, ww_compat=args.ww_compat, **option_values(args))
+        result, frame = _analyze(args.model, ww_compat=args.ww_compat, fix_fingers=args.fix_fingers,
+                                 pool=not args.slices, **option_values(args))
     except (CheckpointError, ValueError) as exc:
         print(f"zooscope analyze: error: {exc}", file=sys.stderr)
         return 2
