@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per tool; the fastest is kept")
     args = parser.parse_args()
     rows = ["| checkpoint | zooscope route | layers compared | only in one tool | max abs Δalpha | "
-            "max rel Δ other columns | weightwatcher s | zooscope s | speedup |", "|---|---|---|---|---|---|---|---|---|"]
+            "max rel Δ other columns | weightwatcher s | zooscope s | speedup |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for name in args.models.split(","):
         path = _package_file(*CHECKPOINTS[name])
         if path is None:
