@@ -52,6 +52,8 @@ def test_errors_name_the_file_or_the_column(checkpoint, tmp_path, capsys):
     assert "unknown column(s) alpah" in capsys.readouterr().err
     assert main(["analyze", str(checkpoint), "--min-evals", "0"]) == 2
     assert "min_evals" in capsys.readouterr().err
+    assert main(["analyze", str(checkpoint), "--out", str(tmp_path / "no" / "such" / "dir.csv")]) == 2
+    assert "cannot write" in capsys.readouterr().err
 
 
 def test_one_model_options_reach_the_analysis(tmp_path, capsys):

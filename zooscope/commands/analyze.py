@@ -72,7 +72,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"zooscope analyze: error: {exc}", file=sys.stderr)
         return 2
     if args.out:
-        frame.to_csv(args.out, index=False)
+        try:
+            frame.to_csv(args.out, index=False)
+        except OSError as exc:
+            print(f"zooscope analyze: error: cannot write {args.out}: {exc}", file=sys.stderr)
+            return 2
     print_frame(frame.set_index("layer_id"), [c for c in columns if c != "layer_id"],
                 title=f"{args.model}: {len(frame)} layer matrices ({seconds:.2f} s)", limit=args.limit)
     if len(result.layers):
