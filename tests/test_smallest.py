@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 import scipy.linalg
-from zooscope.kernels.smallest import gram_rounding, smallest_gram_eigenvalues
+from zooscope.kernels.esd import gram_rounding
+from zooscope.kernels.smallest import smallest_gram_eigenvalues
 
 
 def _matrix(rng, n, m, singular_values):
