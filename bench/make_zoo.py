@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-ARCHS = ("resnet18", "resnet50", "gpt2-small", "gpt2-xl", "mlp")
+ARCHS = ("resnet18", "resnet50", "gpt2-small", "gpt2-xl", "mlp", "small-cnn")
 DTYPES = {"fp32": ("F32", "<f4"), "fp16": ("F16", "<f2"), "bf16": ("BF16", "<u2")}
 
 
@@ -82,6 +82,11 @@ def arch_spec(arch: str) -> list[tuple[str, tuple[int, ...], str]]:
         return [("fc1.weight", (512, 784), "linear"), ("fc1.bias", (512,), "bias"),
                 ("fc2.weight", (256, 512), "linear"), ("fc2.bias", (256,), "bias"),
                 ("fc3.weight", (10, 256), "linear"), ("fc3.bias", (10,), "bias")]
+    if arch == "small-cnn":  # a Model-Zoos-style CNN: conv 1->16->16->16 3x3 + dense 16->10, 4,970 parameters
+        convs = [(f"conv{i}", (16, c, 3, 3)) for i, c in enumerate((1, 16, 16), start=1)]
+        return [t for name, shape in convs for t in ((f"{name}.weight", shape, "conv"),
+                                                      (f"{name}.bias", shape[:1], "bias"))] + \
+            [("fc.weight", (10, 16), "linear"), ("fc.bias", (10,), "bias")]
     raise ValueError(f"unknown arch {arch!r}: expected one of {', '.join(ARCHS)}")
 
 
@@ -171,7 +176,7 @@ def write_zoo(arch: str, n_models: int, out: str | Path, dtype: str = "fp16", se
         rows = csv.writer(fh)
         rows.writerow(["path", "model_id", "series", "seed", "tail_df", "dtype"])
         for i in range(n_models):
-            model_id = f"{arch}-{i:03d}"
+            model_id = f"{arch}-{i:0{max(3, len(str(n_models - 1)))}d}"
             path = write_model(out / f"{model_id}.safetensors", arch, seed + i, dtype)
             rows.writerow([path.name, model_id, arch, seed + i, f"{model_tail_df(seed + i):.4f}", dtype])
             paths.append(path)

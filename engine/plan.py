@@ -1,9 +1,14 @@
-"""Plan a scan: which models still need analysing, and how each is cut into tasks (one per model shard).
+"""Plan a scan: which models still need analysing, how each is cut into parts, and how parts pack into tasks.
 
 A model whose content hash the store already holds is skipped. A model larger than ``shard_bytes`` on disk is
 split: by its safetensors/``.bin`` shard files when it has several (a file above the budget is split further),
 otherwise into contiguous groups of whole tensors (checkpoint key order) of at most ``shard_bytes`` each
-(a single tensor larger than the budget is a shard of its own). Tasks carry tensor names, never tensors.
+(a single tensor larger than the budget is a shard of its own). Each model or shard is a :class:`Part`.
+
+``pack`` groups parts into :class:`Task`s, the unit Dask schedules: small models are packed many to a task (up to
+``batch_bytes`` read and ``batch_models`` parts), so that a zoo of 100k small models is hundreds of tasks whose
+layers the task solves bucketed by shape (``pipelines.batch``); a shard of a large model is a task of its own.
+Tasks carry paths and tensor names, never tensors.
 """
 from __future__ import annotations
 
@@ -14,6 +19,10 @@ from zooscope.pipelines.readers import CheckpointError, content_hash, model_file
 
 #: Models above this many bytes on disk are split into shards of at most this many bytes (2 GiB).
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+#: A task packs parts until it reads this many bytes (16 MiB: about a second of work for small CNNs) ...
+DEFAULT_BATCH_BYTES = 16 * 1024**2
+#: ... or holds this many parts.
+DEFAULT_BATCH_MODELS = 2048
 
 
 class Source(Protocol):
@@ -24,12 +33,12 @@ class Source(Protocol):
 
 
 @dataclass(frozen=True)
-class Task:
-    """One unit of work: analyse ``keys`` of the checkpoint at ``path`` (all tensors when ``keys`` is None).
+class Part:
+    """One model, or one shard of a model: analyse ``keys`` of the checkpoint at ``path`` (all when None).
 
-    shard / n_shards: position of this task among its model's tasks (0-based) and their number.
-    nbytes: bytes of tensor data the task reads (file size for an unsplit model).
-    wants_gpu: the task may use a GPU (it asks for the ``GPU`` resource where workers offer one).
+    shard / n_shards: position of this part among its model's parts (0-based) and their number.
+    nbytes: bytes of tensor data the part reads (file size for an unsplit model).
+    wants_gpu: the part may use a GPU (its task asks for the ``GPU`` resource where workers offer one).
     """
 
     model_id: str
@@ -42,6 +51,55 @@ class Task:
     wants_gpu: bool = False
 
 
+@dataclass(frozen=True)
+class Task:
+    """The unit of work Dask schedules: ``parts`` analysed together, their layers bucketed by shape."""
+
+    parts: tuple[Part, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the task reads."""
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def wants_gpu(self) -> bool:
+        return any(p.wants_gpu for p in self.parts)
+
+
+def pack(parts: Sequence[Part], *, batch_bytes: int | None = None, batch_models: int | None = None,
+         min_tasks: int = 1) -> list[Task]:
+    """Group ``parts`` into tasks, in order: consecutive unsplit models share a task up to ``batch_bytes`` read
+    (default ``DEFAULT_BATCH_BYTES``) and ``batch_models`` parts (default ``DEFAULT_BATCH_MODELS``); each shard
+    of a split model is a task of its own. ``min_tasks``: shrink the batches so that there are at least this many
+    tasks when there are that many parts (e.g. a few tasks per worker, so every worker gets work).
+    """
+    max_bytes = DEFAULT_BATCH_BYTES if batch_bytes is None else int(batch_bytes)
+    max_models = DEFAULT_BATCH_MODELS if batch_models is None else int(batch_models)
+    if max_bytes < 1 or max_models < 1 or min_tasks < 1:
+        raise ValueError(f"batch_bytes, batch_models and min_tasks must be positive, got {batch_bytes}, "
+                         f"{batch_models} and {min_tasks}")
+    whole = [p for p in parts if p.n_shards == 1]
+    if whole and min_tasks > 1:
+        max_models = min(max_models, max(1, -(-len(whole) // min_tasks)))
+        max_bytes = min(max_bytes, max(1, -(-sum(p.nbytes for p in whole) // min_tasks)))
+    tasks: list[Task] = []
+    current: list[Part] = []
+    size = 0
+    for part in parts:
+        if current and (part.n_shards > 1 or size + part.nbytes > max_bytes or len(current) >= max_models):
+            tasks.append(Task(tuple(current)))
+            current, size = [], 0
+        if part.n_shards > 1:
+            tasks.append(Task((part,)))
+            continue
+        current.append(part)
+        size += part.nbytes
+    if current:
+        tasks.append(Task(tuple(current)))
+    return tasks
+
+
 def plan(
     sources: Iterable[Source],
     *,
@@ -49,19 +107,19 @@ def plan(
     shard_bytes: int | None = None,
     hashes: Mapping[str, str] | None = None,
     wants_gpu: bool = False,
-) -> list[Task]:
-    """Tasks for every source whose content hash is not in ``done_hashes``, in source order.
+) -> list[Part]:
+    """Parts for every source whose content hash is not in ``done_hashes``, in source order.
 
     ``hashes`` maps a source path to its content hash where the caller already knows it (else it is computed
     with ``readers.content_hash``). Of several sources with the same content only the first is planned (the
     store keeps one row per hash). A checkpoint that cannot be opened for splitting becomes one task, so that
-    its error is reported by the task like any other.
+    its error is reported by its task like any other.
     """
     budget = DEFAULT_SHARD_BYTES if shard_bytes is None else int(shard_bytes)
     if budget < 1:
         raise ValueError(f"shard_bytes must be positive, got {shard_bytes}")
     seen = set(done_hashes)
-    tasks: list[Task] = []
+    parts: list[Part] = []
     for source in sources:
         digest = (hashes or {}).get(source.path) or content_hash(source.path)
         if digest in seen:
@@ -70,11 +128,11 @@ def plan(
         size = disk_bytes(source.path)
         groups = _shard_keys(source.path, budget) if size > budget else None
         if not groups or len(groups) == 1:
-            tasks.append(Task(source.model_id, source.path, digest, None, 0, 1, size, wants_gpu))
+            parts.append(Part(source.model_id, source.path, digest, None, 0, 1, size, wants_gpu))
             continue
         for i, (keys, nbytes) in enumerate(groups):
-            tasks.append(Task(source.model_id, source.path, digest, tuple(keys), i, len(groups), nbytes, wants_gpu))
-    return tasks
+            parts.append(Part(source.model_id, source.path, digest, tuple(keys), i, len(groups), nbytes, wants_gpu))
+    return parts
 
 
 def disk_bytes(path: str) -> int:

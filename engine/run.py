@@ -1,9 +1,11 @@
 """Run planned tasks in-process or on a Dask cluster and yield their results as they finish.
 
-Each task opens its checkpoint on the worker and reads only its own tensors (``pipelines.analyze.analyze_path``);
-the client sends paths and tensor names, never weights. A file that cannot be read comes back as its
-``CheckpointError`` (not retried: the file will not get better); any other exception is retried ``retries``
-times by Dask, and a worker that dies mid-task has its task rescheduled by the scheduler.
+A task is a batch of parts (small models, or one shard of a large one). Each task opens its checkpoints on the
+worker, reads only its own tensors and analyses them together (``pipelines.batch.analyze_batch``); the client sends
+paths and tensor names, never weights. A file that cannot be read comes back inside the task's ``BatchResult``
+as that part's ``CheckpointError`` (permanent: the file will not get better, so the task is not retried for it).
+Anything else that fails a task (a worker that died, memory, a missing backend) is transient: Dask retries the
+task ``retries`` times, and a task that still fails comes back as its exception for every part it held.
 """
 from __future__ import annotations
 
@@ -14,33 +16,32 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from zooscope.engine.plan import Task
-from zooscope.pipelines.analyze import AnalysisOptions, analyze_path
-from zooscope.pipelines.readers import CheckpointError
-from zooscope.pipelines.result import ModelResult
+from zooscope.engine.plan import Part, Task
+from zooscope.pipelines.analyze import AnalysisOptions
+from zooscope.pipelines.batch import analyze_batch
+from zooscope.pipelines.result import BatchResult
 
 #: In a log (stderr not a terminal), the scan's progress is printed as a line at most this often, seconds.
 LOG_EVERY_S = 30.0
-#: Test hook: a task of this model_id ends its process with ``os._exit(1)`` ...
+#: Test hook: a task holding this model_id ends its process with ``os._exit(1)`` ...
 EXIT_ON_ENV = "ZOOSCOPE_TEST_EXIT_ON"
 #: ... unless this marker file exists (the hook creates it before exiting, so the retry succeeds).
 EXIT_MARKER_ENV = "ZOOSCOPE_TEST_EXIT_MARKER"
+#: Seconds a cluster scan waits for its first worker (e.g. SLURM jobs still queued) before giving up.
+WORKER_WAIT_S = 600.0
 
 
-def run_task(path: str, options: AnalysisOptions, keys: Sequence[str] | None,
-             model_id: str) -> ModelResult | CheckpointError:
-    """The task body: analyse ``keys`` of ``path``; a bad file is returned as its ``CheckpointError``.
+def run_task(parts: Sequence[tuple[str, Sequence[str] | None, str]], options: AnalysisOptions) -> BatchResult:
+    """The task body: analyse ``(path, keys, model_id)`` parts together (``pipelines.batch.analyze_batch``).
 
-    ``timings['wall']`` of the result is the task's wall time in seconds.
+    ``result.timings['wall']`` is the task's wall time in seconds.
     """
-    _test_exit_hook(model_id)
+    for _, _, model_id in parts:
+        _test_exit_hook(model_id)
     t0 = time.perf_counter()
-    try:
-        result = analyze_path(path, options, list(keys) if keys is not None else None)
-    except CheckpointError as err:
-        return err
-    result.timings["wall"] = time.perf_counter() - t0
-    return result
+    batch = analyze_batch([(path, list(keys) if keys is not None else None) for path, keys, _ in parts], options)
+    batch.result.timings["wall"] = time.perf_counter() - t0
+    return batch
 
 
 def _test_exit_hook(model_id: str) -> None:
@@ -62,40 +63,52 @@ def execute(
     client: Any = None,
     retries: int = 2,
     progress: bool = True,
-) -> Iterator[tuple[Task, ModelResult | Exception]]:
-    """Run ``tasks`` and yield ``(task, result or exception)`` as each finishes (completion order).
+    worker_wait: float = WORKER_WAIT_S,
+) -> Iterator[tuple[Task, BatchResult | Exception]]:
+    """Run ``tasks`` and yield ``(task, BatchResult or the exception that failed it)`` as each finishes.
 
     ``client=None`` runs them one by one in this process; otherwise they are submitted to the Dask
-    ``client``, GPU-wanting tasks asking for ``resources={"GPU": 1}`` as :func:`task_resources` decides.
+    ``client``, GPU-wanting tasks asking for ``resources={"GPU": 1}`` as :func:`task_resources` decides; a cluster
+    without a worker after ``worker_wait`` seconds raises ``TimeoutError``.
     Progress on stderr counts models, shards and bytes (a bar on a terminal, lines in a log).
     """
-    with _Progress(tasks, enabled=progress) as bar:
-        outcomes = _in_process(tasks, options) if client is None else _on_cluster(tasks, options, client, retries)
+    parts = [p for t in tasks for p in t.parts]
+    with _Progress(parts, enabled=progress) as bar:
+        outcomes = _in_process(tasks, options) if client is None else _on_cluster(tasks, options, client, retries,
+                                                                                   worker_wait)
         for task, outcome in outcomes:
-            bar.advance(task)
+            for part in task.parts:
+                bar.advance(part)
             yield task, outcome
+
+
+def _task_args(task: Task) -> list[tuple[str, tuple[str, ...] | None, str]]:
+    return [(p.path, p.keys, p.model_id) for p in task.parts]
 
 
 def _in_process(tasks: Sequence[Task], options: AnalysisOptions) -> Iterator[tuple[Task, Any]]:
     """One task after another, with BLAS single-threaded like a Dask worker (``OMP_NUM_THREADS=1``): the same
-    LAPACK path as on a cluster, and no thread oversubscription on the many small matrices of a model."""
+    LAPACK path as on a cluster, and no thread oversubscription on the many small matrices of a batch."""
     from threadpoolctl import threadpool_limits
 
-    for task in tasks:
-        with threadpool_limits(limits=1, user_api="blas"):
+    with threadpool_limits(limits=1, user_api="blas"):
+        for task in tasks:
             try:
-                outcome = run_task(task.path, options, task.keys, task.model_id)
-            except Exception as err:  # noqa: BLE001 - one model's failure must not end the scan
+                outcome = run_task(_task_args(task), options)
+            except Exception as err:  # noqa: BLE001 - one task's failure must not end the scan
                 outcome = err
-        yield task, outcome
+            yield task, outcome
 
 
-def _on_cluster(tasks: Sequence[Task], options: AnalysisOptions, client: Any,
-                retries: int) -> Iterator[tuple[Task, Any]]:
+def _on_cluster(tasks: Sequence[Task], options: AnalysisOptions, client: Any, retries: int,
+                worker_wait: float) -> Iterator[tuple[Task, Any]]:
     from distributed import as_completed
 
     if not client.scheduler_info().get("workers"):  # e.g. SLURM jobs still queued: GPU routing needs a worker
-        client.wait_for_workers(1)
+        try:
+            client.wait_for_workers(1, timeout=worker_wait)
+        except TimeoutError as err:
+            raise TimeoutError(f"no Dask worker joined within {worker_wait:.0f} s") from err
     workers = client.scheduler_info().get("workers", {})
     n_gpu = sum(w.get("resources", {}).get("GPU", 0) > 0 for w in workers.values())
     run_id = uuid.uuid4().hex[:8]
@@ -105,7 +118,7 @@ def _on_cluster(tasks: Sequence[Task], options: AnalysisOptions, client: Any,
         key = f"analyze-{run_id}-{i}"
         by_key[key] = task
         futures.append(client.submit(
-            run_task, task.path, options, task.keys, task.model_id,
+            run_task, _task_args(task), options,
             key=key, retries=retries, pure=False,
             resources=task_resources(task, n_gpu, len(workers)),
         ))
@@ -144,7 +157,7 @@ class _Progress:
     terminal, e.g. a nightly job) a plain line at most every ``LOG_EVERY_S`` seconds and at the end. Disabled: does
     nothing."""
 
-    def __init__(self, tasks: Sequence[Task], *, enabled: bool) -> None:
+    def __init__(self, tasks: Sequence[Part], *, enabled: bool) -> None:
         self.enabled = enabled and len(tasks) > 0
         self.shards_left: dict[str, int] = {}
         for task in tasks:
@@ -175,7 +188,7 @@ class _Progress:
     def _fields(self) -> dict[str, str]:
         return {"models": f"{self.models_done}/{self.n_models}", "shards": f"{self.shards_done}/{self.n_shards}"}
 
-    def advance(self, task: Task) -> None:
+    def advance(self, task: Part) -> None:
         self.shards_done += 1
         self.bytes_done += task.nbytes
         self.shards_left[task.content_hash] -= 1

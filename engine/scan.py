@@ -19,18 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 
 from zooscope.engine.cluster import available_cores, get_profile, make_client
-from zooscope.engine.plan import Task, plan
+from zooscope.engine.plan import Part, Task, pack, plan
 from zooscope.engine.run import execute
 from zooscope.engine.store import ZooStore
 from zooscope.engine.tune import with_saved_table
 from zooscope.pipelines.analyze import AnalysisOptions
 from zooscope.pipelines.drift import drift_table, pair_checkpoints
 from zooscope.pipelines.readers import CheckpointError, content_hash, discover, model_files
-from zooscope.pipelines.result import ModelResult, merge_results
-from zooscope.pipelines.summary import SUMMARY_METRICS, model_summary
+from zooscope.pipelines.result import BatchResult, ModelResult, merge_results
+from zooscope.pipelines.summary import SUMMARY_METRICS, model_summaries
 
 #: With ``cluster="auto"``, start a LocalCluster only for at least this much work (bytes to read) ...
 AUTO_LOCAL_BYTES = 256 * 1024**2
@@ -50,7 +51,9 @@ class ScanUsageError(ValueError):
 
 @dataclass
 class ScanReport:
-    """What a scan did. ``failed`` lists ``(path, message naming the file)`` per model recorded as an error."""
+    """What a scan did. ``failed`` lists ``(path, message naming the file)`` per model that failed: recorded as an
+    error row (the file cannot be read), or, ``n_retry`` of them, not stored because the failure was not the
+    file's (a dead worker, memory, a missing backend), so the next scan retries them."""
 
     store: str
     n_ok: int = 0
@@ -60,6 +63,7 @@ class ScanReport:
     seconds: float = 0.0
     cluster: str = "none"
     n_drift: int = 0
+    n_retry: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -86,6 +90,8 @@ def scan(
     config: str | os.PathLike | None = None,
     workers: int | None = None,
     shard_bytes: int | None = None,
+    batch_bytes: int | None = None,
+    batch_models: int | None = None,
     rehash: bool = False,
     commit_seconds: float = 10.0,
     progress: bool = True,
@@ -99,6 +105,8 @@ def scan(
         ``none`` (so a small zoo or a rerun with nothing new starts no cluster). ``client``: an existing
         ``distributed.Client`` to use instead (``cluster`` is then ignored).
     shard_bytes: models larger than this (bytes on disk) are split into shards (default 2 GiB).
+    batch_bytes, batch_models: smaller models are analysed many to a task, up to this many bytes read and models
+        (``engine.plan.pack``; on a cluster the batches shrink so that each worker gets about four tasks).
     rehash: hash every file even when its size and mtime match what the store recorded for that path.
     commit_seconds: completed models are committed to the store at least this often (and every 64 models, and
         at the end); a crash loses at most the models completed since the last commit. 0: commit every model.
@@ -115,6 +123,9 @@ def scan(
     if not models:
         given = [*map(str, paths), *([str(manifest)] if manifest else [])]
         raise ScanUsageError(f"no checkpoints found in {', '.join(given) or '(no paths given)'}")
+    for name, value in (("shard_bytes", shard_bytes), ("batch_bytes", batch_bytes), ("batch_models", batch_models)):
+        if value is not None and not value >= 1:
+            raise ScanUsageError(f"{name} must be a positive number, got {value!r}")
     if client is None and cluster != "auto":
         get_profile(cluster, config)  # a bad profile fails before the store is touched
     pairs = _drift_pairs(models)  # a bad init column fails before any analysis, not after it
@@ -133,32 +144,27 @@ def scan(
             if digest in done:
                 report.n_skipped += 1
                 continue
-            row = _model_row(model, digest, "", message, None)
+            row = _model_row(model, digest, "", message)
             zoo.append(row, None)
             report.n_error += 1
             report.failed.append((model.path, row["error"]))
         readable = [m for m in models if m.path in hashes]
-        tasks = plan(readable, done_hashes=done, shard_bytes=shard_bytes, hashes=hashes,
+        parts = plan(readable, done_hashes=done, shard_bytes=shard_bytes, hashes=hashes,
                      wants_gpu=wants_gpu(options))
         by_hash: dict[str, ModelInput] = {}
         for model in readable:  # the first model of a content hash is the one planned
             by_hash.setdefault(hashes[model.path], model)
-        report.n_skipped += len(readable) - len({t.content_hash for t in tasks})
-        report.cluster = "client" if client is not None else resolve_cluster(cluster, tasks)
+        report.n_skipped += len(readable) - len({p.content_hash for p in parts})
+        report.cluster = "client" if client is not None else resolve_cluster(cluster, parts)
         context = nullcontext(client) if client is not None else make_client(report.cluster, config=config,
                                                                            workers=workers)
         with context as active:
-            for task, parts in _models_as_completed(execute(tasks, options, client=active, progress=progress)):
-                model = by_hash[task.content_hash]
-                error = _first_error(parts)
-                result = None if error else merge_results(parts)
-                row = _model_row(model, task.content_hash, stats.get(model.path, ""), error, result)
-                zoo.append(row, result)
-                if error:
-                    report.n_error += 1
-                    report.failed.append((model.path, row["error"]))
-                else:
-                    report.n_ok += 1
+            n_workers = len(active.scheduler_info().get("workers", {})) if active is not None else 1
+            tasks = pack(parts, batch_bytes=batch_bytes, batch_models=batch_models, min_tasks=4 * max(1, n_workers)
+                         if active is not None else 1)
+            writer = _Writer(zoo, report, by_hash, stats)
+            for task, outcome in execute(tasks, options, client=active, progress=progress):
+                writer.add(task, outcome)
             report.n_drift = _scan_drift(models, pairs, zoo, active)
     finally:
         zoo.close()
@@ -333,46 +339,126 @@ def _hash_all(models: Sequence[ModelInput], known: pd.DataFrame,
     return hashes, stats, failures
 
 
-def _models_as_completed(outcomes: Iterable[tuple[Task, Any]]) -> Iterable[tuple[Task, list[Any]]]:
-    """Group task outcomes by model; yield ``(task, outcomes of all its shards in shard order)`` when complete."""
-    pending: dict[str, dict[int, Any]] = {}
-    for task, outcome in outcomes:
-        parts = pending.setdefault(task.content_hash, {})
-        parts[task.shard] = outcome
-        if len(parts) == task.n_shards:
-            del pending[task.content_hash]
-            yield task, [parts[i] for i in range(task.n_shards)]
+class _Writer:
+    """Turns finished tasks into store rows: the models of a batch are appended together (one row per model, their
+    summaries computed for the whole batch at once); the shards of a split model are merged, in layer order, when
+    its last shard is in. A task that failed as a whole (a dead worker, memory, a missing backend) is transient: its
+    models are reported, not stored, so the next scan retries them."""
+
+    def __init__(self, zoo: ZooStore, report: ScanReport, by_hash: dict[str, ModelInput],
+                 stats: dict[str, str]) -> None:
+        self.zoo, self.report, self.by_hash, self.stats = zoo, report, by_hash, stats
+        self.shards: dict[str, dict[int, Any]] = {}
+
+    def add(self, task: Task, outcome: BatchResult | Exception) -> None:
+        if len(task.parts) == 1 and task.parts[0].n_shards > 1:
+            part = task.parts[0]
+            shard = outcome if isinstance(outcome, BaseException) else _part_or_error(outcome, 0)
+            done = self.shards.setdefault(part.content_hash, {})
+            done[part.shard] = shard
+            if len(done) == part.n_shards:
+                del self.shards[part.content_hash]
+                self._add_merged(part, [done[i] for i in range(part.n_shards)])
+            return
+        if isinstance(outcome, BaseException):
+            for part in task.parts:
+                self._transient(part, outcome)
+            return
+        self._add_batch(task.parts, outcome)
+
+    def _transient(self, part: Part, err: BaseException) -> None:
+        model = self.by_hash[part.content_hash]
+        self.report.n_error += 1
+        self.report.n_retry += 1
+        self.report.failed.append((model.path, f"{model.path}: {_message(err)} (not stored: retried by the next "
+                                               "scan)"))
+
+    def _add_batch(self, parts: Sequence[Part], batch: BatchResult) -> None:
+        result = batch.result
+        seconds = result.timings.get("wall", math.nan) / max(1, sum(p.nbytes for p in parts))
+        rows = []
+        for i, part in enumerate(parts):
+            model = self.by_hash[part.content_hash]
+            error = "" if batch.errors[i] is None else _message(batch.errors[i])
+            rows.append(_model_row(model, part.content_hash, self.stats.get(model.path, ""), error))
+            if error:
+                rows[-1].update(n_layers=0)
+            else:
+                rows[-1].update(n_params=int(batch.n_params[i]), seconds=seconds * part.nbytes)
+        counts = np.bincount(batch.part_of_row, minlength=len(parts))
+        for i, row in enumerate(rows):
+            if not row["error"]:
+                row["n_layers"] = int(counts[i])
+        if len(result.layers):
+            for column, values in _summary_columns(result, batch.part_of_row, len(parts)).items():
+                for i, row in enumerate(rows):
+                    if not row["error"] and counts[i]:
+                        row[column] = float(values[i])
+        self.zoo.append_many(rows, result, batch.part_of_row)
+        self._count(rows)
+
+    def _add_merged(self, part: Part, shards: list[Any]) -> None:
+        model = self.by_hash[part.content_hash]
+        error = next((s for s in shards if isinstance(s, BaseException)), None)
+        if error is not None and not isinstance(error, CheckpointError):
+            self._transient(part, error)
+            return
+        row = _model_row(model, part.content_hash, self.stats.get(model.path, ""),
+                         "" if error is None else _message(error))
+        result = None if error is not None else merge_results(shards)
+        if result is not None:
+            row.update(n_layers=len(result.layers), n_params=int(result.n_params),
+                       seconds=float(result.timings.get("wall", math.nan)))
+            if len(result.layers):
+                row.update({c: float(v[0]) for c, v in _summary_columns(
+                    result, np.zeros(len(result.layers), np.int64), 1).items()})
+        self.zoo.append(row, result)
+        self._count([row])
+
+    def _count(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            if row["error"]:
+                self.report.n_error += 1
+                self.report.failed.append((row["path"], row["error"]))
+            else:
+                self.report.n_ok += 1
 
 
-def _first_error(parts: list[Any]) -> str:
-    for part in parts:
-        if isinstance(part, BaseException):
-            return str(part) or type(part).__name__
-    return ""
+def _part_or_error(batch: BatchResult, i: int) -> ModelResult | CheckpointError:
+    result = batch.part(i) if batch.errors[i] is None else batch.errors[i]
+    if not isinstance(result, BaseException):
+        result.timings["wall"] = batch.result.timings.get("wall", math.nan)
+    return result
 
 
-def _model_row(model: ModelInput, digest: str, stat: str, error: str, result: ModelResult | None) -> dict[str, Any]:
-    """The ``/models`` row of one model (docs/INTERFACES.md, Table columns; the store adds ``version``)."""
-    row: dict[str, Any] = {
+def _message(err: BaseException) -> str:
+    return str(err) or type(err).__name__
+
+
+def _summary_columns(result: ModelResult, model_of_row: np.ndarray, n_models: int) -> dict[str, np.ndarray]:
+    """The summary columns of the models' rows: WeightWatcher's means and the robust ones (``robust_*``)."""
+    def esd(layer_row: pd.Series) -> np.ndarray:
+        return result.esd[layer_row.name]
+
+    ww = model_summaries(result.layers, model_of_row, n_models, "ww", esd=esd)
+    robust = model_summaries(result.layers, model_of_row, n_models, "robust")
+    return {**{m: ww[m] for m in SUMMARY_METRICS if m in ww},
+            **{f"robust_{m}": robust[m] for m in SUMMARY_METRICS if m in robust}}
+
+
+def _model_row(model: ModelInput, digest: str, stat: str, error: str) -> dict[str, Any]:
+    """The ``/models`` row of one model without its results (docs/INTERFACES.md, Table columns; the store adds
+    ``version``; the caller adds ``n_layers``, ``n_params``, ``seconds`` and the summaries)."""
+    return {
         "model_id": model.model_id,
         "path": model.path,
         "content_hash": digest,
         "status": "error" if error else "ok",
         "error": error if not error or model.path in error else f"{model.path}: {error}",
-        "n_layers": 0 if result is None else len(result.layers),
-        "n_params": 0 if result is None else int(result.n_params),
-        "seconds": math.nan if result is None else float(result.timings.get("wall", math.nan)),
+        "n_layers": 0,
+        "seconds": math.nan,
         "scanned_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "file_stat": stat,
         **dict(model.metadata),
     }
-    if result is not None and len(result.layers):
-        def esd(layer_row: pd.Series):
-            return result.esd[layer_row.name]
-
-        ww = model_summary(result.layers, "ww", esd=esd)
-        robust = model_summary(result.layers, "robust")
-        row.update({m: ww[m] for m in SUMMARY_METRICS if m in ww})
-        row.update({f"robust_{m}": robust[m] for m in SUMMARY_METRICS if m in robust})
-    return row
 

@@ -251,7 +251,7 @@ class ZooStore:
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         self._load_meta()
         self._pending_rows: list[dict[str, Any]] = []
-        self._pending_results: list[ModelResult | None] = []
+        self._pending_results: list[tuple[int, ModelResult, np.ndarray]] = []  # (first model, result, model per row)
         self._pending_drift: list[pd.DataFrame] = []
         self._pending_values = 0
         self._last_flush = time.monotonic()
@@ -456,42 +456,62 @@ class ZooStore:
         ``scanned_at`` when absent. A non-empty ``content_hash`` already stored for the model_id is refused.
         The model is committed by the next flush.
         """
+        if result is None:
+            model_row = {**model_row, "status": "error"}
+        else:
+            model_row = {"n_params": result.n_params, "n_layers": len(result.layers), **model_row}
+        self.append_many([model_row], result, None if result is None else np.zeros(len(result.layers), np.int64))
+
+    def append_many(self, model_rows: list[dict[str, Any]], result: ModelResult | None,
+                    model_of_row: np.ndarray | None) -> None:
+        """Append many models at once: their rows, and the layer rows of all of them in one ``result`` whose row
+        ``i`` belongs to ``model_rows[model_of_row[i]]`` (non-decreasing). Rows as in :meth:`append`; a model
+        row without layers in ``result`` and without a ``status`` is 'ok' with 0 layers."""
         self._writable()
+        self._ensure_index()
+        known: dict[str, tuple[int, str]] = {}  # this call's rows, checked against each other too
+        pairs: set[tuple[str, str]] = set()
+        rows = []
+        for model_row in model_rows:
+            row = self._model_row(model_row, known, pairs)
+            known[row["model_id"]] = (row["version"], row["content_hash"])
+            pairs.add((row["model_id"], row["content_hash"]))
+            rows.append(row)
+        if result is not None and len(result.layers):
+            bins = result.hist_counts.shape[1] if result.hist_counts.size else None
+            if bins is not None:
+                if self._hist_bins is not None and bins != self._hist_bins:
+                    raise ValueError(f"model {rows[0]['model_id']!r}: histograms of {bins} bins, the store holds "
+                                     f"{self._hist_bins}-bin histograms")
+                self._hist_bins = bins
+            self._pending_values += sum(len(e) for e in result.esd)
+            self._pending_results.append((len(self._pending_rows), result, np.asarray(model_of_row, np.int64)))
+        self._pending_rows += rows
+        self._known.update(known)
+        self._pairs.update(p for p in pairs if p[1])
+        if (len(self._pending_rows) >= self.flush_every or self._pending_values >= self.max_pending_values
+                or time.monotonic() - self._last_flush >= self.flush_seconds):
+            self.flush()
+
+    def _model_row(self, model_row: dict[str, Any], known: dict[str, tuple[int, str]],
+                   pairs: set[tuple[str, str]]) -> dict[str, Any]:
+        """A model row checked and completed (version, status, error, counts, time) for :meth:`append_many`;
+        ``known``/``pairs``: rows of the same call not yet in the index."""
         if "model_id" not in model_row:
             raise ValueError("a model row needs a 'model_id'")
         row = dict(model_row)
         mid = row["model_id"] = str(row["model_id"])
         h = row["content_hash"] = str(row.get("content_hash") or "")
-        self._ensure_index()
-        if h and (mid, h) in self._pairs:
+        if h and ((mid, h) in self._pairs or (mid, h) in pairs):
             raise ValueError(f"model {mid!r} with content hash {h[:16]}... is already in the store")
-        version = self._known.get(mid, (0, ""))[0] + 1
+        version = (known.get(mid) or self._known.get(mid, (0, "")))[0] + 1
         if int(row.setdefault("version", version)) != version:
             raise ValueError(f"model {mid!r}: version {row['version']} given, the next version is {version}")
-        if result is None:
-            row["status"] = "error"
         row.setdefault("status", "ok")
         row.setdefault("error", "")
-        row.setdefault("n_layers", len(result.layers) if result is not None else 0)
-        if result is not None:
-            row.setdefault("n_params", result.n_params)
-            bins = result.hist_counts.shape[1] if result.hist_counts.size else None
-            if bins is not None:
-                if self._hist_bins is not None and bins != self._hist_bins:
-                    raise ValueError(f"model {mid!r}: histograms of {bins} bins, the store holds "
-                                     f"{self._hist_bins}-bin histograms")
-                self._hist_bins = bins
-            self._pending_values += sum(len(e) for e in result.esd)
+        row.setdefault("n_layers", 0)
         row.setdefault("scanned_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        row = {**{k: row[k] for k in MODEL_COLUMNS if k in row}, **row}
-        self._pending_rows.append(row)
-        self._pending_results.append(result)
-        self._known[mid] = (version, h)
-        if h:
-            self._pairs.add((mid, h))
-        if (len(self._pending_rows) >= self.flush_every or self._pending_values >= self.max_pending_values
-                or time.monotonic() - self._last_flush >= self.flush_seconds):
-            self.flush()
+        return {**{k: row[k] for k in MODEL_COLUMNS if k in row}, **row}
 
     def append_drift(self, df: pd.DataFrame) -> None:
         """Append drift rows (any columns) and commit them together with anything pending."""
@@ -511,11 +531,10 @@ class ZooStore:
         n_models = len(self._pending_rows)
 
         frames, model_rows, counts = [], [], []
-        for i, res in enumerate(self._pending_results):
-            if res is not None and len(res.layers):
-                frames.append(res.layers)
-                model_rows.append(np.full(len(res.layers), c["n_models"] + i, dtype=np.int64))
-                counts.extend(len(e) for e in res.esd)
+        for first, res, model_of_row in self._pending_results:
+            frames.append(res.layers)
+            model_rows.append(c["n_models"] + first + model_of_row)
+            counts.extend(len(e) for e in res.esd)
         n_layers = sum(len(f) for f in frames)
         layer_cols = self._table_batch("layers", _group_frames(frames), n_layers)
         esd_count = np.asarray(counts, dtype=np.int64)
@@ -578,7 +597,7 @@ class ZooStore:
         c[COUNTER_OF[table]] = start + n
 
     def _write_esd(self, c: dict[str, int], writes: list[Write]) -> None:
-        values = [np.asarray(e, dtype=np.float64) for r in self._pending_results if r is not None for e in r.esd]
+        values = [np.asarray(e, dtype=np.float64) for _, r, _ in self._pending_results for e in r.esd]
         total = sum(len(v) for v in values)
         if not total:
             return
@@ -605,8 +624,8 @@ class ZooStore:
         counts = np.full((n_layers, bins), np.nan)
         edges = np.full((n_layers, bins + 1), np.nan)
         row = 0
-        for res in self._pending_results:
-            k = len(res.layers) if res is not None else 0
+        for _, res, _ in self._pending_results:
+            k = len(res.layers)
             if k and res.hist_counts.size:
                 counts[row:row + k] = res.hist_counts
                 edges[row:row + k] = res.hist_edges

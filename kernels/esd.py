@@ -243,17 +243,27 @@ def singular_value_stats(evals_per_slice: np.ndarray, n: int, *, ww_sv_min: bool
     minimum (``min_sv = max(min_sv, min(sv))``) — a bug; here it is the global minimum, unless ``ww_sv_min``
     asks for WeightWatcher's. The two agree for single-matrix (dense) layers.
     """
-    lam = np.maximum(np.asarray(evals_per_slice, dtype=np.float64), 0.0)
+    lam = np.asarray(evals_per_slice, dtype=np.float64)
     if lam.ndim != 2 or lam.size == 0:
         raise ValueError(f"evals_per_slice must have shape (B, M) with B, M > 0; got {lam.shape}")
+    rows = singular_value_stats_rows(lam[None], n, ww_sv_min=ww_sv_min, weak_rank_tolerance=weak_rank_tolerance)
+    return {k: v[0].item() for k, v in rows.items()}
+
+
+def singular_value_stats_rows(evals: np.ndarray, n: int, *, ww_sv_min: bool = False,
+                              weak_rank_tolerance: float = WEAK_RANK_TOLERANCE) -> dict[str, np.ndarray]:
+    """``singular_value_stats`` of R same-shaped layers at once: ``evals`` (R, B, M) -> ``{column: (R,)}``."""
+    lam = np.maximum(np.asarray(evals, dtype=np.float64), 0.0)
+    r = lam.shape[0]
     sv = np.sqrt(lam)
-    slice_max = sv.max(axis=1, keepdims=True)
-    kept = np.count_nonzero(sv > slice_max * n * np.finfo(np.float64).eps)
+    slice_max = sv.max(axis=2, keepdims=True)
+    kept = np.count_nonzero((sv > slice_max * n * np.finfo(np.float64).eps).reshape(r, -1), axis=1)
+    flat = sv.reshape(r, -1)
     return {
-        "sv_max": float(sv.max()),
-        "sv_min": float(sv.min(axis=1).max() if ww_sv_min else sv.min()),
-        "rank_loss": int(sv.size - kept),
-        "weak_rank_loss": int(np.count_nonzero(lam < weak_rank_tolerance)),
+        "sv_max": flat.max(axis=1),
+        "sv_min": sv.min(axis=2).max(axis=1) if ww_sv_min else flat.min(axis=1),
+        "rank_loss": (flat.shape[1] - kept).astype(np.int64),
+        "weak_rank_loss": np.count_nonzero(lam.reshape(r, -1) < weak_rank_tolerance, axis=1).astype(np.int64),
     }
 
 

@@ -7,8 +7,6 @@ Norm-metric logs are log10, entropies use natural logs.
 from __future__ import annotations
 
 import numpy as np
-import scipy.optimize
-from scipy.spatial.distance import jensenshannon
 
 from zooscope.kernels.esd import eigenvalues
 
@@ -36,32 +34,39 @@ def norm_metrics(evals: np.ndarray, alpha: float, *, n: int, m: int) -> dict:
     WeightWatcher. ``m`` is not used by these formulas; it is accepted so every per-layer kernel takes the same
     ``n, m``.
     """
-    lam = _as_evals(evals)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        norm = lam.sum()
-        lambda_max = lam.max()
-        log_spectral_norm = float(np.log10(lambda_max))
+    rows = norm_metrics_rows(_as_evals(evals)[None], np.array([alpha], dtype=np.float64), n=np.array([n]))
+    return {k: int(v[0]) if k == "matrix_rank" else float(v[0]) for k, v in rows.items()}
+
+
+def norm_metrics_rows(lam: np.ndarray, alpha: np.ndarray, *, n: np.ndarray) -> dict[str, np.ndarray]:
+    """``norm_metrics`` of R equally long ESDs at once: ``lam`` (R, L) fp64, ``alpha`` (R,), ``n`` (R,) ->
+    ``{column: (R,)}`` (``matrix_rank`` int64), each row as ``norm_metrics`` computes it."""
+    lam = np.asarray(lam, dtype=np.float64)
+    alpha = np.asarray(alpha, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        norm = lam.sum(axis=1)
+        lambda_max = lam.max(axis=1)
+        log_spectral_norm = np.log10(lambda_max)
         sv = np.sqrt(lam)
-        rank = int(np.count_nonzero(sv > sv.max() * n * np.finfo(np.float64).eps))
-        p = lam / norm + ENTROPY_EPSILON
-        entropy = float(-np.sum(p * np.log(p)) / np.log(rank + ENTROPY_EPSILON))
-        stable_rank = float(norm / lambda_max)
-        log_norm = float(np.log10(norm))
-        alpha = float(alpha)
-        log_alpha_norm = float(np.log10(np.sum(lam**alpha))) if np.isfinite(alpha) else float("nan")
-    norm, lambda_max = float(norm), float(lambda_max)
-    return {
-        "norm": norm,
-        "log_norm": log_norm,
-        "lambda_max": lambda_max,
-        "spectral_norm": lambda_max,
-        "log_spectral_norm": log_spectral_norm,
-        "alpha_weighted": alpha * log_spectral_norm,
-        "log_alpha_norm": log_alpha_norm,
-        "stable_rank": stable_rank,
-        "matrix_rank": rank,
-        "entropy": entropy,
-    }
+        rank = np.count_nonzero(sv > (sv.max(axis=1) * np.asarray(n) * np.finfo(np.float64).eps)[:, None], axis=1)
+        p = lam / norm[:, None] + ENTROPY_EPSILON
+        entropy = -np.sum(p * np.log(p), axis=1) / np.log(rank + ENTROPY_EPSILON)
+        finite = np.isfinite(alpha)
+        log_alpha_norm = np.full(len(lam), np.nan)
+        if finite.any():
+            log_alpha_norm[finite] = np.log10(np.sum(lam[finite] ** alpha[finite, None], axis=1))
+        return {
+            "norm": norm,
+            "log_norm": np.log10(norm),
+            "lambda_max": lambda_max,
+            "spectral_norm": lambda_max,
+            "log_spectral_norm": log_spectral_norm,
+            "alpha_weighted": alpha * log_spectral_norm,
+            "log_alpha_norm": log_alpha_norm,
+            "stable_rank": norm / lambda_max,
+            "matrix_rank": rank.astype(np.int64),
+            "entropy": entropy,
+        }
 
 
 def mp_fit(evals: np.ndarray, *, n: int, m: int) -> dict:
@@ -168,12 +173,18 @@ def randomize_metrics(
         )
     out = {
         "max_rand_eval": float(pooled.max()),
-        "rand_distance": float(jensenshannon(np.sort(lam), np.sort(single))),
+        "rand_distance": float(_jensenshannon(np.sort(lam), np.sort(single))),
         "ww_softrank": float(single.max() / lam.max()),
         "ww_maxdist": float(lam.max() - single.max()),
     }
     out.update({f"rand_{k}": v for k, v in mp_fit(pooled, n=n, m=m).items()})
     return out
+
+
+def _jensenshannon(p: np.ndarray, q: np.ndarray) -> float:
+    from scipy.spatial.distance import jensenshannon  # imported here: only randomize needs it
+
+    return jensenshannon(p, q)
 
 
 def _as_evals(evals: np.ndarray) -> np.ndarray:
@@ -230,5 +241,7 @@ def _fit_mp_sigma(x: np.ndarray, q: float) -> float:
     s0 = np.sqrt(np.max(x) / np.square(1 + 1.0 / np.sqrt(q)))
     grid = np.mgrid[slice(0.05 * s0, 2.0 * s0, 0.01 * s0)]
     start = grid[np.argmin(objective(grid))]
+    import scipy.optimize  # imported here: 0.3 s that only MP fits need
+
     polished = scipy.optimize.fmin(lambda p: objective(p)[0], start, full_output=True, disp=False)
     return float(polished[0][0])

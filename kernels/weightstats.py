@@ -47,28 +47,37 @@ def moments(w: np.ndarray, *, zero_tol: float = ZERO_TOL) -> dict[str, float]:
     skew and kurtosis are NaN for a constant tensor.
     """
     x, n_bad = _finite(w)
-    keys = ["w_mean", "w_std", "w_skew", "w_kurtosis", "w_min", "w_max",
-            *(f"w_q{round(q * 100):02d}" for q in QUANTILES), "w_frac_zero"]
     if x.size == 0:
-        return {**dict.fromkeys(keys, float("nan")), "w_count": 0, "w_nonfinite": n_bad}
-    mean = x.mean()
-    d = x - mean
-    m2 = np.dot(d, d) / x.size
+        return {**dict.fromkeys(MOMENT_KEYS, float("nan")), "w_count": 0, "w_nonfinite": n_bad}
+    rows = moments_rows(x[None], zero_tol=zero_tol)
+    return {**{k: float(v[0]) for k, v in rows.items()}, "w_count": int(x.size), "w_nonfinite": n_bad}
+
+
+#: The float statistics of ``moments`` / ``moments_rows``, in their order.
+MOMENT_KEYS = ("w_mean", "w_std", "w_skew", "w_kurtosis", "w_min", "w_max",
+               *(f"w_q{round(q * 100):02d}" for q in QUANTILES), "w_frac_zero")
+
+
+def moments_rows(x: np.ndarray, *, zero_tol: float = ZERO_TOL) -> dict[str, np.ndarray]:
+    """``moments`` of every row of ``x`` (G, n) at once (finite fp64 values, n ≥ 1): ``{MOMENT_KEYS: (G,)}``."""
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[1]
+    mean = x.mean(axis=1)
+    d = x - mean[:, None]
     d2 = d * d
-    m3 = np.dot(d2, d) / x.size
-    m4 = np.dot(d2, d2) / x.size
-    skew = m3 / m2**1.5 if m2 > 0 else np.nan
-    kurt = m4 / m2**2 - 3.0 if m2 > 0 else np.nan
-    qs = np.quantile(x, QUANTILES)
-    amax = np.abs(x).max()
-    out = {
-        "w_mean": float(mean), "w_std": float(np.sqrt(m2)), "w_skew": float(skew), "w_kurtosis": float(kurt),
-        "w_min": float(x.min()), "w_max": float(x.max()),
-        **{f"w_q{round(q * 100):02d}": float(v) for q, v in zip(QUANTILES, qs)},
-        "w_frac_zero": float(np.count_nonzero(np.abs(x) < zero_tol * amax) / x.size) if amax > 0 else 1.0,
-        "w_count": int(x.size), "w_nonfinite": n_bad,
-    }
-    return out
+    m2 = d2.sum(axis=1) / n
+    m3 = (d2 * d).sum(axis=1) / n
+    m4 = (d2 * d2).sum(axis=1) / n
+    with np.errstate(divide="ignore", invalid="ignore"):
+        skew = np.where(m2 > 0, m3 / m2**1.5, np.nan)
+        kurt = np.where(m2 > 0, m4 / m2**2 - 3.0, np.nan)
+    qs = np.quantile(x, QUANTILES, axis=1)
+    a = np.abs(x)
+    amax = a.max(axis=1)
+    near_zero = np.count_nonzero(a < zero_tol * amax[:, None], axis=1) / n
+    values = (mean, np.sqrt(m2), skew, kurt, x.min(axis=1), x.max(axis=1), *qs,
+              np.where(amax > 0, near_zero, 1.0))
+    return dict(zip(MOMENT_KEYS, values))
 
 
 def histogram(w: np.ndarray, bins: int = 64, range: tuple[float, float] | None = None
@@ -82,6 +91,25 @@ def histogram(w: np.ndarray, bins: int = 64, range: tuple[float, float] | None =
         return np.zeros(bins), np.full(bins + 1, np.nan)
     counts, edges = np.histogram(x, bins=bins, range=range)
     return counts.astype(np.float64), edges.astype(np.float64)
+
+
+def histogram_rows(x: np.ndarray, bins: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``np.histogram(row, bins)`` of every row of ``x`` (G, n), finite fp64, n ≥ 1, over each row's own
+    (min, max): ``(counts (G, bins) float64, edges (G, bins + 1) float64)``, equal to numpy's bin for bin (the
+    same edges and the same index correction at the edges)."""
+    x = np.asarray(x, dtype=np.float64)
+    g = x.shape[0]
+    first, last = x.min(axis=1), x.max(axis=1)
+    flat = first == last  # numpy widens an empty range by 0.5 on each side
+    first, last = np.where(flat, first - 0.5, first), np.where(flat, last + 0.5, last)
+    edges = np.linspace(first, last, bins + 1, axis=1)
+    idx = (((x - first[:, None]) / (last - first)[:, None]) * bins).astype(np.intp)
+    idx[idx == bins] -= 1
+    rows = np.arange(g)[:, None]
+    idx[x < edges[rows, idx]] -= 1
+    idx[(x >= edges[rows, idx + 1]) & (idx != bins - 1)] += 1
+    counts = np.bincount((idx + rows * bins).ravel(), minlength=g * bins).reshape(g, bins)
+    return counts.astype(np.float64), edges
 
 
 def kde(w: np.ndarray, grid: np.ndarray, bandwidth: str | float = "scott", *,
@@ -196,16 +224,39 @@ def layer_stats(tensor: np.ndarray, bins: int = 64, *, layer_type: str = "dense"
     other types use the ``(out, in, ...)`` layout. Raises ``ValueError`` when the tensor has non-finite entries.
     ``in_strength``: the tensor's ``node_strength`` when the caller already has it (not recomputed).
     """
-    t = np.asarray(tensor, dtype=np.float64)  # converted once: moments, node_strength and histogram reuse it
-    n_bad = t.size - int(np.count_nonzero(np.isfinite(t)))
+    t = np.asarray(tensor, dtype=np.float64)
+    stats, counts, edges, strengths = layer_stats_many(t[None], bins, layer_type=layer_type, zero_tol=zero_tol,
+                                                       in_strength=None if in_strength is None
+                                                       else np.asarray(in_strength)[None])
+    return {k: v[0].item() for k, v in stats.items()}, counts[0], edges[0]
+
+
+def layer_stats_many(tensors: np.ndarray, bins: int = 64, *, layer_type: str = "dense", zero_tol: float = ZERO_TOL,
+                     in_strength: np.ndarray | None = None
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """``layer_stats`` of G same-shaped tensors ``tensors`` (G, *shape) of one ``layer_type`` at once.
+
+    Returns ``(stats {name: (G,)}, counts (G, bins), edges (G, bins + 1), strengths)``; ``strengths`` is
+    ``(in_strength (G, n_out), out_strength (G, n_in))`` (``layer_strengths`` of each tensor; None for 1-D
+    tensors). ``in_strength`` (G, n_out): already known in-strengths (not recomputed). Raises ``ValueError`` when
+    any tensor has non-finite entries. ``bins=0``: no histogram (empty ``counts``/``edges`` rows).
+    """
+    t = np.asarray(tensors, dtype=np.float64)  # converted once: moments, node strength and histogram reuse it
+    g = t.shape[0]
+    x = t.reshape(g, -1)
+    n_bad = x.size - int(np.count_nonzero(np.isfinite(x)))
     if n_bad:
-        raise ValueError(f"{n_bad} of {t.size} weights are NaN or infinite")
-    stats = moments(t, zero_tol=zero_tol)
-    if t.ndim >= 2:
-        layout = strength_layout(layer_type, t.ndim)
-        ns = node_strength(t, layout=layout) if in_strength is None else np.asarray(in_strength)
-        stats["ns_mean"], stats["ns_std"] = float(ns.mean()), float(ns.std())
+        raise ValueError(f"{n_bad} of {x.size} weights are NaN or infinite")
+    stats = moments_rows(x, zero_tol=zero_tol)
+    stats["w_count"] = np.full(g, x.shape[1], dtype=np.int64)
+    stats["w_nonfinite"] = np.zeros(g, dtype=np.int64)
+    strengths = None
+    if t.ndim >= 3:
+        a = np.abs(t.transpose(0, 2, 1) if strength_layout(layer_type, t.ndim - 1) == "in_out" else t)
+        ins = a.reshape(g, a.shape[1], -1).sum(axis=2) if in_strength is None else np.asarray(in_strength)
+        strengths = (ins, a.sum(axis=tuple(i for i in range(1, a.ndim) if i != 2)))
+        stats["ns_mean"], stats["ns_std"] = ins.mean(axis=1), ins.std(axis=1)
     else:
-        stats["ns_mean"] = stats["ns_std"] = float("nan")
-    counts, edges = histogram(t, bins=bins)
-    return stats, counts, edges
+        stats["ns_mean"] = stats["ns_std"] = np.full(g, np.nan)
+    counts, edges = histogram_rows(x, bins) if bins else (np.zeros((g, 0)), np.zeros((g, 1)))
+    return stats, counts, edges, strengths

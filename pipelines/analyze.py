@@ -7,7 +7,6 @@ Tensors are read one at a time; at most one layer's weights are in memory at onc
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,10 +14,10 @@ import numpy as np
 import pandas as pd
 
 from zooscope.kernels import esd as esd_kernels
-from zooscope.kernels import powerlaw, spectral, weightstats
-from zooscope.pipelines.layers import LayerError, LayerInfo, layer_matrices, plan_layers
+from zooscope.kernels import powerlaw
+from zooscope.pipelines.batch import analyze_one
 from zooscope.pipelines.readers import Checkpoint, open_checkpoint
-from zooscope.pipelines.result import ModelResult, add_strength_correlation
+from zooscope.pipelines.result import ModelResult
 from zooscope.pipelines.summary import weightwatcher_rows
 
 #: WeightWatcher releases whose defaults can be reproduced (spec §10).
@@ -159,7 +158,7 @@ class AnalysisOptions:
 
 
 def analyze_path(path: str, options: AnalysisOptions, keys: list[str] | None = None) -> ModelResult:
-    """Open the checkpoint at ``path`` and analyse it (only ``keys`` when given: one shard). A Dask task body."""
+    """Open the checkpoint at ``path`` and analyse it (only ``keys`` when given: one shard)."""
     with open_checkpoint(path) as ckpt:
         return analyze_checkpoint(ckpt, options, keys=keys)
 
@@ -168,141 +167,10 @@ def analyze_checkpoint(ckpt: Checkpoint, options: AnalysisOptions, keys: list[st
     """Analyse the layers of ``ckpt`` (restricted to ``keys`` if given) into a ``ModelResult``.
 
     Layers whose weights are unusable (NaN/Inf, degenerate) become rows with ``status="error"`` and a message
-    naming the file and tensor; a failed power-law fit gives ``status="failed"``; other layers go on.
+    naming the file and tensor; a failed power-law fit gives ``status="failed"``; other layers go on. This is
+    ``pipelines.batch`` with a batch of one model; a file that cannot be read raises its ``CheckpointError``.
     """
-    wanted = set(keys) if keys is not None else None
-    all_keys = ckpt.keys()
-    n_params = sum(int(np.prod(ckpt.shape(k))) for k in all_keys if wanted is None or k in wanted)
-    infos = [
-        info
-        for info in plan_layers(ckpt, min_evals=options.min_evals, max_evals=options.max_evals,
-                                max_N=options.max_N, pool=options.pool, only=wanted)
-        if info.skip_reason is None and (not options.layers or info.name in options.layers)
-    ]
-    timings = {"read": 0.0, "esd": 0.0, "fit": 0.0, "stats": 0.0}
-    rows: list[dict[str, Any]] = []
-    esds: list[np.ndarray] = []
-    hists: list[tuple[np.ndarray, np.ndarray]] = []
-    strengths: list[tuple[np.ndarray, np.ndarray] | None] = []
-    for info in infos:
-        t0 = time.perf_counter()
-        tensor = ckpt.read(info.key)
-        if options.weightstats:  # the statistics need fp64; the matrices then reuse that one copy
-            tensor = np.asarray(tensor, dtype=np.float64)
-        timings["read"] += time.perf_counter() - t0
-        stats_row, hist, strength = _weight_stats(tensor, info, options, timings)
-        try:
-            stacks = layer_matrices(tensor, info, pool=options.pool, conv2d_norm=options.conv2d_norm,
-                                    source=ckpt.path)
-        except LayerError as err:
-            for slice_id in range(1 if options.pool else info.n_slices):
-                rows.append({**_identity(info, slice_id, options), **stats_row, "status": "error",
-                             "error": str(err)})
-                esds.append(np.zeros(0))
-                hists.append(hist)
-                strengths.append(None)
-            continue
-        del tensor
-        for slice_id, stack in enumerate(stacks):
-            t0 = time.perf_counter()
-            backend = esd_kernels.resolve_backend(
-                stack.shape[0], stack.shape[1], stack.shape[2], options.precision, options.esd_table
-            ) if options.esd_backend == "auto" else options.esd_backend
-            per_slice = esd_kernels.eigenvalues(stack, backend=backend, precision=options.precision)
-            timings["esd"] += time.perf_counter() - t0
-            row = {**_identity(info, slice_id, options), **stats_row, "status": "ok", "error": "",
-                   "esd_backend": backend, "num_evals": per_slice.size}
-            row.update(esd_kernels.singular_value_stats(per_slice, info.N, ww_sv_min=options.ww_quirks,
-                                                        weak_rank_tolerance=options.tolerance))
-            evals = np.sort(per_slice.ravel())
-            if options.randomize:  # needs the matrices, so done now: one layer's weights in memory at a time
-                row.update(_randomize(stack, evals, row, backend, options))
-            rows.append(row)
-            esds.append(evals)
-            hists.append(hist)
-            strengths.append(strength)
-    _fit_and_measure(rows, esds, options, timings)
-    layers = pd.DataFrame(rows)
-    counts, edges = _stack_hists(hists, options.hist_bins if options.weightstats else 0)
-    result = ModelResult(layers=layers, esd=esds, hist_counts=counts, hist_edges=edges, n_params=n_params,
-                         timings=timings, strengths=strengths if options.weightstats else [])
-    add_strength_correlation(result)
-    return result
-
-
-def _identity(info: LayerInfo, slice_id: int, options: AnalysisOptions) -> dict[str, Any]:
-    row = {
-        "layer_id": info.layer_id,
-        "name": info.name,
-        "layer_type": info.layer_type,
-        "N": info.N,
-        "M": info.M,
-        "Q": info.N / info.M,
-        "rf": info.rf,  # per slice too, as WeightWatcher reports it
-    }
-    if not options.pool:
-        row["slice_id"] = slice_id
-    return row
-
-
-def _weight_stats(tensor: np.ndarray, info: LayerInfo, options: AnalysisOptions, timings: dict[str, float]
-                  ) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray] | None]:
-    """(stats row, histogram (counts, edges), ``weightstats.layer_strengths`` or None) of one tensor."""
-    bins = options.hist_bins
-    if not options.weightstats:
-        return {}, (np.zeros(0), np.zeros(1)), None
-    t0 = time.perf_counter()
-    t = np.asarray(tensor, dtype=np.float64)
-    try:
-        strength = weightstats.layer_strengths(t, layer_type=info.layer_type) if t.ndim >= 2 else None
-        stats, counts, edges = weightstats.layer_stats(t, bins=bins, layer_type=info.layer_type,
-                                                       in_strength=None if strength is None else strength[0])
-    except ValueError:  # non-finite weights: the layer row carries the error, stats stay empty
-        stats, counts, edges = {}, np.full(bins, np.nan), np.full(bins + 1, np.nan)
-        strength = None
-    timings["stats"] += time.perf_counter() - t0
-    return stats, (counts, edges), strength
-
-
-def _randomize(stack: np.ndarray, evals: np.ndarray, row: dict[str, Any], backend: str,
-               options: AnalysisOptions) -> dict[str, float]:
-    """WeightWatcher's ``randomize`` columns for one layer row, with draws seeded by (seed, layer, slice)."""
-    rng = np.random.default_rng([options.seed, row["layer_id"], row.get("slice_id", 0)])
-    rand_evals = spectral.randomized_eigenvalues(stack, rng=rng, backend=backend)
-    rand_single = spectral.randomized_eigenvalues(stack, rng=rng, backend=backend, replicas=1)
-    return spectral.randomize_metrics(evals, rand_evals, rand_single, n=row["N"], m=row["M"])
-
-
-def _fit_and_measure(rows: list[dict[str, Any]], esds: list[np.ndarray], options: AnalysisOptions,
-                     timings: dict[str, float]) -> None:
-    """Fit every ok layer's ESD (batched, so a GPU backend fits them in one launch) and add the metrics."""
-    ok = [i for i, row in enumerate(rows) if row["status"] == "ok"]
-    t0 = time.perf_counter()
-    if options.ww_fails_every_fit:
-        fits = [powerlaw.PowerLawFit()] * len(ok)
-    else:
-        fits = powerlaw.fit_many([esds[i] for i in ok], backend=options.fit_backend, **options.fit_options())
-    timings["fit"] += time.perf_counter() - t0
-    for i, fit in zip(ok, fits):
-        row, evals = rows[i], esds[i]
-        record = fit.as_dict()
-        row.update({k: v for k, v in record.items() if k != "status"})
-        row["fit_backend"] = options.fit_backend
-        if fit.status != "success":
-            row["status"] = "failed"
-        n, m = row["N"], row["M"]
-        row.update(spectral.norm_metrics(evals, fit.alpha, n=n, m=m))
-        if options.mp_fit:
-            row.update(spectral.mp_fit(evals, n=n, m=m))
-        if options.detX:
-            row.update(spectral.detx(evals))
-
-
-def _stack_hists(hists: list[tuple[np.ndarray, np.ndarray]], bins: int) -> tuple[np.ndarray, np.ndarray]:
-    if not hists or bins == 0:
-        return np.zeros((len(hists), 0)), np.zeros((len(hists), 1))
-    return (np.stack([np.asarray(c, dtype=np.float64) for c, _ in hists]),
-            np.stack([np.asarray(e, dtype=np.float64) for _, e in hists]))
+    return analyze_one(ckpt, options, keys)
 
 
 #: WeightWatcher 0.7's per-layer columns (default options), in its order after ``layer_id, name``.

@@ -41,28 +41,65 @@ class ModelResult:
             raise ValueError(f"{len(self.strengths)} node strengths for {len(self.layers)} layer rows")
 
 
-def add_strength_correlation(result: ModelResult) -> None:
+def add_strength_correlation(result: ModelResult, parts: np.ndarray | None = None) -> None:
     """Set ``ns_corr_prev`` on each row: Pearson correlation (paper 000) between the previous layer's in-strength
     of its output units and this layer's out-strength of its input units, i.e. over the hidden units between two
     consecutive layers. NaN for the first layer, or when the two layers do not chain (sizes differ).
-    Needs ``result.strengths``; rows of one layer (per-slice mode) share the value.
+    Needs ``result.strengths``; rows of one layer (per-slice mode) share the value. ``parts`` (rows,): the model
+    (or shard) of each row when ``result`` holds several; rows of different parts never chain.
     """
     if not result.strengths or not len(result.layers):
         return
     values = np.full(len(result.layers), np.nan)
-    previous: tuple[int, np.ndarray] | None = None  # (layer_id, in-strength of its outputs)
-    for row, (layer_id, pair) in enumerate(zip(result.layers["layer_id"], result.strengths)):
+    previous: tuple[int, int, np.ndarray] | None = None  # (part, layer_id, in-strength of its outputs)
+    parts = np.zeros(len(result.layers), np.int64) if parts is None else parts
+    for row, (part, layer_id, pair) in enumerate(zip(parts, result.layers["layer_id"], result.strengths)):
+        if previous is not None and previous[0] != part:
+            previous = None
         if pair is None:
             previous = None
             continue
         in_strength, out_strength = pair
-        if previous is not None and previous[0] == layer_id:  # another slice of the same layer
+        if previous is not None and previous[1] == layer_id:  # another slice of the same layer
             values[row] = values[row - 1]
             continue
-        if previous is not None and previous[1].size == out_strength.size:
-            values[row] = strength_correlation(previous[1], out_strength)
-        previous = (layer_id, in_strength)
+        if previous is not None and previous[2].size == out_strength.size:
+            values[row] = strength_correlation(previous[2], out_strength)
+        previous = (part, layer_id, in_strength)
     result.layers["ns_corr_prev"] = values
+
+
+@dataclass
+class BatchResult:
+    """The results of many models or shards analysed in one task (``pipelines.batch.analyze_batch``).
+
+    result: the layer rows of every part that could be read, in part order then layer order.
+    part_of_row: ``(rows,)`` int, the part (index into the task's sources) of each row of ``result``.
+    errors: per part, its ``CheckpointError`` when it could not be read, else None.
+    n_params: ``(parts,)`` int, weights read per part (0 for a failed part).
+    """
+
+    result: ModelResult
+    part_of_row: np.ndarray
+    errors: list
+    n_params: np.ndarray
+
+    def rows_of(self, part: int) -> np.ndarray:
+        """Row numbers (into ``result``) of one part."""
+        lo, hi = np.searchsorted(self.part_of_row, [part, part + 1])
+        return np.arange(lo, hi)
+
+    def part(self, part: int) -> ModelResult:
+        """One part's rows as their own ``ModelResult`` (its error is raised instead when it failed)."""
+        if self.errors[part] is not None:
+            raise self.errors[part]
+        r = self.result
+        rows = self.rows_of(part)
+        return ModelResult(
+            layers=r.layers.iloc[rows].reset_index(drop=True), esd=[r.esd[i] for i in rows],
+            hist_counts=r.hist_counts[rows], hist_edges=r.hist_edges[rows], n_params=int(self.n_params[part]),
+            timings=dict(r.timings), strengths=[r.strengths[i] for i in rows] if r.strengths else [],
+        )
 
 
 def merge_results(parts: list[ModelResult]) -> ModelResult:

@@ -48,26 +48,6 @@ def weightwatcher_rows(layers: pd.DataFrame, esd: Callable[[pd.Series], np.ndarr
     return df
 
 
-def _robust_frame(
-    layers: pd.DataFrame, max_alpha: float, drop_types: tuple[str, ...], drop_first_last: bool
-) -> pd.DataFrame:
-    """Layers with a successful fit, alpha ≤ ``max_alpha``, not of ``drop_types``, optionally not first/last."""
-    df = layers
-    if "status" in df:
-        df = df[df["status"] != "error"]
-    if drop_first_last and len(df):
-        order = df["layer_id"] if "layer_id" in df else pd.Series(np.arange(len(df)), index=df.index)
-        df = df[(order != order.min()) & (order != order.max())]
-    keep = np.ones(len(df), bool)
-    if "status" in df:
-        keep &= (df["status"] == "ok").to_numpy()
-    if "alpha" in df:
-        keep &= (df["alpha"] <= max_alpha).to_numpy()
-    if "layer_type" in df and drop_types:
-        keep &= ~df["layer_type"].isin(drop_types).to_numpy()
-    return df[keep]
-
-
 def model_summary(
     layers: pd.DataFrame,
     mode: str = "ww",
@@ -91,20 +71,58 @@ def model_summary(
     Returns ``{metric: float}`` plus ``n_layers`` (analysed layers, ``status != 'error'``) and ``n_used``
     (layers that entered the means). Metrics with no usable value are NaN.
     """
+    out = model_summaries(layers, np.zeros(len(layers), np.int64), 1, mode, max_alpha=max_alpha,
+                          drop_types=drop_types, drop_first_last=drop_first_last, esd=esd)
+    return {k: int(v[0]) if k in ("n_layers", "n_used") else float(v[0]) for k, v in out.items()}
+
+
+def model_summaries(
+    layers: pd.DataFrame,
+    model_of_row: np.ndarray,
+    n_models: int,
+    mode: str = "ww",
+    *,
+    max_alpha: float = 8.0,
+    drop_types: tuple[str, ...] = ("embedding",),
+    drop_first_last: bool = False,
+    esd: Callable[[pd.Series], np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """``model_summary`` of many models at once: row ``i`` of ``layers`` belongs to model ``model_of_row[i]``
+    (0 ≤ index < ``n_models``). Returns ``{metric: (n_models,) float}`` plus ``n_layers`` and ``n_used`` (int)."""
     if mode not in MODES:
         raise ValueError(f"unknown summary mode {mode!r}; expected one of {MODES}")
-    analysed = layers[layers["status"] != "error"] if "status" in layers else layers
+    model_of_row = np.asarray(model_of_row, dtype=np.int64)
+    analysed = (layers["status"] != "error").to_numpy() if "status" in layers else np.ones(len(layers), bool)
     if mode == "ww":
         used = weightwatcher_rows(layers, esd)
+        owner = model_of_row[analysed] if "status" in layers else model_of_row
     else:
-        used = _robust_frame(layers, max_alpha, tuple(drop_types), drop_first_last)
-    out: dict = {}
+        keep = analysed.copy()
+        if drop_first_last and keep.any():
+            order = layers["layer_id"].to_numpy() if "layer_id" in layers else np.arange(len(layers))
+            first = np.full(n_models, np.inf)
+            last = np.full(n_models, -np.inf)
+            np.minimum.at(first, model_of_row[keep], order[keep])
+            np.maximum.at(last, model_of_row[keep], order[keep])
+            keep &= (order != first[model_of_row]) & (order != last[model_of_row])
+        if "status" in layers:
+            keep &= (layers["status"] == "ok").to_numpy()
+        if "alpha" in layers:
+            keep &= (layers["alpha"] <= max_alpha).to_numpy()
+        if "layer_type" in layers and drop_types:
+            keep &= ~layers["layer_type"].isin(drop_types).to_numpy()
+        used, owner = layers[keep], model_of_row[keep]
+    out: dict[str, np.ndarray] = {}
     for metric in SUMMARY_METRICS:
         if metric in used:
-            col = pd.to_numeric(used[metric], errors="coerce").replace([np.inf, -np.inf], np.nan)
-            out[metric] = float(col.mean()) if col.notna().any() else float("nan")
-    out["n_layers"] = int(len(analysed))
-    out["n_used"] = int(len(used))
+            values = pd.to_numeric(used[metric], errors="coerce").to_numpy(dtype=np.float64)
+            finite = np.isfinite(values)
+            count = np.bincount(owner[finite], minlength=n_models)
+            total = np.bincount(owner[finite], weights=values[finite], minlength=n_models)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out[metric] = np.where(count > 0, total / np.maximum(count, 1), np.nan)
+    out["n_layers"] = np.bincount(model_of_row[analysed], minlength=n_models)
+    out["n_used"] = np.bincount(owner, minlength=n_models)
     return out
 
 
@@ -129,17 +147,18 @@ def summarize_models(
         raise ValueError("layer table needs a model key column: one of model_row, model_id, model")
     if prefix is None:
         prefix = "" if mode == "ww" else f"{mode}_"
-    rows = []
-    for model, group in layers.groupby(key, sort=True):
-        summary = model_summary(group, mode, esd=esd, **options)
-        row = {key: model}
-        row.update({prefix + m: summary[m] for m in SUMMARY_METRICS if m in summary})
-        row["n_layers"] = summary["n_layers"]
-        if {"N", "M"} <= set(group.columns):
-            analysed = group[group["status"] != "error"] if "status" in group else group
-            rf = analysed["rf"].to_numpy() if "rf" in analysed else 1
-            if "slice_id" in analysed:  # a per-slice row (pool=False) holds one N x M slice of its layer
-                rf = np.where(analysed["slice_id"].fillna(-1).to_numpy() >= 0, 1, rf)
-            row["n_params"] = int((analysed["N"].to_numpy() * analysed["M"].to_numpy() * rf).sum())
-        rows.append(row)
-    return pd.DataFrame(rows)
+    codes, models = pd.factorize(layers[key], sort=True)
+    summary = model_summaries(layers, codes, len(models), mode, esd=esd, **options)
+    out = pd.DataFrame({key: np.asarray(models)})
+    for m in SUMMARY_METRICS:
+        if m in summary:
+            out[prefix + m] = summary[m]
+    out["n_layers"] = summary["n_layers"]
+    if {"N", "M"} <= set(layers.columns):
+        analysed = (layers["status"] != "error").to_numpy() if "status" in layers else np.ones(len(layers), bool)
+        rf = layers["rf"].to_numpy() if "rf" in layers else np.ones(len(layers))
+        if "slice_id" in layers:  # a per-slice row (pool=False) holds one N x M slice of its layer
+            rf = np.where(layers["slice_id"].fillna(-1).to_numpy() >= 0, 1, rf)
+        weights = (layers["N"].to_numpy() * layers["M"].to_numpy() * rf)[analysed]
+        out["n_params"] = np.bincount(codes[analysed], weights=weights, minlength=len(models)).astype(np.int64)
+    return out

@@ -22,7 +22,7 @@ from test_scan import assert_same_store, layers_by_model, write_zoo
 from test_store import make_result
 from zooscope.engine.cluster import ClusterConfigError, load_profiles, make_client
 from zooscope.engine import run as run_module
-from zooscope.engine.plan import Task
+from zooscope.engine.plan import Part, Task
 from zooscope.engine.run import EXIT_MARKER_ENV, EXIT_ON_ENV, task_resources
 from zooscope.engine.scan import scan
 from zooscope.engine.lock import LOCK_NAME
@@ -78,12 +78,12 @@ def test_cluster_scan_equals_in_process_scan(client, zoo, reference, tmp_path):
 
 
 def test_task_resources():
-    small, big = (Task("m", "p", "h", None, 0, 1, nbytes, wants_gpu=True) for nbytes in (10, 1000))
+    small, big = (Task((Part("m", "p", "h", None, 0, 1, nbytes, wants_gpu=True),)) for nbytes in (10, 1000))
     assert task_resources(big, gpu_workers=0, workers=4) is None  # no GPU anywhere
     assert task_resources(small, gpu_workers=4, workers=4, min_bytes=100) == {"GPU": 1}  # all GPU: one task each
     assert task_resources(small, gpu_workers=1, workers=4, min_bytes=100) is None  # mixed: CPU workers take it
     assert task_resources(big, gpu_workers=1, workers=4, min_bytes=100) == {"GPU": 1}
-    cpu_only = Task("m", "p", "h", None, 0, 1, 1000, wants_gpu=False)
+    cpu_only = Task((Part("m", "p", "h", None, 0, 1, 1000, wants_gpu=False),))
     assert task_resources(cpu_only, gpu_workers=4, workers=4) is None
 
 
@@ -145,7 +145,7 @@ def test_worker_killed_mid_task_is_retried(client, workdir, tmp_path):
 def test_client_killed_mid_scan_then_rerun_completes(zoo, reference, tmp_path):
     store = tmp_path / "crash.zarr"
     cmd = [sys.executable, "-m", "zooscope", "scan", str(zoo), "--store", str(store), "--cluster", "none",
-           "--commit-seconds", "0", "--no-progress"]
+           "--commit-seconds", "0", "--no-progress", "--batch-models", "1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     committed = 0
     deadline = time.monotonic() + 60

@@ -56,6 +56,10 @@ def register(subparsers: Any) -> None:
     run_group.add_argument("--workers", type=int, metavar="N", help="worker count, overriding the profile")
     run_group.add_argument("--shard-bytes", type=_size, metavar="SIZE",
                            help="split models larger than SIZE into shards (e.g. 512MiB; default 2GiB)")
+    run_group.add_argument("--batch-bytes", type=_size, metavar="SIZE",
+                           help="analyse smaller models many to a task, up to SIZE read per task (default 16MiB)")
+    run_group.add_argument("--batch-models", type=int, metavar="N",
+                           help="at most N models per task (default 2048)")
     run_group.add_argument("--rehash", action="store_true",
                            help="hash every file, even those whose size and mtime match the store's record")
     run_group.add_argument("--commit-seconds", type=float, default=10.0, metavar="S",
@@ -127,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = scan(args.paths, args.store, manifest=args.manifest, options=options, cluster=args.cluster,
                       config=args.config, workers=args.workers, shard_bytes=args.shard_bytes,
-                      rehash=args.rehash, commit_seconds=args.commit_seconds, progress=not args.no_progress)
-    except (ScanUsageError, ClusterConfigError, StoreLockedError) as err:
+                      batch_bytes=args.batch_bytes, batch_models=args.batch_models, rehash=args.rehash, commit_seconds=args.commit_seconds, progress=not args.no_progress)
+    except (ScanUsageError, ClusterConfigError, StoreLockedError, TimeoutError) as err:
         print(f"zooscope scan: error: {err}", file=sys.stderr)
         return 2
     drift = f", drift from init for {report.n_drift} checkpoints" if report.n_drift else ""

@@ -1,0 +1,369 @@
+"""Analyse many models (or shards of models) at once, by shape: the body of one engine task.
+
+Every layer matrix of every model in the batch is bucketed by its shape (N, M); each bucket goes to
+``kernels.esd.eigenvalues`` as one ``(B, N, M)`` stack, all ESDs of the batch go to one ``powerlaw.fit_many`` call,
+and weight statistics and norm metrics are computed for groups of same-shaped layers at once. Per-layer values equal
+those of analysing each model alone: the eigenvalues bitwise when the bucket takes the same eigenvalue route (every
+route solves each matrix of a stack on its own), the vectorised statistics to rounding (≤ 1e-12 relative).
+
+Weights are held only until their bucket is solved: once the layers read exceed ``memory_bytes`` (fp64 matrices
+plus tensors), the pending buckets are solved and their weights dropped, so a task's memory is bounded by that
+budget whatever the size of its models or shards. A part (model or shard) that cannot be read or parsed is
+recorded with its ``CheckpointError``, and its rows are left out; the other parts go on.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import fields
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from zooscope.kernels import esd as esd_kernels
+from zooscope.kernels.backends import BackendUnavailable
+from zooscope.kernels import powerlaw, spectral, weightstats
+from zooscope.pipelines.layers import LayerError, LayerInfo, layer_matrices, plan_layers
+from zooscope.pipelines.readers import Checkpoint, CheckpointError, open_checkpoint
+from zooscope.pipelines.result import BatchResult, ModelResult, add_strength_correlation
+
+#: Bytes of weights (tensors plus their fp64 matrices) held before the pending buckets are solved (256 MiB).
+MEMORY_BYTES = 256 * 1024**2
+#: Errors that say nothing about the file being read (the machine, the backend): they fail the whole task, which
+#: is retried (and the models are retried by the next scan); any other error while reading a part is that part's.
+TRANSIENT_ERRORS = (MemoryError, BackendUnavailable)
+
+#: Fit fields that become layer columns (all of ``PowerLawFit`` but its status), in their order.
+_FIT_COLUMNS = tuple(f.name for f in fields(powerlaw.PowerLawFit) if f.name != "status")
+
+
+def analyze_batch(sources: Sequence[tuple[Any, Sequence[str] | None]], options: Any, *,
+                  memory_bytes: int = MEMORY_BYTES) -> BatchResult:
+    """Analyse every ``(source, keys)`` of ``sources`` together (``keys=None``: all tensors; else one shard).
+
+    ``source`` is anything ``readers.open_checkpoint`` takes (a path, an ``nn.Module``, a state dict);
+    ``options`` an ``analyze.AnalysisOptions``. Parts that fail to read get their ``CheckpointError`` in
+    ``BatchResult.errors`` and no rows.
+    """
+    batch = _Batch(options, memory_bytes)
+    for part, (source, keys) in enumerate(sources):
+        try:
+            with open_checkpoint(source) as ckpt:
+                batch.add(part, ckpt, keys)
+        except CheckpointError as err:
+            batch.fail(part, err)
+        except TRANSIENT_ERRORS:
+            raise
+        except Exception as err:  # noqa: BLE001 - e.g. RecursionError from a parser: that file is bad, not the task
+            batch.fail(part, CheckpointError(source if isinstance(source, str) else None, None,
+                                             f"cannot be parsed: {type(err).__name__}: {err}"))
+    return batch.finish(len(sources))
+
+
+def analyze_one(ckpt: Checkpoint, options: Any, keys: Sequence[str] | None = None) -> ModelResult:
+    """Analyse one open checkpoint (``keys``: one shard); a ``CheckpointError`` propagates."""
+    batch = _Batch(options, MEMORY_BYTES)
+    batch.add(0, ckpt, keys)
+    return batch.finish(1).part(0)
+
+
+class _Columns:
+    """Layer-table columns filled in blocks of rows, assembled into a DataFrame once."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+
+    def put(self, name: str, rows: np.ndarray | list[int], values: Any) -> None:
+        rows = np.asarray(rows, dtype=np.int64)
+        if not rows.size:  # a column no row has does not exist (as in a frame built from row dicts)
+            return
+        values = np.asarray(values) if not isinstance(values, np.ndarray) else values
+        if values.ndim == 0:
+            values = np.full(rows.size, values.item(), dtype=values.dtype if values.dtype.kind != "U" else object)
+        elif values.dtype.kind == "U":
+            values = values.astype(object)
+        self.blocks.setdefault(name, []).append((rows, values))
+
+    def put_dicts(self, rows: list[int], dicts: list[dict[str, Any]]) -> None:
+        """Row-wise results (optional metric groups computed one layer at a time)."""
+        for name in dict.fromkeys(k for d in dicts for k in d):
+            have = [(r, d[name]) for r, d in zip(rows, dicts) if name in d]
+            self.put(name, [r for r, _ in have], np.array([v for _, v in have],
+                                                          dtype=object if isinstance(have[0][1], str) else None))
+
+    def frame(self, keep: np.ndarray) -> pd.DataFrame:
+        """The rows ``keep`` (sorted row numbers) as a DataFrame: a column missing on some rows is float64 NaN
+        (numbers) or NaN in an object column (strings), as pandas builds it from row dicts."""
+        n_all = int(keep.max()) + 1 if keep.size else 0
+        out: dict[str, np.ndarray] = {}
+        for name, blocks in self.blocks.items():
+            rows = np.concatenate([b[0] for b in blocks])
+            values = np.concatenate([b[1] for b in blocks]) if len(blocks) > 1 else blocks[0][1]
+            present = np.zeros(n_all, bool)
+            inside = rows < n_all
+            present[rows[inside]] = True
+            if present[keep].all():
+                column = np.empty(n_all, dtype=values.dtype)
+            elif values.dtype.kind in "biuf":
+                column = np.full(n_all, np.nan)
+            else:
+                column = np.full(n_all, np.nan, dtype=object)
+            column[rows[inside]] = values[inside]
+            out[name] = column[keep]
+        return pd.DataFrame(out, index=pd.RangeIndex(keep.size))
+
+
+class _Batch:
+    """Rows of a batch in layer order; weights pending until their shape bucket is solved."""
+
+    def __init__(self, options: Any, memory_bytes: int) -> None:
+        self.options = options
+        self.memory_bytes = memory_bytes
+        self.columns = _Columns()
+        self.part_of_row: list[int] = []
+        self.esd: list[np.ndarray] = []
+        self.hist: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # row -> (counts, edges)
+        self.strengths: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.ok_rows: list[int] = []
+        self.status: list[str] = []
+        self.errors: dict[int, CheckpointError] = {}
+        self.n_params: dict[int, int] = {}
+        self.pending: list[tuple[list[int], LayerInfo, np.ndarray, list[np.ndarray] | None]] = []
+        self.pending_bytes = 0
+        self.timings = {"read": 0.0, "esd": 0.0, "fit": 0.0, "stats": 0.0}
+
+    # -- collecting ------------------------------------------------------------------------------------------
+
+    def add(self, part: int, ckpt: Checkpoint, keys: Sequence[str] | None) -> None:
+        """Read the layers of one part and queue them (solving queued buckets when over the memory budget)."""
+        options = self.options
+        wanted = set(keys) if keys is not None else None
+        self.n_params[part] = sum(int(np.prod(ckpt.shape(k))) for k in ckpt.keys() if wanted is None or k in wanted)
+        infos = [info for info in plan_layers(ckpt, min_evals=options.min_evals, max_evals=options.max_evals,
+                                              max_N=options.max_N, pool=options.pool, only=wanted)
+                 if info.skip_reason is None and (not options.layers or info.name in options.layers)]
+        identity = self._identity_columns(infos)
+        for info in infos:
+            t0 = time.perf_counter()
+            tensor = ckpt.read(info.key)
+            self.timings["read"] += time.perf_counter() - t0
+            n_rows = 1 if options.pool else info.n_slices
+            rows = list(range(len(self.part_of_row), len(self.part_of_row) + n_rows))
+            self.part_of_row += [part] * n_rows
+            self.esd += [_EMPTY] * n_rows
+            try:
+                stacks = layer_matrices(tensor, info, pool=options.pool, conv2d_norm=options.conv2d_norm,
+                                        source=ckpt.path)
+            except LayerError as err:
+                self.status += ["error"] * n_rows
+                self.columns.put("error", rows, np.array([str(err)] * n_rows, dtype=object))
+                stacks = None
+            else:
+                self.status += ["ok"] * n_rows
+                self.columns.put("error", rows, np.array("", dtype=object))
+            for name, value in identity(info):
+                self.columns.put(name, rows, value if name != "slice_id" else np.arange(n_rows))
+            self.pending.append((rows, info, tensor, stacks))
+            self.pending_bytes += tensor.nbytes + sum(s.nbytes for s in stacks or ())
+            if self.pending_bytes >= self.memory_bytes:
+                self._solve_pending()
+
+    def _identity_columns(self, infos: list[LayerInfo]):
+        pool = self.options.pool
+
+        def identity(info: LayerInfo):
+            yield from (("layer_id", info.layer_id), ("name", np.array(info.name, dtype=object)),
+                        ("layer_type", np.array(info.layer_type, dtype=object)), ("N", info.N), ("M", info.M),
+                        ("Q", info.N / info.M), ("rf", info.rf))  # rf per slice too, as WeightWatcher reports it
+            if not pool:
+                yield "slice_id", None
+
+        return identity
+
+    def fail(self, part: int, err: CheckpointError) -> None:
+        """Record a part that could not be read; its queued layers are dropped."""
+        self.errors[part] = err
+        self.pending = [p for p in self.pending if self.part_of_row[p[0][0]] != part]
+
+    # -- solving ---------------------------------------------------------------------------------------------
+
+    def _solve_pending(self) -> None:
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
+        if self.options.weightstats:
+            self._weight_stats(pending)
+        self._eigenvalues(pending)
+
+    def _weight_stats(self, pending) -> None:
+        """Moments, histograms and node strengths for groups of same-shaped tensors of one layer type."""
+        t0 = time.perf_counter()
+        bins = self.options.hist_bins
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (_, info, tensor, _) in enumerate(pending):
+            groups[(tensor.shape, info.layer_type)].append(i)
+        for (_, layer_type), members in groups.items():
+            tensors = [pending[i][2] for i in members]
+            try:
+                results = [(members, weightstats.layer_stats_many(
+                    np.stack(tensors) if len(tensors) > 1 else tensors[0][None], bins, layer_type=layer_type))]
+            except ValueError:  # some tensor has non-finite weights: its row carries the error, no statistics
+                results = []
+                for i, tensor in zip(members, tensors):
+                    try:
+                        results.append(([i], weightstats.layer_stats_many(tensor[None], bins, layer_type=layer_type)))
+                    except ValueError:
+                        for row in pending[i][0]:
+                            self.hist[row] = (np.full(bins, np.nan), np.full(bins + 1, np.nan))
+            for group, (stats, counts, edges, strengths) in results:
+                rows = [r for i in group for r in pending[i][0]]
+                take = np.repeat(np.arange(len(group)), [len(pending[i][0]) for i in group])
+                for name, values in stats.items():
+                    self.columns.put(name, rows, values[take])
+                for row, g in zip(rows, take):
+                    self.hist[row] = (counts[g], edges[g])
+                    if strengths is not None:
+                        self.strengths[row] = (strengths[0][g], strengths[1][g])
+        self.timings["stats"] += time.perf_counter() - t0
+
+    def _eigenvalues(self, pending) -> None:
+        """One eigenvalue call per (N, M) bucket of every stack pending, then the per-row ESD columns."""
+        options = self.options
+        buckets: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = defaultdict(list)
+        for rows, _, _, stacks in pending:
+            for row, stack in zip(rows, stacks or ()):
+                buckets[stack.shape[1:]].append((row, stack))
+        for (n, m), members in buckets.items():
+            t0 = time.perf_counter()
+            stacks = [s for _, s in members]
+            big = np.concatenate(stacks) if len(stacks) > 1 else stacks[0]
+            backend = esd_kernels.resolve_backend(big.shape[0], n, m, options.precision, options.esd_table) \
+                if options.esd_backend == "auto" else options.esd_backend
+            evals = esd_kernels.eigenvalues(big, backend=backend, precision=options.precision)
+            del big
+            self.timings["esd"] += time.perf_counter() - t0
+            starts = np.cumsum([0] + [s.shape[0] for s in stacks])
+            by_depth: dict[int, list[int]] = defaultdict(list)  # rows with the same number of slices
+            for j, stack in enumerate(stacks):
+                by_depth[stack.shape[0]].append(j)
+            for depth, js in by_depth.items():
+                per_slice = evals[(starts[js][:, None] + np.arange(depth)).ravel()].reshape(len(js), depth, -1)
+                rows = [members[j][0] for j in js]
+                for name, values in esd_kernels.singular_value_stats_rows(
+                        per_slice, n, ww_sv_min=options.ww_quirks, weak_rank_tolerance=options.tolerance).items():
+                    self.columns.put(name, rows, values)
+                self.columns.put("esd_backend", rows, np.array(backend, dtype=object))
+                self.columns.put("num_evals", rows, np.int64(depth * per_slice.shape[2]))
+                sorted_esd = np.sort(per_slice.reshape(len(js), -1), axis=1)
+                for row, j, esd in zip(rows, js, sorted_esd):
+                    self.esd[row] = esd
+                    self.ok_rows.append(row)
+                if options.randomize:  # needs the matrices: done while they are in memory
+                    self.columns.put_dicts(rows, [_randomize(members[j][1], self.esd[r], self._row(r), backend,
+                                                             options) for r, j in zip(rows, js)])
+
+    def _row(self, row: int) -> dict[str, Any]:
+        """The identity values of one row (what the randomize seed and sizes need)."""
+        out = {}
+        for name in ("layer_id", "slice_id", "N", "M"):
+            for rows, values in self.columns.blocks.get(name, ()):
+                hit = np.flatnonzero(rows == row)
+                if hit.size:
+                    out[name] = values[hit[0]].item()
+        return out
+
+    # -- finishing -------------------------------------------------------------------------------------------
+
+    def finish(self, n_parts: int) -> BatchResult:
+        """Solve what is pending, fit every ESD at once, add the norm metrics and build the batch's tables."""
+        self._solve_pending()
+        options = self.options
+        part_of_row = np.asarray(self.part_of_row, dtype=np.int64)
+        ok = np.array(sorted(r for r in self.ok_rows if int(part_of_row[r]) not in self.errors), dtype=np.int64)
+        status = np.array(self.status, dtype=object)
+        t0 = time.perf_counter()
+        if options.ww_fails_every_fit:
+            fits = [powerlaw.PowerLawFit()] * ok.size
+        else:
+            fits = powerlaw.fit_many([self.esd[r] for r in ok], backend=options.fit_backend, **options.fit_options())
+        self.timings["fit"] += time.perf_counter() - t0
+        for name in _FIT_COLUMNS:
+            values = [getattr(f, name) for f in fits]  # ints stay ints (num_pl_spikes, n_tail) unless a NaN joins them
+            self.columns.put(name, ok, np.array(values, dtype=object if name == "warning" else None))
+        self.columns.put("fit_backend", ok, np.array(options.fit_backend, dtype=object))
+        status[ok[[f.status != "success" for f in fits]] if ok.size else ok] = "failed"
+        alpha = np.array([f.alpha for f in fits], dtype=np.float64)
+        self._norm_metrics(ok, alpha)
+        if options.mp_fit or options.detX:
+            sizes = {name: dict(zip(*self._gather(name, ok))) for name in ("N", "M")}
+            rows = ok.tolist()
+            if options.mp_fit:
+                self.columns.put_dicts(rows, [spectral.mp_fit(self.esd[r], n=sizes["N"][r], m=sizes["M"][r])
+                                              for r in rows])
+            if options.detX:
+                self.columns.put_dicts(rows, [spectral.detx(self.esd[r]) for r in rows])
+        self.columns.put("status", np.arange(status.size), status)
+        keep = np.flatnonzero(~np.isin(part_of_row, list(self.errors)))
+        layers = self.columns.frame(keep)
+        layers = layers[[c for c in _order(layers.columns)]]
+        bins = options.hist_bins if options.weightstats else 0
+        counts = np.stack([self.hist.get(r, (np.full(bins, np.nan), None))[0] for r in keep]) if bins and keep.size \
+            else np.zeros((keep.size, 0))
+        edges = np.stack([self.hist.get(r, (None, np.full(bins + 1, np.nan)))[1] for r in keep]) \
+            if bins and keep.size else np.zeros((keep.size, 1))
+        result = ModelResult(layers=layers, esd=[self.esd[r] for r in keep], hist_counts=counts, hist_edges=edges,
+                             n_params=sum(v for p, v in self.n_params.items() if p not in self.errors),
+                             timings=self.timings,
+                             strengths=[self.strengths.get(r) if status[r] != "error" else None for r in keep]
+                             if options.weightstats else [])
+        parts = part_of_row[keep]
+        add_strength_correlation(result, parts)
+        n_params = np.array([self.n_params.get(p, 0) if p not in self.errors else 0 for p in range(n_parts)])
+        return BatchResult(result=result, part_of_row=parts,
+                           errors=[self.errors.get(p) for p in range(n_parts)], n_params=n_params)
+
+    def _gather(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        got = [(r, v) for b_rows, b_values in self.columns.blocks[name] for r, v in zip(b_rows, b_values)]
+        wanted = set(rows.tolist())
+        return (np.array([r for r, _ in got if r in wanted]), np.array([v for r, v in got if r in wanted]))
+
+    def _norm_metrics(self, ok: np.ndarray, alpha: np.ndarray) -> None:
+        """``spectral.norm_metrics`` of every fitted row, for groups of equally long ESDs at once."""
+        if not ok.size:
+            return
+        n_of = dict(zip(*self._gather("N", ok)))
+        by_length: dict[int, list[int]] = defaultdict(list)
+        for i, r in enumerate(ok):
+            by_length[self.esd[r].size].append(i)
+        for idx in by_length.values():
+            rows = ok[idx]
+            lam = np.stack([self.esd[r] for r in rows])
+            n = np.array([n_of[r] for r in rows])
+            for name, values in spectral.norm_metrics_rows(lam, alpha[idx], n=n).items():
+                self.columns.put(name, rows, values)
+
+
+_EMPTY = np.zeros(0)
+
+#: Layer columns in the order the table shows them; other columns (optional metric groups) follow in their order.
+_LEADING = ("layer_id", "name", "layer_type", "N", "M", "Q", "rf", "slice_id", *weightstats.MOMENT_KEYS,
+            "w_count", "w_nonfinite", "ns_mean", "ns_std", "status", "error", "esd_backend", "num_evals", "sv_max",
+            "sv_min", "rank_loss", "weak_rank_loss")
+_TRAILING = (*_FIT_COLUMNS, "fit_backend", "norm", "log_norm", "lambda_max", "spectral_norm", "log_spectral_norm",
+             "alpha_weighted", "log_alpha_norm", "stable_rank", "matrix_rank", "entropy", *spectral.MP_COLUMNS,
+             "detX_num", "detX_val", "detX_val_unrescaled", "ns_corr_prev")
+
+
+def _order(columns: Sequence[str]) -> list[str]:
+    present = set(columns)
+    known = set(_LEADING) | set(_TRAILING)
+    return [c for c in _LEADING if c in present] + [c for c in columns if c not in known] + \
+        [c for c in _TRAILING if c in present]
+
+
+def _randomize(stack: np.ndarray, evals: np.ndarray, row: dict[str, Any], backend: str,
+               options: Any) -> dict[str, float]:
+    """WeightWatcher's ``randomize`` columns for one layer row, with draws seeded by (seed, layer, slice)."""
+    rng = np.random.default_rng([options.seed, row["layer_id"], row.get("slice_id", 0)])
+    rand_evals = spectral.randomized_eigenvalues(stack, rng=rng, backend=backend)
+    rand_single = spectral.randomized_eigenvalues(stack, rng=rng, backend=backend, replicas=1)
+    return spectral.randomize_metrics(evals, rand_evals, rand_single, n=row["N"], m=row["M"])
