@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import scipy.linalg
-from conftest import requires_gpu
+from conftest import requires_cupy, requires_torch_cuda
 
 from zooscope.kernels import backends, esd
 from zooscope.kernels.backends import BackendUnavailable, cupy_available, torch_cuda_available
@@ -111,14 +111,13 @@ def test_cupy_backends_unavailable_without_gpu(backend):
         eigenvalues(STACKS["gauss-tall"], backend=backend)
 
 
-@requires_gpu
-@pytest.mark.parametrize("backend", BACKENDS)
+GPU_PARAMS = [pytest.param(b, marks=requires_cupy if b.startswith("cupy") else requires_torch_cuda)
+              for b in BACKENDS if b.startswith(("cupy", "torch"))]
+
+
+@pytest.mark.parametrize("backend", GPU_PARAMS)
 @pytest.mark.parametrize("precision", ["fp64", "fp32"])
 def test_gpu_backends_match_lapack(backend, precision):
-    if backend.startswith("cupy") and not cupy_available():
-        pytest.skip("CuPy not installed")
-    if backend.startswith("torch") and not torch_cuda_available():
-        pytest.skip("torch without CUDA")
     if precision == "fp32" and esd.is_gram(backend):
         pytest.skip("gram routes are fp64-only")
     stack = STACKS["student-t-conv"]
