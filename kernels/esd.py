@@ -353,13 +353,17 @@ def _scipy_gesdd(x: np.ndarray, dtype) -> np.ndarray:
     return sv * sv
 
 
-def _resolve_failures(lam: np.ndarray, todo, solve_one, svd_one, errors, label: str | None) -> dict[int, str]:
+def _resolve_failures(lam: np.ndarray, todo, finite: np.ndarray, solve_one, svd_one, errors,
+                      label: str | None) -> dict[int, str]:
     """Solve the matrices ``todo`` of a chunk again, one at a time: ``solve_one(i)`` (a 2-D ``eigvalsh``), and
-    ``svd_one(i)`` (λ = σ² of W) where that raises one of ``errors`` or returns non-finite values. Writes ``lam[i]``
-    (ascending); returns {i: solver} for the matrices whose route differs from the planned one (``label``, or
-    ``"svd"``)."""
+    ``svd_one(i)`` (λ = σ² of W) where that raises one of ``errors`` or returns non-finite values. A matrix with
+    non-finite entries (``finite[i]`` False) gets NaN eigenvalues, not a fallback. Writes ``lam[i]`` (ascending);
+    returns {i: solver} for the matrices whose route differs from the planned one (``label``, or ``"svd"``)."""
     fallbacks = {}
     for i in todo:
+        if not finite[i]:
+            lam[i] = np.nan
+            continue
         try:
             row = np.asarray(solve_one(i), dtype=np.float64)
             if not np.isfinite(row).all():
@@ -373,19 +377,20 @@ def _resolve_failures(lam: np.ndarray, todo, solve_one, svd_one, errors, label: 
     return fallbacks
 
 
-def _nonfinite_of_finite(lam: np.ndarray, finite_input: np.ndarray) -> np.ndarray:
+def _failed_rows(lam: np.ndarray, finite: np.ndarray) -> np.ndarray:
     """Indices of rows of ``lam`` with a non-finite value whose matrix was finite (a solver failure)."""
-    return np.flatnonzero(~np.isfinite(lam).all(axis=1) & finite_input)
+    return np.flatnonzero(~np.isfinite(lam).all(axis=1) & finite)
 
 
 def _numpy_gram_eigh(x: np.ndarray, dtype) -> tuple[np.ndarray, dict[int, str]]:
     g = _gram(x.astype(dtype, copy=False), lambda a: a.transpose(0, 2, 1))
+    finite = np.isfinite(g).all(axis=(1, 2))
     try:
         lam = np.linalg.eigvalsh(g)
-        todo = _nonfinite_of_finite(lam, np.isfinite(g).all(axis=(1, 2)))
+        todo = _failed_rows(lam, finite)
     except np.linalg.LinAlgError:  # LAPACK's syevd did not converge on some matrix of the chunk
         lam, todo = np.empty(g.shape[:2]), range(len(g))
-    return lam, _resolve_failures(lam, todo, lambda i: np.linalg.eigvalsh(g[i]),
+    return lam, _resolve_failures(lam, todo, finite, lambda i: np.linalg.eigvalsh(g[i]),
                                   lambda i: _numpy_svd(x[i : i + 1], dtype)[0], (np.linalg.LinAlgError,), None)
 
 
@@ -409,12 +414,13 @@ def _torch_gram_eigh(x: np.ndarray, dtype) -> tuple[np.ndarray, dict[int, str]]:
     """torch's ``eigvalsh`` on the stack (torch picks its solver; it raises ``LinAlgError`` on non-convergence)."""
     torch, t = _to_torch(x, dtype)
     g = _gram(t, lambda a: a.transpose(-2, -1))
+    finite = torch.isfinite(g).all(dim=-1).all(dim=-1).cpu().numpy()
     try:
         lam = torch.linalg.eigvalsh(g).cpu().numpy()
-        todo = _nonfinite_of_finite(lam, torch.isfinite(g).all(dim=-1).all(dim=-1).cpu().numpy())
+        todo = _failed_rows(lam, finite)
     except torch.linalg.LinAlgError:
         lam, todo = np.empty(tuple(g.shape[:2])), range(g.shape[0])
-    return lam, _resolve_failures(lam, todo, lambda i: torch.linalg.eigvalsh(g[i]).cpu().numpy(),
+    return lam, _resolve_failures(lam, todo, finite, lambda i: torch.linalg.eigvalsh(g[i]).cpu().numpy(),
                                   lambda i: _torch_svd(x[i : i + 1], dtype)[0], (torch.linalg.LinAlgError,), None)
 
 
@@ -450,6 +456,7 @@ def _cupy_gram_eigh(x: np.ndarray, dtype) -> tuple[np.ndarray, dict[int, str]]:
         with cupyx.errstate(linalg="raise"):
             return cp.asnumpy(cp.linalg.eigvalsh(g[i]))
 
+    finite = cp.asnumpy(cp.isfinite(g).all(axis=(1, 2)))
     if g.shape[0] == 1:
         lam, todo, label = np.empty(g.shape[:2]), [0], None
     else:
@@ -457,10 +464,10 @@ def _cupy_gram_eigh(x: np.ndarray, dtype) -> tuple[np.ndarray, dict[int, str]]:
         try:
             with cupyx.errstate(linalg="raise"):
                 lam = cp.asnumpy(cp.linalg.eigvalsh(g))
-            todo = _nonfinite_of_finite(lam, cp.asnumpy(cp.isfinite(g).all(axis=(1, 2))))
+            todo = _failed_rows(lam, finite)
         except np.linalg.LinAlgError:  # info is checked for the whole batch: which matrix failed is unknown
             lam, todo = np.empty(g.shape[:2]), range(g.shape[0])
-    return lam, _resolve_failures(lam, todo, syevd, lambda i: _cupy_svd(x[i : i + 1], dtype)[0],
+    return lam, _resolve_failures(lam, todo, finite, syevd, lambda i: _cupy_svd(x[i : i + 1], dtype)[0],
                                   (np.linalg.LinAlgError,), label)
 
 
