@@ -143,9 +143,10 @@ def local_worker_specs(fields: dict[str, Any], workers: int | None, gpus: list[s
 
     ``gpus``: the machine's visible GPUs as ``CUDA_VISIBLE_DEVICES`` entries (:func:`~zooscope.kernels.backends.
     visible_gpus`); ``cores``: CPU cores available. ``workers`` (or the profile's ``workers``, default the larger of
-    ``cores`` and the GPU count) counts all worker processes; the profile's ``gpus`` (``auto`` = every visible GPU, or a number, 0 = none) how
-    many of them own a GPU: ``gpu-<i>`` with ``CUDA_VISIBLE_DEVICES=<that GPU>`` and ``resources={"GPU": 1}``. The
-    rest are ``cpu-<i>`` with ``CUDA_VISIBLE_DEVICES=""``: no GPU library in them can reach a device.
+    ``cores`` and the GPU count) counts all worker processes; the profile's ``gpus`` (``auto`` = every visible GPU,
+    or a number, 0 = none) how many of them own a GPU: ``gpu-<i>`` with ``CUDA_VISIBLE_DEVICES=<that GPU>`` and
+    ``resources={"GPU": 1}``. The rest are ``cpu-<i>`` with ``CUDA_VISIBLE_DEVICES=""``: no GPU library in them
+    can reach a device.
     """
     wanted = fields.get("gpus", "auto")
     if wanted in (None, "auto"):
