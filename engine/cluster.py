@@ -164,7 +164,7 @@ def local_worker_specs(fields: dict[str, Any], workers: int | None, gpus: list[s
     if memory == "auto":  # as LocalCluster: the system's memory split evenly between the worker processes
         from distributed.worker_memory import parse_memory_limit
 
-        memory = parse_memory_limit("auto", 1, total)
+        memory = parse_memory_limit("auto", 1, total, logger=logging.getLogger("distributed.worker_memory"))
     specs = {f"gpu-{i}": {"nthreads": threads, "memory_limit": memory, "resources": {"GPU": 1},
                           "env": {"CUDA_VISIBLE_DEVICES": gpus[i]}} for i in range(n_gpu)}
     specs.update({f"cpu-{i}": {"nthreads": threads, "memory_limit": memory, "resources": {},

@@ -31,6 +31,10 @@ def test_local_layout_without_gpu_is_cpu_workers_that_see_no_gpu():
     assert _layout(specs) == {f"cpu-{i}": (0, "") for i in range(4)}
     assert {s["nthreads"] for s in specs.values()} == {1}
     assert {parse_bytes(s["memory_limit"]) for s in specs.values()} == {parse_bytes("1GiB")}
+    from distributed.system import MEMORY_LIMIT  # memory_limit auto: the system's memory split like LocalCluster's
+
+    auto = local_worker_specs({"kind": "local"}, None, gpus=["0"], cores=4)
+    assert [s["memory_limit"] for s in auto.values()] == [pytest.approx(MEMORY_LIMIT / 4, rel=1e-3)] * 4
 
 
 def test_local_layout_with_one_gpu_has_one_gpu_worker_and_hides_the_gpu_from_the_others():
