@@ -252,10 +252,10 @@ def slurm_layout(fields: dict[str, Any]) -> tuple[int, int]:
 def slurm_cluster(fields: dict[str, Any]) -> Any:
     """The dask-jobqueue ``SLURMCluster`` of a ``slurm`` profile, not yet scaled (no job submitted).
 
-    CPU jobs run ``processes`` plain Dask workers. Jobs with ``gpus: N`` ask SLURM for ``--gres=gpu:N`` and run
-    dask-cuda's worker, which starts one worker process per GPU SLURM assigned to the job (each with its own
-    ``CUDA_VISIBLE_DEVICES``, named like dask-jobqueue's N-worker groups), each advertising ``GPU=1`` and getting
-    cores/N threads and memory/N.
+    CPU jobs run ``processes`` plain Dask workers, with ``CUDA_VISIBLE_DEVICES=""`` (no GPU reachable). Jobs with
+    ``gpus: N`` ask SLURM for ``--gres=gpu:N`` and run dask-cuda's worker, which starts one worker process per GPU
+    SLURM assigned to the job (each with its own ``CUDA_VISIBLE_DEVICES``, named like dask-jobqueue's N-worker
+    groups), each advertising ``GPU=1`` and getting cores/N threads and memory/N.
     """
     try:
         from dask_jobqueue import SLURMCluster
@@ -269,10 +269,13 @@ def slurm_cluster(fields: dict[str, Any]) -> Any:
         raise ClusterConfigError(f"a slurm job of {processes} worker processes needs at least {processes} cores, "
                                  f"got cores: {cores}")
     directives = list(fields.get("job_extra_directives") or [])
+    prologue = list(fields.get("job_script_prologue") or [])
     gpu_options: dict[str, Any] = {}
     if gpus:
         directives.append(f"--gres=gpu:{gpus}")
         gpu_options = {"worker_command": CUDA_WORKER_COMMAND, "worker_extra_args": ["--resources", "GPU=1"]}
+    else:  # a CPU job on a GPU node (no gres, devices not fenced by cgroups) must not reach its GPUs either
+        prologue.append('export CUDA_VISIBLE_DEVICES=""')
     return SLURMCluster(
         queue=fields.get("queue"),
         account=fields.get("account"),
@@ -282,7 +285,7 @@ def slurm_cluster(fields: dict[str, Any]) -> Any:
         walltime=str(fields.get("walltime") or "01:00:00"),
         local_directory=fields.get("local_directory"),
         job_extra_directives=directives,
-        job_script_prologue=list(fields.get("job_script_prologue") or []),
+        job_script_prologue=prologue,
         scheduler_options={"dashboard_address": fields.get("dashboard_address", ":8787")},
         **gpu_options,
     )

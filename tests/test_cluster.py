@@ -146,7 +146,7 @@ def test_gpu_job_runs_one_dask_cuda_worker_per_gpu():
     assert "--cpus-per-task=16" in directives
     line = worker_line(script)
     assert " -m dask cuda worker " in line  # dask-cuda's worker, through dask's CLI
-    assert option(line, "--resources") == "GPU=1"
+    assert option(line, "--resources") == "GPU=1" and "CUDA_VISIBLE_DEVICES" not in script  # SLURM's own
     assert option(line, "--nthreads") == "4"  # 16 cores over 4 GPU workers
     assert parse_bytes(option(line, "--memory-limit")) == pytest.approx(parse_bytes("64GB") / 4, rel=0.01)
     assert "--nworkers" not in line and "--nanny" not in line  # dask-cuda starts one nanny per GPU itself
@@ -176,6 +176,7 @@ def test_cpu_job_keeps_plain_workers():
         group = cluster.new_spec.get("group")
     line = worker_line(script)
     assert "--gres" not in script and "--resources" not in line
+    assert script.index('export CUDA_VISIBLE_DEVICES=""') < script.index(line)  # CPU workers see no GPU
     assert " -m distributed.cli.dask_worker " in line
     assert option(line, "--nworkers") == "2" and option(line, "--nthreads") == "4"
     assert group == ["-0", "-1"]
