@@ -443,8 +443,9 @@ def _cupy_gram_eigh(x: np.ndarray, dtype) -> tuple[np.ndarray, dict[int, str]]:
     divide and conquer, backward stable); a stack → of the 3-D stack (``syevjBatched``, batched Jacobi).
 
     Both run under ``cupyx.errstate(linalg="raise")``, so cuSOLVER's ``info`` ≠ 0 (Jacobi's sweeps exhausted,
-    ``syevd`` not converged) raises instead of passing silently. Then, and for non-finite eigenvalues of a finite
-    matrix, the matrices are solved again one by one with ``syevd``, and with CuPy's SVD where that fails too.
+    ``syevd`` not converged) raises instead of passing silently. Then, for non-finite eigenvalues of a finite
+    matrix, and where cuSOLVER refuses the batched call (``CUSOLVERError``, e.g. a size its version does not batch),
+    the matrices are solved again one by one with ``syevd``, and with CuPy's SVD where that fails too.
     The stored dtype crosses the bus; the widening to ``dtype`` happens on the device.
     """
     cp = _cupy()
@@ -465,10 +466,19 @@ def _cupy_gram_eigh(x: np.ndarray, dtype) -> tuple[np.ndarray, dict[int, str]]:
             with cupyx.errstate(linalg="raise"):
                 lam = cp.asnumpy(cp.linalg.eigvalsh(g))
             todo = _failed_rows(lam, finite)
-        except np.linalg.LinAlgError:  # info is checked for the whole batch: which matrix failed is unknown
+        except (np.linalg.LinAlgError, *_cusolver_errors()):  # info is checked for the whole batch
             lam, todo = np.empty(g.shape[:2]), range(g.shape[0])
     return lam, _resolve_failures(lam, todo, finite, syevd, lambda i: _cupy_svd(x[i : i + 1], dtype)[0],
                                   (np.linalg.LinAlgError,), label)
+
+
+def _cusolver_errors() -> tuple[type[Exception], ...]:
+    """CuPy's exception for a cuSOLVER call that returned an error status (none where CuPy lacks the module)."""
+    try:
+        from cupy_backends.cuda.libs.cusolver import CUSOLVERError
+    except ImportError:
+        return ()
+    return (CUSOLVERError,)
 
 
 def _checked(gram_solver, svd_solver):

@@ -292,3 +292,27 @@ def test_hidden_gpus_are_logged_without_importing_gpu_libraries():
     assert first.split() == ["False", "False", "False"]
     assert "no GPU: CUDA_VISIBLE_DEVICES='' hides every GPU" in second
     assert "CuPy not used: CUDA_VISIBLE_DEVICES='' hides every GPU" in done.stderr
+
+
+def test_a_refused_batched_call_falls_back_to_syevd(fake_cupy, monkeypatch):
+    """cuSOLVER may refuse a batch (an error status, not info): CuPy raises CUSOLVERError; solved one by one."""
+
+    class CUSOLVERError(RuntimeError):
+        pass
+
+    libs = types.ModuleType("cupy_backends.cuda.libs.cusolver")
+    libs.CUSOLVERError = CUSOLVERError
+    monkeypatch.setitem(sys.modules, "cupy_backends.cuda.libs.cusolver", libs)
+    cp = fake_cupy()
+    real = cp._eigvalsh
+
+    def refuse_batches(a):
+        if a.ndim == 3:
+            raise CUSOLVERError("CUSOLVER_STATUS_INVALID_VALUE")
+        return real(a)
+
+    cp.linalg.eigvalsh = refuse_batches
+    stack = _stack(3, seed=9)
+    evals, routes = eigenvalues_with_routes(stack, backend="cupy-gram-checked")
+    np.testing.assert_allclose(evals, _reference(stack), rtol=1e-10)
+    assert routes == ["cupy-gram-checked:syevd-fallback"] * 3
