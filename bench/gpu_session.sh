@@ -18,6 +18,8 @@
 #   env       nvidia-smi, versions of python/torch/cupy/numba/dask/zarr
 #   tests     GPU tests: pytest -k "cuda or gpu or cupy" on tests/test_esd.py, test_powerlaw.py, test_sweep.py
 #   kernel    CuPy power-law kernel against the Numba kernel on 4,000 random/tied/tiny samples, all modes
+#   solver    eigenvalue solvers on the device: CuPy syevd for one matrix, batched Jacobi for stacks (errstate
+#             checked), routes and errors against LAPACK, fp16 on the bus, pools after a stack, the local layout
 #   svd       zooscope bench svd --tune (GPU-relevant shapes added), table recorded in RESULTS.md
 #   fitgpu    power-law fits of all 193 GPT-2-xl-sized ESDs in one launch (target < 50 ms) and bootstrap
 #   e2e       GPT-2-xl-shaped fp16 file: read+copy-to-GPU baseline, zooscope analyze (GPU), weightwatcher on
@@ -25,8 +27,8 @@
 #   sweep     python bench/sweep.py --device cuda (1,000 width-100 MLPs x 100 epochs)
 #   plfit     python bench/plfit.py (CPU kernels on the 16-core machine)
 #   vsww      python bench/vs_weightwatcher.py --models effnet0 (real checkpoint carried as a wheel)
-#   scaling   python bench/scaling.py: 1/4/16 CPU workers with the GPU hidden (else every worker's
-#             backend="auto" routes to the GPU), then 16 workers sharing the GPU and one local-cuda worker
+#   scaling   python bench/scaling.py: 1/4/16 CPU workers (profile gpus: 0, no worker sees the GPU), then the
+#             local layout of this machine (1 GPU worker + 15 CPU workers) and one local-cuda worker
 #   racecheck compute-sanitizer racecheck on one small launch of the power-law kernel
 set -u
 
@@ -52,7 +54,7 @@ PY=${PY:-python3}
 WORK=${WORK:-/tmp/zooscope-gpu-session}
 OUT=${OUT:-$WORK/out}
 BUDGET=${BUDGET:-540}
-STEPS=${STEPS:-"env tests kernel svd fitgpu e2e sweep plfit vsww scaling racecheck"}
+STEPS=${STEPS:-"env tests kernel solver svd fitgpu e2e sweep plfit vsww scaling racecheck"}
 STEPS="setup ${STEPS#setup }"  # setup always runs first
 rm -rf "$WORK/logs" "$WORK/zoo" && mkdir -p "$WORK/logs" "$OUT"
 START=$(date +%s)
@@ -126,8 +128,62 @@ for m in ("numpy", "scipy", "numba", "torch", "cupy", "dask", "distributed", "za
     except Exception as e:  # report, do not stop: the steps that need it will fail on their own
         print(f"{m:14s} MISSING ({type(e).__name__}: {e})")
 import zooscope.engine.scan, zooscope.engine.store, zooscope.kernels.esd, zooscope.pipelines.analyze  # noqa
-from zooscope.kernels.backends import cupy_available, gpu_available, torch_cuda_available
+from zooscope.kernels.backends import cupy_available, describe_device, gpu_available, torch_cuda_available
 print("gpu_available", gpu_available(), "cupy", cupy_available(), "torch.cuda", torch_cuda_available())
+print("device:", describe_device())
+EOF
+
+cat >"$WORK/py/solver_check.py" <<'EOF'
+"""Eigenvalue solvers on the device: which cuSOLVER path each shape takes, the route recorded, the error against
+LAPACK SVD, fp16 crossing the bus, the pools after a stack, and the local cluster layout of this machine."""
+import logging, os, time
+import numpy as np
+import scipy.linalg
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+from _results import record
+from zooscope.kernels import esd
+from zooscope.kernels.backends import cupy_available, describe_device, device_key, torch_cuda_available, visible_gpus
+from zooscope.engine.cluster import available_cores, local_worker_specs
+
+print("device:", describe_device(), "| key:", device_key(), "| visible GPUs:", visible_gpus())
+specs = local_worker_specs({}, None, visible_gpus(), available_cores())
+print("local layout:", {k: (v["resources"], v["env"]) for k, v in specs.items()})
+dry = int(os.environ["ZOOSCOPE_DRY"])
+shapes = [(1, 96, 64), (12, 32, 32)] if dry else [(1, 6400, 1600), (1, 2048, 2048), (256, 64, 64), (64, 512, 512)]
+backends = [b for b in ("cupy-gram-checked", "cupy-gram-eigh", "torch-gram-checked", "numpy-gram-checked")
+            if esd.backend_available(b)]
+rng = np.random.default_rng(0)
+bad = 0
+lines = ["| stack (fp16 in) | backend | ms | max abs err / lambda_max | max rel err | routes |",
+         "|---|---|---|---|---|---|"]
+for shape in shapes:
+    stack = (rng.standard_t(3.0, size=shape) / np.sqrt(shape[1])).astype(np.float16)
+    ref = np.sort(np.stack([scipy.linalg.svd(w.astype(np.float64), compute_uv=False) ** 2 for w in stack]), axis=1)
+    for b in backends:
+        esd.eigenvalues(stack[:1], backend=b)  # warm-up: handles, kernels
+        t = time.perf_counter()
+        got, routes = esd.eigenvalues_with_routes(stack, backend=b)
+        dt = time.perf_counter() - t
+        err = float(np.max(np.abs(got - ref) / ref.max(axis=1, keepdims=True)))
+        rel = float(np.max(np.abs(got - ref) / np.maximum(ref, 1e-300)))
+        ok = err < 1e-10 and (not b.endswith("-checked") or rel < esd.CHECKED_ACCURACY)
+        bad += not ok
+        print(f"{'x'.join(map(str, shape))} fp16 {b}: {dt * 1e3:.1f} ms, max |dl|/lmax {err:.1e}, max rel {rel:.1e}, "
+              f"routes {sorted(set(routes))} {'OK' if ok else 'BAD'}")
+        lines.append(f"| {'x'.join(map(str, shape))} | {b} | {dt * 1e3:.1f} | {err:.1e} | {rel:.1e} | "
+                     f"{', '.join(sorted(set(routes)))} |")
+record("Eigenvalue solvers on the device: solver by shape, recorded routes, fp16 on the bus", "\n".join(lines),
+       f"{describe_device()}; one eigenvalues_with_routes call after a warm-up on one matrix; host fp16 stack in, "
+       "fp64 out; errors against scipy's LAPACK SVD of the same fp16 values in fp64; CuPy: syevd for one matrix, "
+       "batched Jacobi for stacks, both under cupyx.errstate(linalg='raise')")
+if cupy_available():
+    import cupy
+    pool = cupy.get_default_memory_pool()
+    print(f"CuPy pool after the stacks: {pool.total_bytes() / 1e6:.1f} MB held, {pool.used_bytes() / 1e6:.1f} MB used")
+if torch_cuda_available():
+    import torch
+    print(f"torch cache: {torch.cuda.memory_reserved() / 1e6:.1f} MB reserved")
+raise SystemExit(1 if bad else 0)
 EOF
 
 cat >"$WORK/py/kernel_check.py" <<'EOF'
@@ -372,8 +428,7 @@ svd() {
 scaling() {
   wait_for "$WORK/zoo/r50.done" 200 || return 1
   local rc=0
-  CUDA_VISIBLE_DEVICES= "$PY" bench/scaling.py --n-models "$R50_MODELS" --workers "$R50_WORKERS" \
-    --zoo "$WORK/zoo/r50" || rc=$?
+  "$PY" bench/scaling.py --n-models "$R50_MODELS" --workers "$R50_WORKERS" --zoo "$WORK/zoo/r50" || rc=$?
   if ! ((DRY)); then
     "$PY" bench/scaling.py --n-models "$R50_MODELS" --workers 16 --gpu --zoo "$WORK/zoo/r50" || rc=$?
   fi
@@ -402,8 +457,9 @@ if want e2e || want scaling; then
 fi
 step env 30 env_info
 step tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider tests/test_esd.py tests/test_powerlaw.py \
-  tests/test_sweep.py -k "cuda or gpu or cupy"
+  tests/test_sweep.py tests/test_gpu_paths.py tests/test_cluster.py -k "cuda or gpu or cupy or local"
 step kernel 90 "$PY" "$WORK/py/kernel_check.py"
+step solver 60 "$PY" "$WORK/py/solver_check.py"
 step svd 170 svd
 step fitgpu 90 "$PY" "$WORK/py/fitgpu.py"
 step e2e 240 e2e

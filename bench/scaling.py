@@ -4,6 +4,10 @@ workers' peak memory, and the time a nightly rerun takes when nothing is new.
     python bench/scaling.py --n-models 12 --workers 1,2                   # the 2-core CI machine
     python bench/scaling.py --n-models 200 --workers 1,2,4,8 --gpu        # the 16-core GPU machine
 
+CPU rows run the ``local`` profile with ``gpus: 0`` (CPU workers only, none sees a GPU). ``--gpu`` adds the
+``local`` layout of a GPU machine (one worker per GPU plus CPU workers that see no GPU, as ``--cluster local`` and
+``auto`` start it; as many workers as the largest CPU row) and one ``local-cuda`` worker per GPU.
+
 The zoo is ``bench/make_zoo.py``'s synthetic ResNet-50 (fp16 safetensors, real tensor shapes). Each worker count
 gets a fresh LocalCluster whose workers are warmed up first (imports, Numba caches) on a tiny model, so the
 timed scan measures steady-state throughput; cluster start-up and warm-up are reported separately. Speed-up
@@ -19,14 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import dask
 import numpy as np
 import yaml
 
 from _results import record
 from make_zoo import write_zoo
 
-from zooscope.engine.cluster import make_client
+from zooscope.engine.cluster import describe_compute, make_client
 from zooscope.engine.scan import scan
 from zooscope.engine.store import ZooStore
 from zooscope.pipelines.analyze import AnalysisOptions, analyze_path
@@ -83,6 +86,7 @@ def run_one(label: str, profile: str, config: Path | None, workers: int | None, 
         seconds = time.perf_counter() - warmed
         rss_scan = worker_peak_rss(client)
         n_workers = len(client.scheduler_info()["workers"]) if client is not None else 1
+        print(f"{label}: {describe_compute(client)}", flush=True)
     if report.n_error:
         raise RuntimeError(f"{label}: {report.n_error} models failed: {report.failed[:3]}")
     print(f"{label}: {report.n_ok} models in {seconds:.1f} s (start {started - t0:.1f} s, warm-up "
@@ -96,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", default="resnet50")
     parser.add_argument("--n-models", type=int, default=12)
     parser.add_argument("--workers", default="1,2", help="comma-separated CPU worker counts")
-    parser.add_argument("--gpu", action="store_true", help="also one local-cuda worker (needs dask-cuda)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="also the GPU machine's local layout and local-cuda (needs dask-cuda)")
     parser.add_argument("--in-process", action="store_true", help="also --cluster none (all BLAS threads)")
     parser.add_argument("--zoo", type=Path, help="zoo directory, reused between runs (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -112,19 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         nbytes, largest = sum(sizes), max(sizes)
         config = tmp / "cluster.yaml"
         config.write_text(yaml.safe_dump({
-            "bench": {"kind": "local", "threads_per_worker": 1, "dashboard_address": ":0"},
+            "bench": {"kind": "local", "gpus": 0, "threads_per_worker": 1, "dashboard_address": ":0"},
+            "bench-mixed": {"kind": "local", "threads_per_worker": 1, "dashboard_address": ":0"},
             "bench-cuda": {"kind": "local-cuda", "dashboard_address": ":0"},
         }))
         options = AnalysisOptions()
         runs = []
         if args.in_process:
             runs.append(run_one("in-process", "none", None, None, manifest, tmp / "none.zarr", warm, options))
-        # CPU rows are CPU: the workers do not see the GPU (else backend="auto" would send them all to it)
-        with dask.config.set({"distributed.nanny.environ": {"CUDA_VISIBLE_DEVICES": ""}}):
-            for w in counts:
-                runs.append(run_one(f"local {w}w", "bench", config, w, manifest, tmp / f"cpu{w}.zarr", warm,
-                                    options))
+        for w in counts:  # CPU rows: gpus: 0, no worker sees a GPU
+            runs.append(run_one(f"local {w}w", "bench", config, w, manifest, tmp / f"cpu{w}.zarr", warm, options))
         if args.gpu:
+            w = max(counts)
+            runs.append(run_one(f"local {w}w, GPU layout", "bench-mixed", config, w, manifest, tmp / "mixed.zarr",
+                                warm, options))
             runs.append(run_one("local-cuda", "bench-cuda", config, None, manifest, tmp / "gpu.zarr", warm, options))
 
         store = runs[-1]["store"]

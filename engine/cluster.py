@@ -13,6 +13,11 @@ sets up its GPU (CUDA context, CPU affinity, device memory limit) as ``local-cud
 on the job script and the cluster's worker spec only: no job is submitted, so sbatch's acceptance of the script,
 dask-cuda's worker start-up on a GPU node and the workers' GPU pinning are untested (no SLURM and no GPU here).
 ``local-cuda`` is untested for the same reason.
+
+``local`` on a machine with GPUs places GPU work explicitly (:func:`local_worker_specs`): one worker per GPU, that
+GPU alone in its ``CUDA_VISIBLE_DEVICES`` and advertising ``GPU=1``, and the other cores as CPU workers with
+``CUDA_VISIBLE_DEVICES=""``, so their ``backend="auto"`` routes stay on the CPU (no second CUDA context on a GPU).
+Tested here by the worker specs for 0, 1 and 8 GPUs (injected) and by a cluster started with one injected GPU.
 """
 from __future__ import annotations
 
@@ -26,6 +31,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+
+from zooscope.kernels.backends import describe_device, visible_gpus
 
 KINDS = ("none", "local", "local-cuda", "slurm", "address")
 
@@ -129,25 +136,83 @@ def _count(value: Any, default: int, name: str) -> int:
     return count
 
 
-def _local(fields: dict[str, Any], workers: int | None) -> Any:
-    from distributed import LocalCluster
+def local_worker_specs(fields: dict[str, Any], workers: int | None, gpus: list[str],
+                       cores: int) -> dict[str, dict[str, Any]]:
+    """The worker processes of a ``local`` profile: ``{name: Nanny options}`` (``nthreads``, ``memory_limit``,
+    ``resources``, ``env``).
 
-    n = workers or _count(fields.get("workers"), available_cores(), "workers")
-    return LocalCluster(
-        n_workers=n,
-        threads_per_worker=_count(fields.get("threads_per_worker"), 1, "threads_per_worker"),
-        processes=True,
-        memory_limit=fields.get("memory_limit", "auto") or "auto",
-        dashboard_address=fields.get("dashboard_address", ":8787"),
-    )
+    ``gpus``: the machine's visible GPUs as ``CUDA_VISIBLE_DEVICES`` entries (:func:`~zooscope.kernels.backends.
+    visible_gpus`); ``cores``: CPU cores available. ``workers`` (or the profile's ``workers``, default the larger of
+    ``cores`` and the GPU count) counts all worker processes; the profile's ``gpus`` (``auto`` = every visible GPU,
+    or a number, 0 = none) how many of them own a GPU: ``gpu-<i>`` with ``CUDA_VISIBLE_DEVICES=<that GPU>`` and
+    ``resources={"GPU": 1}``. The rest are ``cpu-<i>`` with ``CUDA_VISIBLE_DEVICES=""``: no GPU library in them
+    can reach a device.
+    """
+    wanted = fields.get("gpus", "auto")
+    if wanted in (None, "auto"):
+        n_gpu = len(gpus)
+    elif isinstance(wanted, int) and not isinstance(wanted, bool) and wanted >= 0:
+        if wanted > len(gpus):
+            raise ClusterConfigError(f"profile asks for gpus: {wanted} but this machine shows {len(gpus)} GPU(s)")
+        n_gpu = wanted
+    else:
+        raise ClusterConfigError(f"gpus must be a non-negative integer or 'auto', got {wanted!r}")
+    total = workers or _count(fields.get("workers"), max(cores, n_gpu), "workers")
+    n_gpu = min(n_gpu, total)
+    threads = _count(fields.get("threads_per_worker"), 1, "threads_per_worker")
+    memory = fields.get("memory_limit", "auto") or "auto"
+    if memory == "auto":  # as LocalCluster: the system's memory split evenly between the worker processes
+        from distributed.worker_memory import parse_memory_limit
+
+        memory = parse_memory_limit("auto", 1, total, logger=logging.getLogger("distributed.worker_memory"))
+    specs = {f"gpu-{i}": {"nthreads": threads, "memory_limit": memory, "resources": {"GPU": 1},
+                          "env": {"CUDA_VISIBLE_DEVICES": gpus[i]}} for i in range(n_gpu)}
+    specs.update({f"cpu-{i}": {"nthreads": threads, "memory_limit": memory, "resources": {},
+                               "env": {"CUDA_VISIBLE_DEVICES": ""}} for i in range(total - n_gpu)})
+    return specs
+
+
+def _local(fields: dict[str, Any], workers: int | None, gpus: list[str] | None = None) -> Any:
+    """A ``SpecCluster`` of local worker processes laid out by :func:`local_worker_specs` (``gpus``: the visible
+    GPUs, detected when None), with LocalCluster's scheduler settings (listening on 127.0.0.1)."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    specs = local_worker_specs(fields, workers, visible_gpus() if gpus is None else gpus, available_cores())
+    dashboard = fields.get("dashboard_address", ":8787")
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard": dashboard is not None,
+                                               "dashboard_address": dashboard}}
+    common = {"host": "127.0.0.1", "dashboard": False, "silence_logs": logging.WARN}
+    return SpecCluster(scheduler=scheduler, silence_logs=logging.WARN,
+                       workers={name: {"cls": Nanny, "options": {**common, **spec}} for name, spec in specs.items()})
+
+
+def describe_compute(client: Any = None) -> str:
+    """What computes, for people: ``"in-process: <device>"`` without a client, else one line per kind of worker
+    with its count and device (:func:`~zooscope.kernels.backends.describe_device`, asked on each worker) and
+    resources, e.g. ``"1 worker(s) GPU=1: GPU NVIDIA H100 ...; 15 worker(s): CPU ...; no GPU: ..."``."""
+    if client is None:
+        return f"in-process: {describe_device()}"
+    devices = client.run(describe_device)
+    info = client.scheduler_info().get("workers", {})
+    counts: dict[tuple[str, str], int] = {}
+    for address, device in devices.items():
+        resources = ",".join(f"{k}={v:g}" for k, v in sorted(info.get(address, {}).get("resources", {}).items()))
+        counts[(resources, device)] = counts.get((resources, device), 0) + 1
+    return "; ".join(f"{n} worker(s){' ' + res if res else ''}: {device}"
+                     for (res, device), n in sorted(counts.items(), key=lambda kv: (kv[0][0] == "", kv[0])))
 
 
 def _local_cuda(fields: dict[str, Any], workers: int | None) -> Any:
+    if fields.get("rmm_pool_size"):
+        raise ClusterConfigError(
+            "rmm_pool_size is not supported: zooscope allocates through CuPy's and torch's own pools (released after "
+            "each stack), never through RMM, so an RMM pool would only reserve GPU memory nobody uses; remove it")
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
         raise ClusterConfigError(
-            "cluster profile kind 'local-cuda' needs dask-cuda (and a CUDA GPU): pip install 'zooscope[gpu]'"
+            "cluster profile kind 'local-cuda' needs dask-cuda (and a CUDA GPU): pip install 'zooscope[gpu-cuda12]' "
+            "or 'zooscope[gpu-cuda13]'"
         ) from None
     kwargs: dict[str, Any] = {
         "threads_per_worker": _count(fields.get("threads_per_worker"), 1, "threads_per_worker"),
@@ -160,8 +225,6 @@ def _local_cuda(fields: dict[str, Any], workers: int | None) -> Any:
     n = workers or (None if fields.get("workers") in (None, "auto") else _count(fields["workers"], 1, "workers"))
     if n is not None:
         kwargs["n_workers"] = n
-    if fields.get("rmm_pool_size"):
-        kwargs["rmm_pool_size"] = fields["rmm_pool_size"]
     return LocalCUDACluster(**kwargs)
 
 
@@ -189,10 +252,10 @@ def slurm_layout(fields: dict[str, Any]) -> tuple[int, int]:
 def slurm_cluster(fields: dict[str, Any]) -> Any:
     """The dask-jobqueue ``SLURMCluster`` of a ``slurm`` profile, not yet scaled (no job submitted).
 
-    CPU jobs run ``processes`` plain Dask workers. Jobs with ``gpus: N`` ask SLURM for ``--gres=gpu:N`` and run
-    dask-cuda's worker, which starts one worker process per GPU SLURM assigned to the job (each with its own
-    ``CUDA_VISIBLE_DEVICES``, named like dask-jobqueue's N-worker groups), each advertising ``GPU=1`` and getting
-    cores/N threads and memory/N.
+    CPU jobs run ``processes`` plain Dask workers, with ``CUDA_VISIBLE_DEVICES=""`` (no GPU reachable). Jobs with
+    ``gpus: N`` ask SLURM for ``--gres=gpu:N`` and run dask-cuda's worker, which starts one worker process per GPU
+    SLURM assigned to the job (each with its own ``CUDA_VISIBLE_DEVICES``, named like dask-jobqueue's N-worker
+    groups), each advertising ``GPU=1`` and getting cores/N threads and memory/N.
     """
     try:
         from dask_jobqueue import SLURMCluster
@@ -206,10 +269,13 @@ def slurm_cluster(fields: dict[str, Any]) -> Any:
         raise ClusterConfigError(f"a slurm job of {processes} worker processes needs at least {processes} cores, "
                                  f"got cores: {cores}")
     directives = list(fields.get("job_extra_directives") or [])
+    prologue = list(fields.get("job_script_prologue") or [])
     gpu_options: dict[str, Any] = {}
     if gpus:
         directives.append(f"--gres=gpu:{gpus}")
         gpu_options = {"worker_command": CUDA_WORKER_COMMAND, "worker_extra_args": ["--resources", "GPU=1"]}
+    else:  # a CPU job on a GPU node (no gres, devices not fenced by cgroups) must not reach its GPUs either
+        prologue.append('export CUDA_VISIBLE_DEVICES=""')
     return SLURMCluster(
         queue=fields.get("queue"),
         account=fields.get("account"),
@@ -219,7 +285,7 @@ def slurm_cluster(fields: dict[str, Any]) -> Any:
         walltime=str(fields.get("walltime") or "01:00:00"),
         local_directory=fields.get("local_directory"),
         job_extra_directives=directives,
-        job_script_prologue=list(fields.get("job_script_prologue") or []),
+        job_script_prologue=prologue,
         scheduler_options={"dashboard_address": fields.get("dashboard_address", ":8787")},
         **gpu_options,
     )

@@ -136,18 +136,21 @@ GPU_TASK_MIN_BYTES = 64 << 20
 """On a cluster where only some workers have a GPU, tasks reading fewer bytes than this may run on any worker."""
 
 
-def task_resources(task: Task, gpu_workers: int, workers: int,
-                   min_bytes: int | None = None) -> dict[str, int] | None:
+def task_resources(task: Task, gpu_workers: int, workers: int, min_bytes: int | None = None, *,
+                   requires_gpu: bool = False) -> dict[str, int] | None:
     """The Dask resources ``task`` asks for on a cluster of ``workers`` workers, ``gpu_workers`` of them with a GPU.
 
     A GPU-wanting task asks for one ``GPU`` whenever a worker has one (one task per GPU at a time), except on a
     mixed cluster, where tasks below ``min_bytes`` (default ``GPU_TASK_MIN_BYTES``) ask for nothing so that the
-    CPU workers take them. Every route
-    ``auto`` takes on either kind of worker keeps λ within 1e-6 of LAPACK SVD's; ``esd_backend`` records which.
+    CPU workers take them: CPU workers see no GPU (``CUDA_VISIBLE_DEVICES=""``), so their ``auto`` routes stay on
+    the CPU. Every route ``auto`` takes on either kind of worker keeps λ within 1e-6 of LAPACK SVD's;
+    ``esd_backend`` records which. ``requires_gpu`` (options that cannot run without a GPU,
+    ``engine.scan.needs_gpu``): always ``GPU=1`` when a worker has one, whatever the size.
     """
-    if not task.wants_gpu or gpu_workers == 0:
+    if not (task.wants_gpu or requires_gpu) or gpu_workers == 0:
         return None
-    if gpu_workers < workers and task.nbytes < (GPU_TASK_MIN_BYTES if min_bytes is None else min_bytes):
+    if not requires_gpu and gpu_workers < workers \
+            and task.nbytes < (GPU_TASK_MIN_BYTES if min_bytes is None else min_bytes):
         return None
     return {"GPU": 1}
 

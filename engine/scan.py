@@ -275,7 +275,12 @@ def _init_path(manifest: Path, value: Any) -> Any:
 
 
 def resolve_cluster(cluster: str, tasks: Sequence[Task]) -> str:
-    """The profile ``cluster='auto'`` stands for, given the planned tasks (other names pass through)."""
+    """The profile ``cluster='auto'`` stands for, given the planned tasks (other names pass through).
+
+    ``local`` lays its workers out by the machine's GPUs (``engine.cluster.local_worker_specs``: one worker per
+    GPU, CPU workers that see no GPU), so ``auto`` on a GPU machine places GPU work explicitly too; ``none`` runs
+    in this one process (one CUDA context at most).
+    """
     if cluster != "auto":
         return cluster
     big = len(tasks) >= AUTO_LOCAL_TASKS and sum(t.nbytes for t in tasks) >= AUTO_LOCAL_BYTES
@@ -286,6 +291,12 @@ def wants_gpu(options: AnalysisOptions) -> bool:
     """Whether tasks with these options can use a GPU (eigenvalue backend auto/torch/cupy, or the CUDA fit)."""
     return options.esd_backend == "auto" or options.esd_backend.startswith(("cupy", "torch")) \
         or options.fit_backend == "cuda"
+
+
+def needs_gpu(options: AnalysisOptions) -> bool:
+    """Whether tasks with these options cannot run without a GPU (a CuPy eigenvalue backend or the CUDA fit):
+    ``engine.run.task_resources(..., requires_gpu=True)`` then keeps them off CPU workers, also small ones."""
+    return options.esd_backend.startswith("cupy") or options.fit_backend == "cuda"
 
 
 def file_stat(path: str) -> str:

@@ -3,7 +3,9 @@
 ``measure`` times every (shape, backend, precision) on heavy-tailed Student-t stacks and records the error
 against fp64 LAPACK SVD; ``build_table`` keeps, per (precision, size class, batch class) bucket, the fastest
 backend that ``auto`` may take (SVD or checked Gram, :func:`~zooscope.kernels.esd.auto_eligible`) whose error is
-acceptable; ``save_table``/``load_table`` keep it as JSON under ``$ZOOSCOPE_HOME``.
+acceptable; ``save_table``/``load_table`` keep it as JSON under ``$ZOOSCOPE_HOME``, one table per device
+(:func:`~zooscope.kernels.backends.device_key`), so that a shared home holds a login node's CPU table and a GPU
+node's table side by side and each worker routes by the table of its own device.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from zooscope.kernels.backends import BackendUnavailable, torch_cuda_available
+from zooscope.kernels.backends import BackendUnavailable, describe_device, device_key
 from zooscope.kernels.esd import (
     BACKENDS,
     PRECISIONS,
@@ -30,6 +32,7 @@ from zooscope.kernels.esd import (
     eigenvalues,
     is_gram,
     size_class,
+    table_for_device,
 )
 from zooscope.pipelines.analyze import AnalysisOptions
 
@@ -145,17 +148,12 @@ def build_table(df: pd.DataFrame) -> RoutingTable:
         routes.append(Route(precision=str(precision), size_class=int(s), batch_class=int(b),
                             backend=str(times.index[0]),
                             times=tuple((str(k), float(v)) for k, v in times.items())))
-    return RoutingTable(routes=tuple(routes), machine=describe_machine())
+    return RoutingTable(routes=tuple(routes), machine=describe_machine(), device=device_key())
 
 
 def describe_machine() -> str:
-    """Host name, CPU count and GPU (if torch sees one): where a routing table was measured."""
-    gpu = "no GPU"
-    if torch_cuda_available():
-        import torch
-
-        gpu = torch.cuda.get_device_name(0)
-    return f"{platform.node()}, {os.cpu_count()} CPUs, {gpu}"
+    """Host name and device (:func:`~zooscope.kernels.backends.describe_device`): where a table was measured."""
+    return f"{platform.node()}: {describe_device()}"
 
 
 def default_table_path() -> Path:
@@ -165,33 +163,50 @@ def default_table_path() -> Path:
 
 
 def save_table(table: RoutingTable, path: str | os.PathLike | None = None) -> Path:
-    """Write the table as JSON (atomically) and return the path written."""
+    """Write the table (atomically) into the JSON file that keeps one table per device, replacing the table of the
+    same ``device`` and keeping the others; returns the path written. An unreadable old file is replaced."""
     target = Path(path) if path is not None else default_table_path()
+    try:
+        others = [t for t in load_tables(target) if t.device != table.device]
+    except ValueError:
+        others = []
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(json.dumps(table.as_dict(), indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps({"tables": [t.as_dict() for t in (*others, table)]}, indent=2) + "\n",
+                   encoding="utf-8")
     tmp.replace(target)
     return target
 
 
-def load_table(path: str | os.PathLike | None = None) -> RoutingTable | None:
-    """The saved routing table, or None when none was saved. A corrupt file raises ValueError naming it."""
+def load_tables(path: str | os.PathLike | None = None) -> tuple[RoutingTable, ...]:
+    """Every saved routing table (one per device; ``()`` when none was saved). A corrupt file raises ValueError
+    naming it. Reads the one-table files of earlier versions too."""
     source = Path(path) if path is not None else default_table_path()
     if not source.is_file():
-        return None
+        return ()
     try:
-        return RoutingTable.from_dict(json.loads(source.read_text(encoding="utf-8")))
+        data = json.loads(source.read_text(encoding="utf-8"))
+        return tuple(RoutingTable.from_dict(t) for t in (data["tables"] if "tables" in data else [data]))
     except (ValueError, KeyError, TypeError) as exc:
         raise ValueError(f"{source}: not a zooscope routing table ({exc}); rerun `zooscope bench svd --tune`") from exc
 
 
-def with_saved_table(options: AnalysisOptions) -> AnalysisOptions:
-    """``options`` with the saved routing table (:func:`load_table`) when ``esd_backend="auto"`` and none is set.
+def load_table(path: str | os.PathLike | None = None, device: str | None = None) -> RoutingTable | None:
+    """The saved table of ``device`` (default: this process's device), or None (see
+    :func:`~zooscope.kernels.esd.table_for_device`)."""
+    return table_for_device(load_tables(path), device)
 
-    Every route ``auto`` may take keeps each eigenvalue within 1e-6 of LAPACK SVD's, so a table changes speed,
-    not results; the route each layer took is stored in its ``esd_backend`` column.
+
+def with_saved_table(options: AnalysisOptions) -> AnalysisOptions:
+    """``options`` with every saved routing table (:func:`load_tables`) when ``esd_backend="auto"`` and none is set.
+
+    All devices' tables travel with the options; each process that resolves a route (the worker that runs the
+    task) takes the table of its own device and ignores the others
+    (:func:`~zooscope.kernels.esd.table_for_device`). Every route ``auto`` may take keeps each eigenvalue within
+    1e-6 of LAPACK SVD's, so a table changes speed, not results; the route each layer took is stored in its
+    ``esd_backend`` column.
     """
     if options.esd_backend != "auto" or options.esd_table is not None:
         return options
-    table = load_table()
-    return options if table is None else dataclasses.replace(options, esd_table=table)
+    tables = load_tables()
+    return options if not tables else dataclasses.replace(options, esd_table=tables)

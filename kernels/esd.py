@@ -25,12 +25,15 @@ GPU libraries are imported lazily; a missing library or device raises ``BackendU
 """
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from zooscope.kernels.backends import BackendUnavailable, cupy_available, gpu_available, torch_cuda_available
+from zooscope.kernels.backends import (BackendUnavailable, cupy_available, device_key, gpu_available,
+                                       release_gpu_pools, torch_cuda_available)
 from zooscope.kernels.smallest import smallest_gram_eigenvalues
 
 BACKENDS: tuple[str, ...] = (
@@ -53,6 +56,7 @@ CHECKED_ACCURACY = 1e-6
 CHUNK_BYTES = 1 << 28
 """Upper bound on the fp64 bytes (input plus Gram matrices) of one batch chunk handed to a solver."""
 
+_log = logging.getLogger(__name__)
 _GPU_STACK_MAX_SIDE = 512
 _GPU_STACK_MIN_BATCH = 32
 _GPU_SMALL_SIDE = 128
@@ -120,11 +124,14 @@ class RoutingTable:
     """Measured routing rules that ``backend="auto"`` consults (built by ``zooscope.engine.tune``).
 
     A lookup picks the rule of the same precision whose (log2 size class, log4 batch class) is nearest, skipping
-    rules whose backend cannot run here or is not :func:`auto_eligible`. ``machine`` names where it was measured.
+    rules whose backend cannot run here or is not :func:`auto_eligible`. ``machine`` names where it was measured;
+    ``device`` is the :func:`~zooscope.kernels.backends.device_key` it was measured on (``"cuda:<GPU name>"`` or
+    ``"cpu:<CPU model>"``): :func:`resolve_backend` ignores a table of another device. ``""``: any device.
     """
 
     routes: tuple[Route, ...]
     machine: str = ""
+    device: str = ""
 
     def backend_for(self, batch: int, n: int, m: int, precision: str = "fp64") -> str | None:
         """The measured backend for a ``(batch, n, m)`` stack, or None when no runnable rule applies."""
@@ -141,7 +148,7 @@ class RoutingTable:
 
     def as_dict(self) -> dict:
         """JSON-serialisable form (see :meth:`from_dict`)."""
-        return {"machine": self.machine, "routes": [r.as_dict() for r in self.routes]}
+        return {"machine": self.machine, "device": self.device, "routes": [r.as_dict() for r in self.routes]}
 
     @classmethod
     def from_dict(cls, data: dict) -> RoutingTable:
@@ -157,13 +164,41 @@ class RoutingTable:
         )
         for r in routes:
             _check_backend_precision(r.backend, r.precision)
-        return cls(routes=routes, machine=str(data.get("machine", "")))
+        return cls(routes=routes, machine=str(data.get("machine", "")), device=str(data.get("device", "")))
 
 
-def resolve_backend(batch: int, n: int, m: int, precision: str = "fp64", table: RoutingTable | None = None) -> str:
-    """The concrete backend that ``backend="auto"`` uses for a ``(batch, n, m)`` stack.
+Tables = RoutingTable | Sequence[RoutingTable]
+"""What ``table=`` accepts: one routing table, or several (one per device), of which the caller's device picks."""
 
-    With a table, its nearest runnable, :func:`auto_eligible` rule. Otherwise, fp64: ``numpy-gram-checked`` on
+_ignored_logged: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def table_for_device(table: Tables | None, device: str | None = None) -> RoutingTable | None:
+    """The table measured on ``device`` (default: this process's :func:`~zooscope.kernels.backends.device_key`),
+    else one that names no device, else None. A table of another device is ignored, with an INFO log line once
+    per process: its timings say nothing about this one (a CPU login node's table would keep a GPU worker on CPU
+    routes)."""
+    if table is None:
+        return None
+    tables = (table,) if isinstance(table, RoutingTable) else tuple(table)
+    here = device_key() if device is None else device
+    for wanted in (here, ""):
+        for candidate in tables:
+            if candidate.device == wanted:
+                return candidate
+    seen = (here, tuple(t.device for t in tables))
+    if tables and seen not in _ignored_logged:
+        _ignored_logged.add(seen)
+        _log.info("routing table measured on %s ignored on %s: built-in routing rule used (run `zooscope bench svd "
+                  "--tune` on this device)", " and ".join(seen[1]), here)
+    return None
+
+
+def resolve_backend(batch: int, n: int, m: int, precision: str = "fp64", table: Tables | None = None) -> str:
+    """The concrete backend that ``backend="auto"`` uses for a ``(batch, n, m)`` stack, on this process's device.
+
+    With a table measured on this device (:func:`table_for_device`; several tables may be given, one per device),
+    its nearest runnable, :func:`auto_eligible` rule. Otherwise, fp64: ``numpy-gram-checked`` on
     machines without a GPU (about 2.5x faster end to end than LAPACK SVD on trained models, every λ within 1e-6
     of it); on GPU machines the H100 rule of thumb, checked — CuPy's batched Jacobi ``eigvalsh`` for stacks of
     small matrices (smaller side ≤ 128, or ≤ 512 with ≥ 32 matrices), torch's fp64 Gram ``eigvalsh`` for few
@@ -171,6 +206,7 @@ def resolve_backend(batch: int, n: int, m: int, precision: str = "fp64", table: 
     fp32: ``scipy-gesdd`` on CPU, torch (or CuPy) SVD on GPU.
     """
     _check_precision(precision)
+    table = table_for_device(table)
     if table is not None:
         chosen = table.backend_for(batch, n, m, precision)
         if chosen is not None:
@@ -187,14 +223,29 @@ def resolve_backend(batch: int, n: int, m: int, precision: str = "fp64", table: 
 
 
 def eigenvalues(
-    stack: np.ndarray, *, backend: str = "auto", precision: str = "fp64", table: RoutingTable | None = None
+    stack: np.ndarray, *, backend: str = "auto", precision: str = "fp64", table: Tables | None = None
 ) -> np.ndarray:
-    """Eigenvalues of WᵀW for each matrix of a stack.
+    """Eigenvalues of WᵀW for each matrix of a stack (:func:`eigenvalues_with_routes` without the routes).
 
     stack: ``(B, N, M)`` real floats (any float dtype; N ≥ M not required).
     Returns ``(B, min(N, M))`` fp64, ascending per row, clipped at 0 from below (units of W²).
+    """
+    return eigenvalues_with_routes(stack, backend=backend, precision=precision, table=table)[0]
+
+
+def eigenvalues_with_routes(
+    stack: np.ndarray, *, backend: str = "auto", precision: str = "fp64", table: Tables | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """Eigenvalues of WᵀW for each matrix of a stack, and the route that solved each matrix.
+
+    stack: ``(B, N, M)`` real floats (any float dtype; N ≥ M not required).
+    Returns ``(evals, routes)``: ``evals`` ``(B, min(N, M))`` fp64, ascending per row, clipped at 0 from below
+    (units of W²); ``routes`` B strings, the concrete backend (``auto`` resolved), or ``"<backend>:<solver>-fallback"``
+    for a matrix whose planned symmetric eigensolver did not converge (cuSOLVER's info, or non-finite eigenvalues
+    of a finite matrix) and that was solved again by ``syevd`` (after batched Jacobi) or by that library's SVD.
     Batches are solved in chunks of at most ``CHUNK_BYTES`` so memory stays bounded. GPU backends copy the stored
-    dtype (e.g. fp16) to the device and widen it there (exactly); CPU backends widen one chunk at a time.
+    dtype (e.g. fp16) to the device and widen it there (exactly), and release their allocators' cached blocks
+    after the stack (:func:`~zooscope.kernels.backends.release_gpu_pools`); CPU backends widen one chunk at a time.
     """
     stack = np.asarray(stack)
     if stack.ndim != 3:
@@ -210,16 +261,24 @@ def eigenvalues(
         raise BackendUnavailable(f"eigenvalue backend {backend!r} needs a library or GPU that this machine lacks")
     k = min(n, m)
     out = np.empty((batch, k), dtype=np.float64)
+    routes = [backend] * batch
     if batch == 0 or k == 0:
-        return out
+        return out, routes
     solve = _SOLVERS[backend]
     dtype = np.float64 if precision == "fp64" else np.float32
     step = max(1, CHUNK_BYTES // (8 * (n * m + k * k)))
-    for start in range(0, batch, step):
-        out[start : start + step] = solve(np.ascontiguousarray(stack[start : start + step]), dtype)
+    try:
+        for start in range(0, batch, step):
+            lam, fallbacks = solve(np.ascontiguousarray(stack[start : start + step]), dtype)
+            out[start : start + step] = lam
+            for i, solver in fallbacks.items():
+                routes[start + i] = f"{backend}:{solver}-fallback"
+    finally:
+        if backend.startswith(("cupy", "torch")):
+            release_gpu_pools()
     np.maximum(out, 0.0, out=out)
     out.sort(axis=1)
-    return out
+    return out, routes
 
 
 def gram_rounding(n: int, m: int, lam_max: np.ndarray | float) -> np.ndarray | float:
@@ -304,8 +363,45 @@ def _scipy_gesdd(x: np.ndarray, dtype) -> np.ndarray:
     return sv * sv
 
 
-def _numpy_gram_eigh(x: np.ndarray, dtype) -> np.ndarray:
-    return np.linalg.eigvalsh(_gram(x.astype(dtype, copy=False), lambda a: a.transpose(0, 2, 1)))
+def _resolve_failures(lam: np.ndarray, todo, finite: np.ndarray, solve_one, svd_one, errors,
+                      label: str | None) -> dict[int, str]:
+    """Solve the matrices ``todo`` of a chunk again, one at a time: ``solve_one(i)`` (a 2-D ``eigvalsh``), and
+    ``svd_one(i)`` (λ = σ² of W) where that raises one of ``errors`` or returns non-finite values. A matrix with
+    non-finite entries (``finite[i]`` False) gets NaN eigenvalues, not a fallback. Writes ``lam[i]`` (ascending);
+    returns {i: solver} for the matrices whose route differs from the planned one (``label``, or ``"svd"``)."""
+    fallbacks = {}
+    for i in todo:
+        if not finite[i]:
+            lam[i] = np.nan
+            continue
+        try:
+            row = np.asarray(solve_one(i), dtype=np.float64)
+            if not np.isfinite(row).all():
+                raise FloatingPointError("non-finite eigenvalues of a finite matrix")
+            if label:
+                fallbacks[i] = label
+        except (FloatingPointError, *errors):
+            row = np.sort(np.asarray(svd_one(i), dtype=np.float64))
+            fallbacks[i] = "svd"
+        lam[i] = row
+    return fallbacks
+
+
+def _failed_rows(lam: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """Indices of rows of ``lam`` with a non-finite value whose matrix was finite (a solver failure)."""
+    return np.flatnonzero(~np.isfinite(lam).all(axis=1) & finite)
+
+
+def _numpy_gram_eigh(x: np.ndarray, dtype) -> tuple[np.ndarray, dict[int, str]]:
+    g = _gram(x.astype(dtype, copy=False), lambda a: a.transpose(0, 2, 1))
+    finite = np.isfinite(g).all(axis=(1, 2))
+    try:
+        lam = np.linalg.eigvalsh(g)
+        todo = _failed_rows(lam, finite)
+    except np.linalg.LinAlgError:  # LAPACK's syevd did not converge on some matrix of the chunk
+        lam, todo = np.empty(g.shape[:2]), range(len(g))
+    return lam, _resolve_failures(lam, todo, finite, lambda i: np.linalg.eigvalsh(g[i]),
+                                  lambda i: _numpy_svd(x[i : i + 1], dtype)[0], (np.linalg.LinAlgError,), None)
 
 
 def _to_torch(x: np.ndarray, dtype):
@@ -324,9 +420,18 @@ def _torch_svd(x: np.ndarray, dtype) -> np.ndarray:
     return sv * sv
 
 
-def _torch_gram_eigh(x: np.ndarray, dtype) -> np.ndarray:
+def _torch_gram_eigh(x: np.ndarray, dtype) -> tuple[np.ndarray, dict[int, str]]:
+    """torch's ``eigvalsh`` on the stack (torch picks its solver; it raises ``LinAlgError`` on non-convergence)."""
     torch, t = _to_torch(x, dtype)
-    return torch.linalg.eigvalsh(_gram(t, lambda a: a.transpose(-2, -1))).cpu().numpy()
+    g = _gram(t, lambda a: a.transpose(-2, -1))
+    finite = torch.isfinite(g).all(dim=-1).all(dim=-1).cpu().numpy()
+    try:
+        lam = torch.linalg.eigvalsh(g).cpu().numpy()
+        todo = _failed_rows(lam, finite)
+    except torch.linalg.LinAlgError:
+        lam, todo = np.empty(tuple(g.shape[:2])), range(g.shape[0])
+    return lam, _resolve_failures(lam, todo, finite, lambda i: torch.linalg.eigvalsh(g[i]).cpu().numpy(),
+                                  lambda i: _torch_svd(x[i : i + 1], dtype)[0], (torch.linalg.LinAlgError,), None)
 
 
 def _cupy():
@@ -343,10 +448,47 @@ def _cupy_svd(x: np.ndarray, dtype) -> np.ndarray:
     return sv * sv
 
 
-def _cupy_gram_eigh(x: np.ndarray, dtype) -> np.ndarray:
+def _cupy_gram_eigh(x: np.ndarray, dtype) -> tuple[np.ndarray, dict[int, str]]:
+    """Solver by shape: one matrix → ``cupy.linalg.eigvalsh`` of the 2-D Gram matrix (cuSOLVER ``syevd``,
+    divide and conquer, backward stable); a stack → of the 3-D stack (``syevjBatched``, batched Jacobi).
+
+    Both run under ``cupyx.errstate(linalg="raise")``, so cuSOLVER's ``info`` ≠ 0 (Jacobi's sweeps exhausted,
+    ``syevd`` not converged) raises instead of passing silently. Then, for non-finite eigenvalues of a finite
+    matrix, and where cuSOLVER refuses the batched call (``CUSOLVERError``, e.g. a size its version does not batch),
+    the matrices are solved again one by one with ``syevd``, and with CuPy's SVD where that fails too.
+    The stored dtype crosses the bus; the widening to ``dtype`` happens on the device.
+    """
     cp = _cupy()
-    g = cp.asarray(x).astype(dtype, copy=False)
-    return cp.asnumpy(cp.linalg.eigvalsh(_gram(g, lambda a: a.transpose(0, 2, 1))))
+    import cupyx
+
+    g = _gram(cp.asarray(x).astype(dtype, copy=False), lambda a: a.transpose(0, 2, 1))
+
+    def syevd(i):
+        with cupyx.errstate(linalg="raise"):
+            return cp.asnumpy(cp.linalg.eigvalsh(g[i]))
+
+    finite = cp.asnumpy(cp.isfinite(g).all(axis=(1, 2)))
+    if g.shape[0] == 1:
+        lam, todo, label = np.empty(g.shape[:2]), [0], None
+    else:
+        label = "syevd"
+        try:
+            with cupyx.errstate(linalg="raise"):
+                lam = cp.asnumpy(cp.linalg.eigvalsh(g))
+            todo = _failed_rows(lam, finite)
+        except (np.linalg.LinAlgError, *_cusolver_errors()):  # info is checked for the whole batch
+            lam, todo = np.empty(g.shape[:2]), range(g.shape[0])
+    return lam, _resolve_failures(lam, todo, finite, syevd, lambda i: _cupy_svd(x[i : i + 1], dtype)[0],
+                                  (np.linalg.LinAlgError,), label)
+
+
+def _cusolver_errors() -> tuple[type[Exception], ...]:
+    """CuPy's exception for a cuSOLVER call that returned an error status (none where CuPy lacks the module)."""
+    try:
+        from cupy_backends.cuda.libs.cusolver import CUSOLVERError
+    except ImportError:
+        return ()
+    return (CUSOLVERError,)
 
 
 def _checked(gram_solver, svd_solver):
@@ -359,7 +501,7 @@ def _checked(gram_solver, svd_solver):
     """
 
     def solve(x, dtype):
-        lam = gram_solver(x, dtype)  # ascending per row
+        lam, fallbacks = gram_solver(x, dtype)  # ascending per row
         noise = gram_rounding(*x.shape[-2:], lam[:, -1])
         uncertain = np.count_nonzero(~(lam * CHECKED_ACCURACY >= noise[:, None]), axis=1)  # NaN counts too
         whole = []
@@ -373,18 +515,23 @@ def _checked(gram_solver, svd_solver):
                 lam[i, :k] = low
         if whole:
             lam[whole] = svd_solver(x[whole], dtype)
-        return lam
+        return lam, fallbacks
 
     return solve
 
 
+def _no_fallback(solver):
+    """An SVD solver in the ``(eigenvalues, fallbacks)`` form of the Gram solvers (SVDs have no fallback)."""
+    return lambda x, dtype: (solver(x, dtype), {})
+
+
 _SOLVERS = {
-    "numpy-svd": _numpy_svd,
-    "scipy-gesdd": _scipy_gesdd,
+    "numpy-svd": _no_fallback(_numpy_svd),
+    "scipy-gesdd": _no_fallback(_scipy_gesdd),
     "numpy-gram-eigh": _numpy_gram_eigh,
-    "torch-svd": _torch_svd,
+    "torch-svd": _no_fallback(_torch_svd),
     "torch-gram-eigh": _torch_gram_eigh,
-    "cupy-svd": _cupy_svd,
+    "cupy-svd": _no_fallback(_cupy_svd),
     "cupy-gram-eigh": _cupy_gram_eigh,
     # numpy's SVD, not scipy's: numpy and scipy each bundle an OpenBLAS whose idle threads spin for a while, and
     # alternating between the two pools doubled the fallback's time on 2 cores (MiniLM: 1.96 s against 1.06 s)

@@ -7,7 +7,8 @@ multiply-adds, so alpha rounds as on the CPU. Each candidate is first probed whe
 candidate deviated most, and abandoned as soon as one deviation exceeds the best D of the block (kept in
 shared memory, lowered with an atomic min on its bit pattern, valid for non-negative doubles); a block
 reduction over (D, index) then picks the first argmin, so the result equals the unpruned scan. CuPy is
-imported lazily; without it or a device, ``BackendUnavailable`` is raised.
+imported lazily; without it or a device, ``BackendUnavailable`` is raised. The device buffers go back to CuPy's pool
+after the launch, and the pool to the driver when it holds more than ``backends.POOL_KEEP_BYTES``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import functools
 
 import numpy as np
 
-from zooscope.kernels.backends import BackendUnavailable, cupy_available
+from zooscope.kernels.backends import BackendUnavailable, cupy_available, release_gpu_pools
 
 THREADS = 256
 
@@ -151,4 +152,7 @@ def best_of_ragged(values: np.ndarray, offsets: np.ndarray, unique: bool, fixed:
         _kernel()((B,), (THREADS,), (d_values, d_offsets, scratch, np.int32(unique), np.int32(fixed),
                                      np.float64(lo_val), np.float64(hi_val), np.int64(min_tail),
                                      np.float64(bias), idx, alpha, D))
-    return cupy.asnumpy(idx), cupy.asnumpy(alpha), cupy.asnumpy(D)
+    result = cupy.asnumpy(idx), cupy.asnumpy(alpha), cupy.asnumpy(D)
+    del d_values, d_offsets, scratch, idx, alpha, D
+    release_gpu_pools()
+    return result

@@ -1,9 +1,17 @@
-"""Shared pytest configuration: GPU tests skip cleanly on machines without one."""
+"""Shared pytest configuration: GPU tests skip cleanly on machines without the capability they use.
+
+One marker per capability, so that a half-equipped host (torch.cuda without CuPy, or CuPy without a CUDA torch)
+skips what it cannot run instead of failing: ``requires_cupy`` (CuPy and a CUDA device), ``requires_torch_cuda``
+(torch with CUDA and a device), ``requires_gpu`` (either). The reason a GPU is not usable is in the skip message.
+"""
 import pytest
 
-from zooscope.kernels.backends import gpu_available
+from zooscope.kernels.backends import cupy_available, describe_device, gpu_available, torch_cuda_available
 
-requires_gpu = pytest.mark.skipif(not gpu_available(), reason="needs a CUDA GPU (CuPy or torch.cuda)")
+requires_gpu = pytest.mark.skipif(not gpu_available(), reason=f"needs a CUDA GPU: {describe_device()}")
+requires_cupy = pytest.mark.skipif(not cupy_available(), reason=f"needs CuPy and a CUDA device: {describe_device()}")
+requires_torch_cuda = pytest.mark.skipif(not torch_cuda_available(),
+                                         reason=f"needs torch with CUDA and a device: {describe_device()}")
 
 
 @pytest.fixture(autouse=True)

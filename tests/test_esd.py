@@ -1,4 +1,5 @@
 """Eigenvalue backends against LAPACK singular values, routing, and singular-value statistics."""
+import dataclasses
 import json
 import logging
 import os
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import scipy.linalg
-from conftest import requires_gpu
+from conftest import requires_cupy, requires_torch_cuda
 
 from zooscope.kernels import backends, esd
 from zooscope.kernels.backends import BackendUnavailable, cupy_available, torch_cuda_available
@@ -111,14 +112,13 @@ def test_cupy_backends_unavailable_without_gpu(backend):
         eigenvalues(STACKS["gauss-tall"], backend=backend)
 
 
-@requires_gpu
-@pytest.mark.parametrize("backend", BACKENDS)
+GPU_PARAMS = [pytest.param(b, marks=requires_cupy if b.startswith("cupy") else requires_torch_cuda)
+              for b in BACKENDS if b.startswith(("cupy", "torch"))]
+
+
+@pytest.mark.parametrize("backend", GPU_PARAMS)
 @pytest.mark.parametrize("precision", ["fp64", "fp32"])
 def test_gpu_backends_match_lapack(backend, precision):
-    if backend.startswith("cupy") and not cupy_available():
-        pytest.skip("CuPy not installed")
-    if backend.startswith("torch") and not torch_cuda_available():
-        pytest.skip("torch without CUDA")
     if precision == "fp32" and esd.is_gram(backend):
         pytest.skip("gram routes are fp64-only")
     stack = STACKS["student-t-conv"]
@@ -319,6 +319,10 @@ def test_bench_svd_command(tmp_path, monkeypatch, capsys):
     rc = main(["bench", "svd", "--shapes", "2x16x8", "--backends", "numpy-gram-eigh", "--precision", "fp64",
                "--repeats", "1", "--tune", "--out", str(out)])
     assert rc == 0
+    from zooscope.kernels.backends import describe_device, device_key
+
+    printed = capsys.readouterr().out
+    assert f"device: {describe_device()}" in printed and f"routing table of {device_key()}" in printed
     assert (out / "svd_bench.png").stat().st_size > 0
     import pandas as pd
 
@@ -354,3 +358,59 @@ def test_half_precision_input_is_widened_exactly(backend):
     half = STACKS["student-t-conv"].astype(np.float16)  # GPU backends widen on the device, CPU ones on the host
     np.testing.assert_array_equal(eigenvalues(half, backend=backend),
                                   eigenvalues(half.astype(np.float64), backend=backend))
+
+
+def test_table_of_another_device_is_ignored_with_a_log_line(caplog):
+    """A table tuned on another device (a GPU node's, on this CPU machine) says nothing about this one."""
+    from zooscope.kernels.backends import device_key
+
+    other = RoutingTable(routes=(Route("fp64", 64, 16, "scipy-gesdd"),), device="cuda:NVIDIA H100 80GB HBM3")
+    esd._ignored_logged.clear()
+    with caplog.at_level(logging.INFO, logger="zooscope.kernels.esd"):
+        assert resolve_backend(9, 64, 64, table=other) == resolve_backend(9, 64, 64)
+    assert "measured on cuda:NVIDIA H100 80GB HBM3 ignored on " + device_key() in caplog.text
+    mine = RoutingTable(routes=(Route("fp64", 64, 16, "numpy-svd"),), device=device_key())
+    anywhere = RoutingTable(routes=(Route("fp64", 64, 16, "scipy-gesdd"),))
+    assert resolve_backend(9, 64, 64, table=(other, mine)) == "numpy-svd"  # this device's table, of several
+    assert resolve_backend(9, 64, 64, table=(anywhere, mine)) == "numpy-svd"  # before a device-less one
+    assert resolve_backend(9, 64, 64, table=(other, anywhere)) == "scipy-gesdd"  # no device named: any device
+    stack = STACKS["student-t-square"]
+    np.testing.assert_allclose(eigenvalues(stack, table=(other, mine)), _reference(stack), rtol=1e-10)
+
+
+def test_saved_tables_are_kept_per_device(tmp_path, caplog):
+    """A shared $ZOOSCOPE_HOME keeps a CPU login node's table and a GPU node's side by side; each process loads its
+    own; the options carry all of them so that the worker that runs a task picks by its own device."""
+    from zooscope.engine import tune
+    from zooscope.kernels.backends import device_key
+    from zooscope.pipelines.analyze import AnalysisOptions
+
+    path = tmp_path / "esd_routing.json"
+    gpu = RoutingTable(routes=(Route("fp64", 64, 16, "cupy-gram-checked"),), device="cuda:NVIDIA H200")
+    here = RoutingTable(routes=(Route("fp64", 64, 16, "numpy-svd"),), device=device_key())
+    tune.save_table(gpu, path)
+    assert tune.load_table(path) is None  # only another device's table saved
+    tune.save_table(here, path)
+    tune.save_table(dataclasses.replace(here, machine="retuned"), path)  # same device: replaced, not added
+    assert {t.device for t in tune.load_tables(path)} == {"cuda:NVIDIA H200", device_key()}
+    assert tune.load_table(path).machine == "retuned"
+    assert tune.load_table(path, device="cuda:NVIDIA H200") == gpu
+    path.write_text(json.dumps(_table().as_dict()))  # a one-table file of an earlier version
+    assert tune.load_tables(path) == (_table(),)
+    tune.save_table(gpu)
+    options = tune.with_saved_table(AnalysisOptions())
+    assert options.esd_table == (gpu,)  # every device's table travels; the worker chooses
+    assert tune.with_saved_table(AnalysisOptions(esd_backend="scipy-gesdd")).esd_table is None
+
+
+def test_build_table_records_the_device():
+    import pandas as pd
+
+    from zooscope.engine import tune
+    from zooscope.kernels.backends import describe_device, device_key
+
+    fake = pd.DataFrame({"shape": ["9x64x64"], "batch": [9], "n": [64], "m": [64], "backend": ["numpy-svd"],
+                         "precision": ["fp64"], "seconds": [0.002], "max_rel_error": [0.0]})
+    table = tune.build_table(fake)
+    assert table.device == device_key() and describe_device() in table.machine
+    assert RoutingTable.from_dict(json.loads(json.dumps(table.as_dict()))) == table

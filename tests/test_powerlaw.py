@@ -6,11 +6,11 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import requires_gpu
+from conftest import requires_cupy
 
 from zooscope.kernels import powerlaw as pl
 from zooscope.kernels import powerlaw_numba as nb
-from zooscope.kernels.backends import BackendUnavailable, gpu_available
+from zooscope.kernels.backends import BackendUnavailable, cupy_available
 
 KEYS = ("alpha", "xmin", "D", "sigma")
 
@@ -293,13 +293,13 @@ def test_bad_options_are_rejected():
         pl.fit(x, mode="scipy")
 
 
-@pytest.mark.skipif(gpu_available(), reason="checks the no-GPU path")
+@pytest.mark.skipif(cupy_available(), reason="checks the no-CuPy path")
 def test_cuda_backend_raises_without_gpu():
     with pytest.raises(BackendUnavailable):
         pl.fit(SAMPLES[0][1], backend="cuda")
 
 
-@requires_gpu
+@requires_cupy
 @pytest.mark.parametrize("mode", ["ww", "powerlaw"])
 def test_cuda_equals_numpy_reference(mode):
     xs = [s[1] for s in SAMPLES]
@@ -310,7 +310,7 @@ def test_cuda_equals_numpy_reference(mode):
     assert _close(f, pl.fit(xs[1], backend="numpy", xmin=(1.5, 4.0), min_tail=20), 1e-12)
 
 
-@requires_gpu
+@requires_cupy
 def test_cuda_bootstrap_and_clip_xmax_agree_with_numba():
     x = SAMPLES[7][1]
     a = pl.fit(x, backend="cuda", bootstrap=50, seed=3, fix_fingers="clip_xmax")

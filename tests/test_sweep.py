@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import scipy.special
 import scipy.stats
-from conftest import requires_gpu
+from conftest import requires_torch_cuda
 from safetensors import safe_open
 
-from zooscope.kernels.backends import BackendUnavailable, gpu_available
+from zooscope.kernels.backends import BackendUnavailable, torch_cuda_available
 from zooscope.kernels.drift import rmsd
 from zooscope.pipelines.datasets import available_datasets, load_dataset
 from zooscope.pipelines.letters import letter_mask
@@ -216,14 +216,14 @@ def test_cli_sweep(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(gpu_available(), reason="checks the error raised without a GPU")
+@pytest.mark.skipif(torch_cuda_available(), reason="checks the error raised without torch.cuda")
 def test_cuda_without_gpu_raises(digits):
     _, params = stacked((0,), 4, digits)
     with pytest.raises(BackendUnavailable):
         train_batched(params, digits, (0,), epochs=1, device="cuda")
 
 
-@requires_gpu
+@requires_torch_cuda
 def test_cuda_matches_cpu_fp64(digits):
     seeds = (0, 1)
     _, params = stacked(seeds, 32, digits)

@@ -137,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
+    from zooscope.kernels.backends import describe_device
+
+    print(f"device: {describe_device()}", flush=True)
     with tqdm(total=None, desc="bench svd", unit="case", disable=None) as bar:
         df = tune.measure(shapes, backends, precisions, args.repeats,
                           progress=lambda label: (bar.set_postfix_str(label), bar.update()))
@@ -151,5 +154,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'svd_bench.csv'} and {plot(df, out / 'svd_bench.png')}")
     if args.tune:
         path = tune.save_table(tune.build_table(df), args.table)
-        print(f"saved routing table for backend='auto' to {path}")
+        print(f"saved the routing table of {tune.device_key()} for backend='auto' to {path}")
     return 0

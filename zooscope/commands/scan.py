@@ -16,8 +16,9 @@ EXAMPLES = """examples:
       only new or changed checkpoints are analysed; a changed file becomes the model's next version
 
 --cluster auto (the default) runs in-process for small jobs (fewer than 2 tasks or under 256 MiB to read, or a
-1-core machine) and on a LocalCluster with one worker process per core otherwise; --cluster none always runs
-in-process. Profiles come from cluster.yaml (the packaged one unless --config).
+1-core machine) and on the local profile otherwise: one worker process per core, of which one per GPU owns that
+GPU (the others see none); --cluster none always runs in-process. Profiles come from cluster.yaml (the packaged
+one unless --config).
 exit status: 0 all models ok, 3 some models failed (listed at the end), 2 usage error (incl. a locked store).
 """
 
