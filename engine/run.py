@@ -120,7 +120,7 @@ def _on_cluster(tasks: Sequence[Task], options: AnalysisOptions, client: Any, re
         futures.append(client.submit(
             run_task, _task_args(task), options,
             key=key, retries=retries, pure=False,
-            resources=task_resources(task, n_gpu, len(workers)),
+            resources=task_resources(task, n_gpu, len(workers), requires_gpu=needs_gpu(options)),
         ))
     for future in as_completed(futures):
         try:
@@ -130,6 +130,18 @@ def _on_cluster(tasks: Sequence[Task], options: AnalysisOptions, client: Any, re
         task = by_key[future.key]
         future.release()
         yield task, outcome
+
+
+def wants_gpu(options: AnalysisOptions) -> bool:
+    """Whether tasks with these options can use a GPU (eigenvalue backend auto/torch/cupy, or the CUDA fit)."""
+    return options.esd_backend == "auto" or options.esd_backend.startswith(("cupy", "torch")) \
+        or options.fit_backend == "cuda"
+
+
+def needs_gpu(options: AnalysisOptions) -> bool:
+    """Whether tasks with these options cannot run without a GPU (a CuPy eigenvalue backend or the CUDA fit):
+    ``engine.run.task_resources(..., requires_gpu=True)`` then keeps them off CPU workers, also small ones."""
+    return options.esd_backend.startswith("cupy") or options.fit_backend == "cuda"
 
 
 GPU_TASK_MIN_BYTES = 64 << 20
@@ -145,7 +157,7 @@ def task_resources(task: Task, gpu_workers: int, workers: int, min_bytes: int | 
     CPU workers take them: CPU workers see no GPU (``CUDA_VISIBLE_DEVICES=""``), so their ``auto`` routes stay on
     the CPU. Every route ``auto`` takes on either kind of worker keeps λ within 1e-6 of LAPACK SVD's;
     ``esd_backend`` records which. ``requires_gpu`` (options that cannot run without a GPU,
-    ``engine.scan.needs_gpu``): always ``GPU=1`` when a worker has one, whatever the size.
+    ``needs_gpu``): always ``GPU=1`` when a worker has one, whatever the size.
     """
     if not (task.wants_gpu or requires_gpu) or gpu_workers == 0:
         return None

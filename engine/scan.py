@@ -12,6 +12,7 @@ import datetime as _dt
 import hashlib
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -22,9 +23,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from zooscope.engine.cluster import available_cores, get_profile, make_client
+from zooscope.engine.cluster import available_cores, describe_compute, get_profile, make_client
 from zooscope.engine.plan import Part, Task, pack, plan
-from zooscope.engine.run import execute
+from zooscope.engine.run import execute, wants_gpu
 from zooscope.engine.store import ZooStore
 from zooscope.engine.tune import with_saved_table
 from zooscope.pipelines.analyze import AnalysisOptions
@@ -159,6 +160,8 @@ def scan(
         context = nullcontext(client) if client is not None else make_client(report.cluster, config=config,
                                                                            workers=workers)
         with context as active:
+            if progress:
+                print(f"zooscope scan: {describe_compute(active)}", file=sys.stderr, flush=True)
             n_workers = len(active.scheduler_info().get("workers", {})) if active is not None else 1
             tasks = pack(parts, batch_bytes=batch_bytes, batch_models=batch_models, min_tasks=4 * max(1, n_workers)
                          if active is not None else 1)
@@ -285,18 +288,6 @@ def resolve_cluster(cluster: str, tasks: Sequence[Task]) -> str:
         return cluster
     big = len(tasks) >= AUTO_LOCAL_TASKS and sum(t.nbytes for t in tasks) >= AUTO_LOCAL_BYTES
     return "local" if big and available_cores() >= 2 else "none"
-
-
-def wants_gpu(options: AnalysisOptions) -> bool:
-    """Whether tasks with these options can use a GPU (eigenvalue backend auto/torch/cupy, or the CUDA fit)."""
-    return options.esd_backend == "auto" or options.esd_backend.startswith(("cupy", "torch")) \
-        or options.fit_backend == "cuda"
-
-
-def needs_gpu(options: AnalysisOptions) -> bool:
-    """Whether tasks with these options cannot run without a GPU (a CuPy eigenvalue backend or the CUDA fit):
-    ``engine.run.task_resources(..., requires_gpu=True)`` then keeps them off CPU workers, also small ones."""
-    return options.esd_backend.startswith("cupy") or options.fit_backend == "cuda"
 
 
 def file_stat(path: str) -> str:

@@ -238,7 +238,7 @@ class _Batch:
             big = np.concatenate(stacks) if len(stacks) > 1 else stacks[0]
             backend = esd_kernels.resolve_backend(big.shape[0], n, m, options.precision, options.esd_table) \
                 if options.esd_backend == "auto" else options.esd_backend
-            evals = esd_kernels.eigenvalues(big, backend=backend, precision=options.precision)
+            evals, routes = esd_kernels.eigenvalues_with_routes(big, backend=backend, precision=options.precision)
             del big
             self.timings["esd"] += time.perf_counter() - t0
             starts = np.cumsum([0] + [s.shape[0] for s in stacks])
@@ -251,7 +251,8 @@ class _Batch:
                 for name, values in esd_kernels.singular_value_stats_rows(
                         per_slice, n, ww_sv_min=options.ww_quirks, weak_rank_tolerance=options.tolerance).items():
                     self.columns.put(name, rows, values)
-                self.columns.put("esd_backend", rows, np.array(backend, dtype=object))
+                self.columns.put("esd_backend", rows, np.array([_route(routes[starts[j]:starts[j] + depth], backend)
+                                                                for j in js], dtype=object))
                 self.columns.put("num_evals", rows, np.int64(depth * per_slice.shape[2]))
                 sorted_esd = np.sort(per_slice.reshape(len(js), -1), axis=1)
                 for row, j, esd in zip(rows, js, sorted_esd):
@@ -343,6 +344,11 @@ class _Batch:
 
 
 _EMPTY = np.zeros(0)
+
+
+def _route(routes: list[str], backend: str) -> str:
+    """What solved a layer: ``backend``, or the fallback that re-solved one of its slices (``backend:…-fallback``)."""
+    return next((r for r in routes if r != backend), backend)
 
 #: Layer columns in the order the table shows them; other columns (optional metric groups) follow in their order.
 _LEADING = ("layer_id", "name", "layer_type", "N", "M", "Q", "rf", "slice_id", *weightstats.MOMENT_KEYS,

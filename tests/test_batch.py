@@ -107,13 +107,13 @@ def test_buckets_reach_the_solver_as_stacks(tmp_path, monkeypatch):
     """All same-shaped matrices of all models go to one eigenvalue call per shape."""
     paths = [p for p in mixed_zoo(tmp_path / "zoo") if "truncated" not in p.name]
     calls = []
-    solve = esd_kernels.eigenvalues
+    solve = esd_kernels.eigenvalues_with_routes
 
     def spy(stack, **kw):
         calls.append(stack.shape)
         return solve(stack, **kw)
 
-    monkeypatch.setattr(esd_kernels, "eigenvalues", spy)
+    monkeypatch.setattr(esd_kernels, "eigenvalues_with_routes", spy)
     analyze_batch([(str(p), None) for p in paths], AnalysisOptions())
     shapes = [s[1:] for s in calls]
     assert len(shapes) == len(set(shapes))  # one call per (N, M)

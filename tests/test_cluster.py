@@ -14,7 +14,7 @@ from zooscope.engine import cluster as cluster_mod
 from zooscope.engine.cluster import (ClusterConfigError, describe_compute, load_profiles, local_worker_specs,
                                      make_client, slurm_cluster, slurm_layout)
 from zooscope.engine.run import task_resources
-from zooscope.engine.scan import needs_gpu, wants_gpu
+from zooscope.engine.run import needs_gpu, wants_gpu
 from zooscope.pipelines.analyze import AnalysisOptions
 
 LOCAL = {"kind": "local", "threads_per_worker": 1, "memory_limit": "1GiB"}
