@@ -5,8 +5,8 @@ directory (``model.safetensors.index.json`` / ``model[-0000k-of-0000n].safetenso
 ``pytorch_model[-0000k-of-0000n].bin`` with ``pytorch_model.bin.index.json`` when present; shards opened on first
 use), a PyTorch state-dict file ``.pt/.pth/.bin`` (``torch.load(weights_only=True)``, memory-mapped when the file
 is a zip archive), ``.npz``, and in memory a ``torch.nn.Module`` or a dict of tensors/arrays. Keras
-(``.keras``/``.h5``), ONNX (``.onnx``) and GGUF (``.gguf``) files are read by their own modules
-(``FORMAT_READERS``), each needing an optional extra.
+(``.keras``/``.h5``), ONNX (``.onnx``), GGUF (``.gguf``) and Flax (``.msgpack``) files are read by their own
+modules (``FORMAT_READERS``), each needing an optional extra.
 
 ``read`` returns float16/bfloat16 tensors as float32 arrays and float32/float64/integer tensors unchanged; bool,
 complex and float8 tensors are refused with a :class:`CheckpointError`. Every problem with the input (missing,
@@ -34,6 +34,7 @@ import numpy as np
 FORMAT_READERS = {
     ".keras": ("keras_reader", "open_keras"), ".h5": ("keras_reader", "open_keras"),
     ".onnx": ("onnx_reader", "open_onnx"), ".gguf": ("gguf_reader", "open_gguf"),
+    ".msgpack": ("flax_reader", "open_flax"),
 }
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz", *FORMAT_READERS)
 _ST_SHARD = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")

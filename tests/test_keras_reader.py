@@ -104,8 +104,8 @@ def test_metrics_equal_weightwatcher_on_the_torch_model(models):
     names = ["embed", "conv2", "fc"]
     for column in ["alpha", "D", "xmin", "lambda_max", "log_norm", "log_spectral_norm", "alpha_weighted",
                    "stable_rank", "num_evals", "rf"]:
-        np.testing.assert_allclose(ours.loc[names, column].to_numpy(float), theirs.loc[names, column].to_numpy(float),
-                                   rtol=RTOL, err_msg=column)
+        np.testing.assert_allclose(ours.loc[names, column].to_numpy(float),
+                                   theirs.loc[names, column].to_numpy(float), rtol=RTOL, err_msg=column)
 
 
 def test_bad_and_unreadable_keras_files(tmp_path, monkeypatch, models):
