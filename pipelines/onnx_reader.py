@@ -124,7 +124,7 @@ def open_onnx(path: Path) -> Checkpoint:
 def external_files(path: Path) -> list[Path]:
     """The external-data files an ``.onnx`` model's tensors live in (for content hashing)."""
     model = _load_graph(path)
-    base = Path(path).resolve().parent
+    base = Path(path).parent
     files = set()
     for tensor in model.graph.initializer:
         if tensor.data_location == 1:  # TensorProto.EXTERNAL

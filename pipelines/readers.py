@@ -559,7 +559,8 @@ def discover(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Mod
     """Expand files and directories into models, sorted by path.
 
     A file is one model (``model_id`` = its stem; any suffix, so that an unknown format becomes an error row
-    later). A Hugging Face directory (see :func:`hf_layout`) is one model (``model_id`` = its name). Any other
+    later). An ONNX model's external-data files are part of it, not models. A Hugging Face directory (see
+    :func:`hf_layout`) is one model (``model_id`` = its name). Any other
     directory is searched recursively (hidden entries skipped) for checkpoint files and HF directories, each one
     model with ``model_id`` = path relative to that directory, without suffix. ``model_id``s that collide keep
     their suffix, and if they still collide, become the full path. A missing path raises :class:`CheckpointError`.
@@ -584,6 +585,12 @@ def discover(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Mod
             for n in sorted(filenames):
                 if not n.startswith(".") and is_checkpoint_file(here / n):
                     found.setdefault(str(here / n), _model_id(here / n, root))
+    for onnx_path in [p for p in found if p.lower().endswith(".onnx")]:  # its external-data files are no models
+        try:
+            for data_file in _format_module(".onnx").external_files(Path(onnx_path)):
+                found.pop(str(data_file), None)
+        except CheckpointError:  # onnx not installed or the model unreadable: opening it will say so
+            pass
     counts: dict[str, int] = {}
     for mid in found.values():
         counts[mid] = counts.get(mid, 0) + 1
