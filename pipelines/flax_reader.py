@@ -63,7 +63,7 @@ class _Scanner:
     def _scalar(self) -> Any:
         self._fh.seek(self.pos)
         unpacker = self._msgpack.Unpacker(self._fh, raw=False, strict_map_key=False, ext_hook=lambda c, d: None,
-                                          max_buffer_size=1 << 31)
+                                          read_size=256, max_buffer_size=1 << 31)  # keys: read little ahead
         try:
             value = unpacker.unpack()
         except (self._msgpack.OutOfData, ValueError) as exc:
