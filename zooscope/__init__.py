@@ -80,7 +80,8 @@ def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **option
     """Analyse one model and return one row per layer matrix with WeightWatcher 0.7's column names.
 
     model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz, .keras/.h5, .onnx, .gguf,
-        .msgpack), a ``torch.nn.Module`` or a state dict. options: ``AnalysisOptions`` fields or WeightWatcher's ``analyze()`` argument names.
+        .msgpack), a ``torch.nn.Module`` or a state dict. options: ``AnalysisOptions`` fields or WeightWatcher's
+        ``analyze()`` argument names.
     ww_compat: write failed fits as WeightWatcher does (alpha = −1 ...) instead of NaN with status 'failed',
         and reproduce WeightWatcher's ``fix_fingers='xmin_peak'`` and Conv2D ``sv_min`` bugs
         (``AnalysisOptions.ww_quirks``).
