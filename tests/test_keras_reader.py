@@ -77,7 +77,8 @@ def test_weights_equal_keras_api_in_torch_layout(models, kind):
         plan = {info.name: info for info in plan_layers(ckpt)}
         assert {n: plan[n].layer_type for n in TO_TORCH} == {"fc": "dense", "conv1": "conv1d", "conv2": "conv2d",
                                                              "embed": "embedding"}
-        # Conv2D slices: WeightWatcher's Keras path takes kernel[i, j, :, :] (in, out): the transpose of our (out, in) slice, same order
+        # Conv2D slices: WeightWatcher's Keras path takes kernel[i, j, :, :] (in, out): the transpose of our
+        # (out, in) slice, in the same order
         kernel = model.get_layer("conv2").get_weights()[0]
         (stack,) = layer_matrices(ckpt.read("conv2.weight"), plan["conv2"], conv2d_norm=False)
         np.testing.assert_array_equal(stack, np.stack([kernel[i, j].T for i in range(3) for j in range(3)]))
