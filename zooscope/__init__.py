@@ -3,6 +3,7 @@
 The few things a user imports:
 
 - ``analyze(model_or_path, **options)`` — one model to a WeightWatcher-style DataFrame.
+- ``describe(model_or_path, **options)`` — the layers ``analyze`` would analyse, from shapes only.
 - ``scan(paths, store, ...)`` — a zoo of checkpoints into a Zarr store (in-process or on a Dask cluster).
 - ``open(store)`` — a store as pandas DataFrames (``.models``, ``.layers``, ``.drift``, ``.esd(row)``).
 - ``regress(models, y, ...)`` — metrics against accuracy per (dataset, series).
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["analyze", "scan", "open", "regress", "__version__"]
+__all__ = ["analyze", "describe", "scan", "open", "regress", "__version__"]
 
 #: WeightWatcher ``analyze()`` arguments and the zooscope option each one becomes.
 _WW_OPTION_NAMES = {
@@ -78,8 +79,9 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
 def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **options: Any):
     """Analyse one model and return one row per layer matrix with WeightWatcher 0.7's column names.
 
-    model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz), a ``torch.nn.Module`` or a state
-        dict. options: ``AnalysisOptions`` fields or WeightWatcher's ``analyze()`` argument names.
+    model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz, .keras/.h5, .onnx, .gguf,
+        .msgpack), a ``torch.nn.Module`` or a state dict. options: ``AnalysisOptions`` fields or WeightWatcher's
+        ``analyze()`` argument names.
     ww_compat: write failed fits as WeightWatcher does (alpha = −1 ...) instead of NaN with status 'failed',
         and reproduce WeightWatcher's ``fix_fingers='xmin_peak'`` and Conv2D ``sv_min`` bugs
         (``AnalysisOptions.ww_quirks``).
@@ -104,13 +106,49 @@ def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **optio
     with open_checkpoint(model) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
     frame = to_weightwatcher_frame(result.layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
+    _weightwatcher_layer_ids(model, frame, start_ids)
+    return result, frame
+
+
+def _weightwatcher_layer_ids(model: Any, frame, start_ids: int) -> None:
+    """Renumber ``frame["layer_id"]`` as WeightWatcher does: ``named_modules()`` order for an ``nn.Module``, then
+    shifted by ``start_ids``."""
     if hasattr(model, "named_modules"):
         module_ids = {name: i for i, (name, _) in enumerate(model.named_modules())}
         others = dict.fromkeys(n for n in frame["name"] if n not in module_ids)  # e.g. attn.in_proj (no module)
         module_ids.update((n, len(module_ids) + i) for i, n in enumerate(others))
         frame["layer_id"] = frame["name"].map(module_ids).astype(int)
     frame["layer_id"] += start_ids
-    return result, frame
+
+
+def describe(model: Any, *, start_ids: int = 0, **options: Any):
+    """The layer plan of ``analyze(model, **options)`` without computing anything (WeightWatcher's ``describe()``).
+
+    Only shapes and dtypes are read (safetensors/GGUF/ONNX/Keras headers), so a sharded 70B checkpoint takes
+    seconds. One row per weight tensor, analysed or not: ``layer_id, name, layer_type, shape, N, M, Q`` (N/M),
+    ``rf`` (kernel positions), ``num_evals`` (M·rf), ``n_slices``, ``skip_reason`` ("" when analysed). Options:
+    those of ``analyze`` that choose layers (``min_evals``, ``max_evals``, ``max_N``, ``pool``, ``ww_version``,
+    ``layers``); the others are checked and ignored.
+    """
+    import pandas as pd
+
+    from zooscope.pipelines.layers import plan_layers
+    from zooscope.pipelines.readers import open_checkpoint
+
+    if start_ids < 0:
+        raise ValueError(f"start_ids must be >= 0, got {start_ids}")
+    opts = _options_from_kwargs(options)
+    with open_checkpoint(model) as ckpt:
+        plan = plan_layers(ckpt, min_evals=opts.min_evals, max_evals=opts.max_evals, max_N=opts.max_N,
+                           pool=opts.pool)
+    rows = [{"layer_id": info.layer_id, "name": info.name, "layer_type": info.layer_type, "shape": info.shape,
+             "N": info.N, "M": info.M, "Q": info.N / info.M, "rf": info.rf, "num_evals": info.num_evals,
+             "n_slices": info.n_slices, "skip_reason": info.skip_reason or ""}
+            for info in plan if not opts.layers or info.name in opts.layers]
+    frame = pd.DataFrame(rows, columns=["layer_id", "name", "layer_type", "shape", "N", "M", "Q", "rf", "num_evals",
+                                        "n_slices", "skip_reason"])
+    _weightwatcher_layer_ids(model, frame, start_ids)
+    return frame
 
 
 def scan(paths=(), store: str = "zoo.zarr", **kwargs: Any):
