@@ -94,6 +94,7 @@ def scan(
     batch_bytes: int | None = None,
     batch_models: int | None = None,
     rehash: bool = False,
+    retry_failed: bool = False,
     commit_seconds: float = 10.0,
     progress: bool = True,
     client: Any = None,
@@ -109,6 +110,8 @@ def scan(
     batch_bytes, batch_models: smaller models are analysed many to a task, up to this many bytes read and models
         (``engine.plan.pack``; on a cluster the batches shrink so that each worker gets about four tasks).
     rehash: hash every file even when its size and mtime match what the store recorded for that path.
+    retry_failed: analyse again the models stored as errors (files that could not be read); by default only
+        models that failed for another reason (not stored) are retried.
     commit_seconds: completed models are committed to the store at least this often (and every 64 models, and
         at the end); a crash loses at most the models completed since the last commit. 0: commit every model.
     Raises ``ScanUsageError`` for no inputs, a bad manifest, or a store recorded with other analysis options;
@@ -137,25 +140,27 @@ def scan(
     except ValueError as err:  # not a store, or a store made with other analysis options
         raise ScanUsageError(str(err)) from err
     try:
-        known = zoo.models(columns=("path", "file_stat", "content_hash"))
+        known = zoo.models(columns=("model_id", "path", "file_stat", "content_hash", "status"))
         hashes, stats, failures = _hash_all(models, known, rehash)
-        done = zoo.committed_hashes()
+        done = _stored_pairs(known, retry_failed)
         for model, message in failures:  # unreadable before any task: recorded now, with a path-derived hash
             digest = "unreadable:" + hashlib.sha256(model.path.encode()).hexdigest()
-            if digest in done:
+            if (model.model_id, digest) in done:
                 report.n_skipped += 1
                 continue
             row = _model_row(model, digest, "", message)
             zoo.append(row, None)
             report.n_error += 1
             report.failed.append((model.path, row["error"]))
-        readable = [m for m in models if m.path in hashes]
-        parts = plan(readable, done_hashes=done, shard_bytes=shard_bytes, hashes=hashes,
-                     wants_gpu=wants_gpu(options))
-        by_hash: dict[str, ModelInput] = {}
-        for model in readable:  # the first model of a content hash is the one planned
-            by_hash.setdefault(hashes[model.path], model)
-        report.n_skipped += len(readable) - len({p.content_hash for p in parts})
+        by_hash: dict[str, list[ModelInput]] = {}  # models to store, by content: identical files analysed once
+        for model in models:
+            if model.path in hashes:
+                if (model.model_id, hashes[model.path]) in done:
+                    report.n_skipped += 1
+                else:
+                    by_hash.setdefault(hashes[model.path], []).append(model)
+        parts = plan([twins[0] for twins in by_hash.values()], done_hashes=(), shard_bytes=shard_bytes,
+                     hashes=hashes, wants_gpu=wants_gpu(options))
         report.cluster = "client" if client is not None else resolve_cluster(cluster, parts)
         context = nullcontext(client) if client is not None else make_client(report.cluster, config=config,
                                                                            workers=workers)
@@ -173,6 +178,17 @@ def scan(
         zoo.close()
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _stored_pairs(known: pd.DataFrame, retry_failed: bool) -> set[tuple[str, str]]:
+    """``(model_id, content_hash)`` of the stored models a scan skips: all, or with ``retry_failed`` those whose
+    latest row for that content is not an error."""
+    if not len(known):
+        return set()
+    rows = known if not retry_failed else known.drop_duplicates(["model_id", "content_hash"], keep="last")
+    if retry_failed:
+        rows = rows[rows["status"] != "error"]
+    return set(zip(rows["model_id"], rows["content_hash"]))
 
 
 def _drift_pairs(models: Sequence[ModelInput]) -> list[tuple[str, str, float]]:
@@ -233,6 +249,12 @@ def collect_inputs(paths: Iterable[str | os.PathLike], manifest: str | os.PathLi
     for given in paths:
         for model in _expand(Path(given)):
             found.setdefault(model.path, model)
+    first: dict[str, str] = {}
+    for model in found.values():  # one model_id, two files: a second version would silently replace the first
+        other = first.setdefault(model.model_id, model.path)
+        if other != model.path:
+            raise ScanUsageError(f"model_id {model.model_id!r} names two files, {other} and {model.path}; give each "
+                                 "model its own model_id")
     return list(found.values())
 
 
@@ -341,13 +363,17 @@ def _hash_all(models: Sequence[ModelInput], known: pd.DataFrame,
     return hashes, stats, failures
 
 
+#: The model-row columns of the summaries (WeightWatcher's means and the robust ones).
+SUMMARY_COLUMNS = frozenset({*SUMMARY_METRICS, *(f"robust_{m}" for m in SUMMARY_METRICS)})
+
+
 class _Writer:
     """Turns finished tasks into store rows: the models of a batch are appended together (one row per model, their
     summaries computed for the whole batch at once); the shards of a split model are merged, in layer order, when
     its last shard is in. A task that failed as a whole (a dead worker, memory, a missing backend) is transient: its
     models are reported, not stored, so the next scan retries them."""
 
-    def __init__(self, zoo: ZooStore, report: ScanReport, by_hash: dict[str, ModelInput],
+    def __init__(self, zoo: ZooStore, report: ScanReport, by_hash: dict[str, list[ModelInput]],
                  stats: dict[str, str]) -> None:
         self.zoo, self.report, self.by_hash, self.stats = zoo, report, by_hash, stats
         self.shards: dict[str, dict[int, Any]] = {}
@@ -369,18 +395,18 @@ class _Writer:
         self._add_batch(task.parts, outcome)
 
     def _transient(self, part: Part, err: BaseException) -> None:
-        model = self.by_hash[part.content_hash]
-        self.report.n_error += 1
-        self.report.n_retry += 1
-        self.report.failed.append((model.path, f"{model.path}: {_message(err)} (not stored: retried by the next "
-                                               "scan)"))
+        for model in self.by_hash[part.content_hash]:
+            self.report.n_error += 1
+            self.report.n_retry += 1
+            self.report.failed.append((model.path, f"{model.path}: {_message(err)} (not stored: retried by the "
+                                                   "next scan)"))
 
     def _add_batch(self, parts: Sequence[Part], batch: BatchResult) -> None:
         result = batch.result
         seconds = result.timings.get("wall", math.nan) / max(1, sum(p.nbytes for p in parts))
         rows = []
         for i, part in enumerate(parts):
-            model = self.by_hash[part.content_hash]
+            model = self.by_hash[part.content_hash][0]
             error = "" if batch.errors[i] is None else _message(batch.errors[i])
             rows.append(_model_row(model, part.content_hash, self.stats.get(model.path, ""), error))
             if error:
@@ -398,9 +424,19 @@ class _Writer:
                         row[column] = float(values[i])
         self.zoo.append_many(rows, result, batch.part_of_row)
         self._count(rows)
+        for i, part in enumerate(parts):  # byte-identical files of other models: their own rows, the same results
+            for twin in self.by_hash[part.content_hash][1:]:
+                self._add_twin(twin, rows[i], None if rows[i]["error"] else batch.part(i))
+
+    def _add_twin(self, twin: ModelInput, row: dict[str, Any], result: ModelResult | None) -> None:
+        own = _model_row(twin, row["content_hash"], self.stats.get(twin.path, ""),
+                         row["error"].replace(self.by_hash[row["content_hash"]][0].path, twin.path))
+        own.update({k: v for k, v in row.items() if k in ("n_layers", "n_params", "seconds") or k in SUMMARY_COLUMNS})
+        self.zoo.append(own, result)
+        self._count([own])
 
     def _add_merged(self, part: Part, shards: list[Any]) -> None:
-        model = self.by_hash[part.content_hash]
+        model = self.by_hash[part.content_hash][0]
         error = next((s for s in shards if isinstance(s, BaseException)), None)
         if error is not None and not isinstance(error, CheckpointError):
             self._transient(part, error)
@@ -416,6 +452,8 @@ class _Writer:
                     result, np.zeros(len(result.layers), np.int64), 1).items()})
         self.zoo.append(row, result)
         self._count([row])
+        for twin in self.by_hash[part.content_hash][1:]:
+            self._add_twin(twin, row, result)
 
     def _count(self, rows: list[dict[str, Any]]) -> None:
         for row in rows:

@@ -430,15 +430,18 @@ class ZooStore:
             n = self._counters["n_models"]
             known: dict[str, tuple[int, str]] = {}
             pairs: set[tuple[str, str]] = set()
+            failed: set[tuple[str, str]] = set()
             if n:
                 ids, versions, hashes = (self._column("models", c, n) for c in ("model_id", "version",
                                                                                   "content_hash"))
-                for mid, v, h in zip(ids.tolist(), versions.tolist(), hashes.tolist()):
+                status = self._column("models", "status", n) if "status" in self._columns["models"] else [""] * n
+                for mid, v, h, st in zip(ids.tolist(), versions.tolist(), hashes.tolist(), list(status)):
                     if v >= known.get(mid, (0, ""))[0]:
                         known[mid] = (int(v), h)
                     if h:
                         pairs.add((mid, h))
-            self._known, self._pairs = known, pairs
+                        (failed.add if st == "error" else failed.discard)((mid, h))
+            self._known, self._pairs, self._failed = known, pairs, failed
 
     def _column(self, table: str, col: str, n: int) -> np.ndarray:
         name = self._columns[table].get(col)
@@ -453,7 +456,8 @@ class ZooStore:
 
         model_row needs ``model_id``; the store fills ``version`` (next per model_id; a given one must be that),
         ``status`` ('ok', or 'error' without a result), ``error`` (""), ``n_layers``, ``n_params`` and
-        ``scanned_at`` when absent. A non-empty ``content_hash`` already stored for the model_id is refused.
+        ``scanned_at`` when absent. A non-empty ``content_hash`` already stored for the model_id is refused, unless
+        its latest row for that content is an error (a retry: the new row is the next version).
         The model is committed by the next flush.
         """
         if result is None:
@@ -489,6 +493,9 @@ class ZooStore:
         self._pending_rows += rows
         self._known.update(known)
         self._pairs.update(p for p in pairs if p[1])
+        for row in rows:  # a model stored as an error may be stored again (zooscope scan --retry-failed)
+            (self._failed.add if row["status"] == "error" else self._failed.discard)((row["model_id"],
+                                                                                     row["content_hash"]))
         if (len(self._pending_rows) >= self.flush_every or self._pending_values >= self.max_pending_values
                 or time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()
@@ -502,7 +509,7 @@ class ZooStore:
         row = dict(model_row)
         mid = row["model_id"] = str(row["model_id"])
         h = row["content_hash"] = str(row.get("content_hash") or "")
-        if h and ((mid, h) in self._pairs or (mid, h) in pairs):
+        if h and (((mid, h) in self._pairs and (mid, h) not in self._failed) or (mid, h) in pairs):
             raise ValueError(f"model {mid!r} with content hash {h[:16]}... is already in the store")
         version = (known.get(mid) or self._known.get(mid, (0, "")))[0] + 1
         if int(row.setdefault("version", version)) != version:
@@ -825,8 +832,10 @@ class ZooStore:
         n_models = c["n_models"]
         if n_models:
             models = pd.DataFrame({col: self._column("models", col, n_models)
-                                   for col in ("model_id", "content_hash", "version")})
+                                   for col in ("model_id", "content_hash", "version", "status")})
             hashed = models[models["content_hash"] != ""]
+            retried = hashed.duplicated(["model_id", "content_hash"], keep="last") & (hashed["status"] == "error")
+            hashed = hashed[~retried]  # an error row followed by the retry of the same content
             dup = hashed[hashed.duplicated(["model_id", "content_hash"], keep=False)]
             for mid, h in dup[["model_id", "content_hash"]].drop_duplicates().itertuples(index=False):
                 problems.append(f"models: ({mid!r}, {h[:16]}...) stored more than once")

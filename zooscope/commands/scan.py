@@ -61,6 +61,9 @@ def register(subparsers: Any) -> None:
                            help="analyse smaller models many to a task, up to SIZE read per task (default 16MiB)")
     run_group.add_argument("--batch-models", type=int, metavar="N",
                            help="at most N models per task (default 2048)")
+    run_group.add_argument("--retry-failed", action="store_true",
+                           help="analyse again the models stored as errors (by default a file recorded as "
+                                "unreadable is skipped until it changes)")
     run_group.add_argument("--rehash", action="store_true",
                            help="hash every file, even those whose size and mtime match the store's record")
     run_group.add_argument("--commit-seconds", type=float, default=10.0, metavar="S",
@@ -132,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = scan(args.paths, args.store, manifest=args.manifest, options=options, cluster=args.cluster,
                       config=args.config, workers=args.workers, shard_bytes=args.shard_bytes,
-                      batch_bytes=args.batch_bytes, batch_models=args.batch_models, rehash=args.rehash, commit_seconds=args.commit_seconds, progress=not args.no_progress)
+                      batch_bytes=args.batch_bytes, batch_models=args.batch_models,
+                      retry_failed=args.retry_failed, rehash=args.rehash, commit_seconds=args.commit_seconds,
+                      progress=not args.no_progress)
     except (ScanUsageError, ClusterConfigError, StoreLockedError, TimeoutError) as err:
         print(f"zooscope scan: error: {err}", file=sys.stderr)
         return 2
