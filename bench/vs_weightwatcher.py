@@ -7,6 +7,12 @@ dict in memory (its PYSTATEDICT path), zooscope reads the file one tensor at a t
 (`min_evals=8`, small-N fit). Checkpoints whose package is not installed are skipped.
 
     python bench/vs_weightwatcher.py [--models minilm,effnet0,effnet1,effnet2] [--repeats 3]
+    python bench/vs_weightwatcher.py --fresh      # as a user runs each tool: a new process, file in, table out
+
+``--fresh`` times each tool in a new Python process (best of ``--repeats``): ``zooscope analyze FILE --ww-version
+0.7.7 --ww-compat --out CSV`` against a script that loads the file with torch/safetensors and runs
+``WeightWatcher(model=state).analyze()`` then writes its CSV; imports, reading and Numba's cache load included on
+both sides. |Δalpha| is taken from the two CSVs.
 """
 from __future__ import annotations
 
@@ -54,6 +60,46 @@ def run_zooscope(path: Path, esd_backend: str, repeats: int = 1):
     return details, seconds
 
 
+_WW_SCRIPT = r"""
+import logging, sys
+import torch
+import weightwatcher as ww
+logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+path, out = sys.argv[1:3]
+if path.endswith(".safetensors"):
+    from safetensors.torch import load_file
+    state = load_file(path)
+else:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+ww.WeightWatcher(model=state).analyze().to_csv(out)
+"""
+
+
+def fresh_process(path: Path, repeats: int, tmp: Path) -> tuple[float, float, float]:
+    """(WeightWatcher s, zooscope s, max |Δalpha|), each tool in a fresh process, best of ``repeats``."""
+    import subprocess
+    import sys
+    import time
+
+    import pandas as pd
+
+    commands = {"ww": [sys.executable, "-c", _WW_SCRIPT, str(path), str(tmp / "ww.csv")],
+                "zs": [sys.executable, "-m", "zooscope", "analyze", str(path), "--ww-version", "0.7.7",
+                       "--ww-compat", "--out", str(tmp / "zs.csv")]}
+    best = {}
+    for tool, command in commands.items():
+        best[tool] = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            subprocess.run(command, check=True, capture_output=True)
+            best[tool] = min(best[tool], time.perf_counter() - t)
+    theirs = pd.read_csv(tmp / "ww.csv").set_index("longname")
+    ours = pd.read_csv(tmp / "zs.csv").set_index("name")
+    common = ours.index.intersection(theirs.index)
+    dalpha = np.abs(ours.loc[common, "alpha"].to_numpy(float) - theirs.loc[common, "alpha"].to_numpy(float))
+    return best["ww"], best["zs"], float(dalpha.max())
+
+
 def _max_rel(ours, theirs, columns) -> float:
     a = ours[columns].to_numpy(float)
     b = theirs[columns].to_numpy(float)
@@ -64,7 +110,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(CHECKPOINTS))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per tool; the fastest is kept")
+    parser.add_argument("--fresh", action="store_true", help="each tool in a fresh process, as a user runs it")
     args = parser.parse_args()
+    if args.fresh:
+        import os
+        import tempfile
+
+        rows = ["| checkpoint | MB | weightwatcher s | zooscope analyze s | speedup | max abs Δalpha |",
+                "|---|---|---|---|---|---|"]
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in args.models.split(","):
+                path = checkpoint_path(name)
+                if path is None:
+                    print(f"skipping {name}: package {CHECKPOINTS[name][0]} not installed")
+                    continue
+                t_ww, t_zs, dalpha = fresh_process(path, args.repeats, Path(tmp))
+                rows.append(f"| {name} ({path.name}) | {path.stat().st_size / 1e6:.1f} | {t_ww:.2f} | {t_zs:.2f} | "
+                            f"{t_ww / t_zs:.1f}x | {dalpha:.1e} |")
+        load = os.getloadavg()
+        record("zooscope analyze vs weightwatcher 0.7.7, fresh process each (file in, table out)", "\n".join(rows),
+               notes=f"best of {args.repeats} per tool, imports included; load average {load[0]:.2f} / "
+                     f"{load[1]:.2f} / {load[2]:.2f}")
+        return
     rows = ["| checkpoint | zooscope route | layers compared | only in one tool | max abs Δalpha | "
             "max rel Δ other columns | weightwatcher s | zooscope s | speedup |",
             "|---|---|---|---|---|---|---|---|---|"]
