@@ -24,8 +24,10 @@ CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST = "test_batch"
 #: ``KIND:PATH`` prefixes for local image datasets.
 IMAGE_DATASETS = ("mnist", "fashion-mnist", "cifar10")
-#: Globals a CIFAR pickle may name: numpy array reconstruction only.
+#: Globals a CIFAR pickle may name: numpy array reconstruction, and ``_codecs.encode`` (how protocol-2 pickles
+#: written by Python 3 spell bytes).
 _PICKLE_GLOBALS = frozenset({
+    ("_codecs", "encode"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
