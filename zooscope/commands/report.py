@@ -52,7 +52,7 @@ def _mask_images(models, layer: str) -> tuple[dict[str, list[tuple[int, np.ndarr
     name = layer
     if "mask" not in models.columns or "path" not in models.columns:
         return {}, name
-    masked = models[models["mask"].fillna("").astype(str).str.strip() != ""]
+    masked = models[models["mask"].astype("string").fillna("").str.strip() != ""]
     if "status" in masked.columns:
         masked = masked[masked["status"] == "ok"]
     keys = [c for c in ("series", "seed") if c in masked.columns]

@@ -84,6 +84,9 @@ def register(subparsers) -> None:
                    help="accuracy group edges: low < LO <= mid < HI <= high (default: tertiles per series)")
     p.add_argument("--fp64", action="store_true", help="train in float64 (default float32)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads while training (default: torch's choice); 1 is fastest for tiny "
+                        "networks on a busy machine")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT/manifest.csv")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -93,7 +96,15 @@ def run(args: argparse.Namespace) -> int:
     from zooscope.kernels.backends import BackendUnavailable
     from zooscope.pipelines.sweep import sweep
 
+    import torch
+
     seeds = list(range(args.n_seeds)) if args.n_seeds is not None else (args.seeds or [0, 1, 2])
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        if args.threads < 1:
+            print("zooscope sweep: error: --threads must be >= 1", file=sys.stderr)
+            return 2
+        torch.set_num_threads(args.threads)
     try:
         manifest = sweep(
             args.out, widths=args.widths, seeds=seeds, epochs=args.epochs, checkpoints=args.checkpoints,
@@ -106,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileExistsError, BackendUnavailable) as exc:
         print(f"zooscope sweep: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
     last = manifest[manifest["step"] == manifest["step"].max()]
     n_nets = len(last)
     print(f"trained {n_nets} networks, wrote {len(manifest)} checkpoints")
