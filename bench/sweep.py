@@ -168,7 +168,8 @@ def paper000(args) -> None:
 
     steps = -(-len(data.X_train) // 100) * epochs
     lines = ["| method | networks | epochs | Adam steps per network | "
-             f"{args.dtype} on {device.type} seconds | networks/s | speed-up vs loop |", "|---|---|---|---|---|---|---|"]
+             f"{args.dtype} on {device.type} seconds | networks/s | speed-up vs loop |",
+             "|---|---|---|---|---|---|---|"]
     for name, seconds in (("per-network loop (torch.nn + autograd + optim.Adam)", t_loop),
                           ("batched (torch.func vmap, one model)", t_batched)):
         lines.append(f"| {name} | {n_nets} | {epochs} | {steps} | {seconds:.2f} | {n_nets / seconds:.1f} | "

@@ -55,8 +55,12 @@ class Arch:
         tail = f"-h{self.heads}" if self.kind == "vit" else ""
         return f"{self.kind}-d{self.depth}-w{self.width}{tail}"
 
-    def build(self, n_features: int, n_classes: int, image_shape: tuple[int, int, int] | None = None):
-        """The ``torch.nn.Module`` (float32, CPU) for inputs of ``n_features`` (images of ``image_shape``)."""
+    def build(self, n_features: int, n_classes: int, image_shape: tuple[int, int, int] | None = None, *,
+              batched: bool = True):
+        """The ``torch.nn.Module`` (float32, CPU) for inputs of ``n_features`` (images of ``image_shape``).
+
+        ``batched=False``: the CNN convolves with ``conv2d`` instead of im2col + matmul (same function, same
+        parameters), the faster form for one network trained on its own."""
         from zooscope.pipelines import nets
 
         if self.kind == "mlp":
@@ -66,7 +70,7 @@ class Arch:
                              f"{n_features}-feature rows (use an image dataset: digits, mnist:PATH, cifar10:PATH, "
                              "or a .npz with (n, H, W) arrays)")
         if self.kind == "cnn":
-            return nets.CNN(image_shape, self.width, self.depth, n_classes)
+            return nets.CNN(image_shape, self.width, self.depth, n_classes, im2col=batched)
         c, h, w = image_shape
         if h % self.patch or w % self.patch:
             raise ValueError(f"vit patch {self.patch} must divide the image size {h}x{w}")

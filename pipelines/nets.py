@@ -30,10 +30,12 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    def __init__(self, shape, width: int, depth: int, n_out: int):
+    """``im2col=False`` runs the same convolutions with ``conv2d`` (faster for one network outside vmap)."""
+
+    def __init__(self, shape, width: int, depth: int, n_out: int, im2col: bool = True):
         super().__init__()
         c, h, w = shape
-        self.shape, self.depth, self.pools = tuple(shape), depth, []
+        self.shape, self.depth, self.pools, self.im2col = tuple(shape), depth, [], im2col
         for i in range(depth):
             self.add_module(f"conv{i + 1}", nn.Conv2d(c if i == 0 else width, width, 3, padding=1))
             pool = h >= 2 and w >= 2
@@ -45,16 +47,19 @@ class CNN(nn.Module):
         x = x.reshape(x.shape[0], *self.shape)
         for i in range(self.depth):
             conv = getattr(self, f"conv{i + 1}")
-            m, c, h, w = x.shape
-            # im2col by 9 shifted slices + one matmul: the same 3x3 same-padded convolution as conv(x), written with
-            # ops that vmap batches over networks as one bmm (vmap runs conv2d/unfold/max_pool2d far slower on CPU)
-            xp = F.pad(x, (1, 1, 1, 1))
-            cols = torch.stack([xp[:, :, a : a + h, b : b + w] for a in range(3) for b in range(3)], dim=2)
-            x = torch.matmul(conv.weight.flatten(1), cols.reshape(m, c * 9, h * w)) + conv.bias[:, None]
-            x = F.relu(x).reshape(m, -1, h, w)
+            x = F.relu(_conv3x3(x, conv.weight, conv.bias) if self.im2col else conv(x))
             if self.pools[i]:
                 x = F.max_pool2d(x, 2)
         return self.out(x.flatten(1))
+
+
+def _conv3x3(x, weight, bias):
+    """3x3 same-padded convolution of ``x (m, c, h, w)`` as im2col by nine shifted slices plus one matmul: under vmap
+    this is one batched matmul, where ``conv2d`` becomes a grouped convolution and ``unfold`` a per-network loop."""
+    m, c, h, w = x.shape
+    xp = F.pad(x, (1, 1, 1, 1))
+    cols = torch.stack([xp[:, :, a : a + h, b : b + w] for a in range(3) for b in range(3)], dim=2)
+    return (torch.matmul(weight.flatten(1), cols.reshape(m, c * 9, h * w)) + bias[:, None]).reshape(m, -1, h, w)
 
 
 class Block(nn.Module):

@@ -1,17 +1,26 @@
-"""Train zoos of small MLPs for papers 000/001 and write them as checkpoints plus a scan-ready manifest.
+"""Train zoos of small MLPs, CNNs and ViTs for papers 000/001 and write them as checkpoints plus a scan-ready
+manifest.
 
-Paper 001's setting: two hidden ReLU layers of equal width, softmax output with cross-entropy, SGD (lr 0.1,
-batch 128, no momentum), Glorot-uniform weights, zero biases. All networks of one width train **at once** as
-one batched model: weights are stacked along a leading network axis and every layer is one ``torch.baddbmm``,
-with forward and backward written out by hand (no autograd), each network drawing its own mini-batches.
+All networks of one architecture and width train **at once** as one batched model (``train_zoo``): their
+parameters are stacked along a leading network axis and the ``torch.nn`` module of ``archs.Arch`` runs through
+``torch.func.functional_call`` under ``torch.func.vmap``, each network on its own mini-batches; autograd gives every
+network its own gradient and one ``torch.optim`` SGD or Adam step (element-wise) updates them all. ``train_batched``
+is paper 001's MLP trainer written out by hand (``torch.baddbmm``, no autograd); ``train_zoo`` reproduces its numbers
+and is what ``sweep`` uses.
+
+Paper 001's setting (the defaults): two hidden ReLU layers of equal width, softmax output with cross-entropy, SGD
+(lr 0.1, batch 128, no momentum), Glorot-uniform weights, zero biases. Paper 000's: Adam (lr 0.001), batch 100,
+normal initialisation, MLP / CNN / ViT, networks grouped low / mid / high by final accuracy.
 
 Randomness is per network and independent of the rest of the sweep: network ``seed`` draws its initial weights
-from ``numpy.random.default_rng([seed, 0])`` (in fp64, then cast) and its data order, one permutation of the
-training set per epoch, from ``numpy.random.default_rng([seed, 1])``. The same seed therefore sees the same data
-order at every width, and a network trains to the same weights alone (``train_one``) or in any batch.
+from ``numpy.random.default_rng([seed, 0])`` (in fp64, then cast; ``archs.init_params``) and its data order, one
+permutation of the training set per epoch, from ``numpy.random.default_rng([seed, 1])``. The same seed therefore
+sees the same data order at every width, and a network trains to the same weights alone (``train_one``) or in any
+batch.
 
-Checkpoint layout (PyTorch ``(out, in)`` weights): ``fc1.weight (w, d)``, ``fc1.bias (w,)``, ``fc2.weight
-(w, w)``, ``fc2.bias (w,)``, ``out.weight (C, w)``, ``out.bias (C,)``.
+Checkpoint layout (PyTorch ``(out, in)`` weights), paper 001's MLP: ``fc1.weight (w, d)``, ``fc1.bias (w,)``,
+``fc2.weight (w, w)``, ``fc2.bias (w,)``, ``out.weight (C, w)``, ``out.bias (C,)``; other architectures: the
+``state_dict`` names of their ``pipelines.nets`` module (``conv1.weight (w, C, 3, 3)``, ``blocks.0.qkv.weight``...).
 """
 from __future__ import annotations
 
@@ -224,7 +233,7 @@ def train_one(
     if arch is None:
         depth = sum(1 for k in params if k.startswith("fc") and k.endswith(".weight"))
         arch = Arch("mlp", width=int(params["fc1.weight"].shape[0]), depth=depth)
-    model = arch.build(data.n_features, data.n_classes, data.image_shape).to(device=dev, dtype=tdt)
+    model = arch.build(data.n_features, data.n_classes, data.image_shape, batched=False).to(device=dev, dtype=tdt)
     model.load_state_dict({k: torch.as_tensor(v, dtype=tdt) for k, v in params.items()})
     opt = _optimizer(optimizer, model.parameters(), DEFAULT_LR.get(optimizer, 0.0) if lr is None else lr)
     X = torch.as_tensor(data.X_train, dtype=tdt, device=dev)
@@ -260,21 +269,24 @@ def _optimizer(name: str, params, lr: float):
 
 
 def _activation_elements(module, n_features: int) -> int:
-    """Activation elements one input row produces in ``module`` (outputs of all submodules, x2 for attention and
-    temporaries): sizes evaluation chunks."""
+    """Activation elements one more input row makes ``module`` keep for backward (tensors saved by autograd with 2
+    rows minus with 1, parameters thus left out), doubled for temporaries: sizes evaluation chunks."""
     import torch
 
-    total = [0]
-    hooks = [m.register_forward_hook(lambda _m, _i, out: total.__setitem__(0, total[0] + out.numel()))
-             for m in module.modules()]
-    try:
-        with torch.no_grad():
-            module(torch.zeros(1, n_features, dtype=next(module.parameters()).dtype,
-                               device=next(module.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return 2 * max(total[0], n_features)
+    p = next(module.parameters())
+
+    def saved(rows: int) -> int:
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(torch.zeros(rows, n_features, dtype=p.dtype, device=p.device, requires_grad=True))
+        return total[0]
+
+    return 2 * max(saved(2) - saved(1), n_features)
 
 
 def train_zoo(
