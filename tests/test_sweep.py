@@ -371,3 +371,16 @@ def test_cli_sweep_paper000_flags(tmp_path, capsys):
     assert w["blocks.0.qkv.weight"].shape == (24, 8) and w["pos"].shape == (4, 8)
     assert main(["sweep", "--out", str(tmp_path / "x"), "--arch", "cnn", "--dataset", "iris", "--quiet"]) == 2
     assert "image data" in capsys.readouterr().err
+
+
+@requires_gpu
+def test_cuda_zoo_matches_cpu_fp64(digits):
+    from zooscope.pipelines.archs import Arch
+    from zooscope.pipelines.sweep import train_zoo
+
+    arch, seeds = Arch("cnn", 4, 1), (0, 1, 2)
+    _, params = _stack(arch, digits, seeds, "normal")
+    gpu = train_zoo(arch, params, digits, seeds, epochs=1, optimizer="adam", dtype="float64", device="cuda")
+    cpu = train_zoo(arch, params, digits, seeds, epochs=1, optimizer="adam", dtype="float64", device="cpu")
+    for k in cpu:
+        np.testing.assert_allclose(gpu[k], cpu[k], rtol=0, atol=1e-9, err_msg=k)
