@@ -7,10 +7,20 @@ per-network loop (``train_one``: torch.nn, autograd, torch.optim.SGD), same netw
 The loop is timed on the first ``--loop-networks`` networks and its rate extrapolated (networks are independent
 and the same size). A third row times the whole ``sweep()`` (training, evaluation on the full train/test sets at
 ``--checkpoints`` epochs, safetensors writing) for the same zoo.
+
+    python bench/sweep.py --paper000                     # 1,000 CNNs on digits: vmap-batched vs loop, + pipeline
+
+``--paper000``: paper 000's CNN (one 3x3 conv of ``--cnn-width`` channels, 2x2 max-pool, linear out; Adam lr 0.001,
+batch 100, normal init) on digits (8x8 images): ``--networks`` (default 1,000) networks trained for ``--epochs``
+(default 1) at once by ``train_zoo`` (torch.func vmap) and one after the other by ``train_one`` (torch.nn + autograd
++ torch.optim.Adam), the same networks, data order and steps on both sides (no extrapolation). Then the wall time
+of the README's paper-000 example end to end (``zooscope sweep`` -> ``scan`` -> ``report``) on digits.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import tempfile
 import time
@@ -19,7 +29,12 @@ import numpy as np
 from _results import record  # bench/ is on sys.path when run as ``python bench/sweep.py``
 
 from zooscope.pipelines.datasets import load_dataset
-from zooscope.pipelines.sweep import KEYS, init_mlp, resolve_device, sweep, train_batched, train_one
+from zooscope.pipelines.archs import Arch, init_params
+from zooscope.pipelines.sweep import KEYS, init_mlp, resolve_device, sweep, train_batched, train_one, train_zoo
+
+#: The README's paper-000 example (zooscope sweep arguments after --out).
+PAPER000_SWEEP = ["--widths", "5", "--depth", "2", "--trials", "300", "--epochs", "60", "--checkpoints", "2",
+                  "--optimizer", "adam", "--init", "normal", "--batch-size", "100", "--threads", "1", "--quiet"]
 
 
 def torch_threads() -> int:
@@ -47,11 +62,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--paper000", action="store_true", help="the CNN zoo and paper-000 pipeline rows instead")
+    ap.add_argument("--cnn-width", type=int, default=8, help="--paper000: conv channels (default 8)")
     args = ap.parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.paper000:
+        return paper000(args)
 
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -111,6 +130,82 @@ def main(argv: list[str] | None = None) -> None:
         print(table)
     else:
         record(f"sweep: batched zoo trainer vs per-network loop ({device.type})", table, notes)
+
+
+def _load_note() -> str:
+    return "load average {:.1f} / {:.1f} / {:.1f} (1/5/15 min) on {} cores".format(*os.getloadavg(), os.cpu_count())
+
+
+def paper000(args) -> None:
+    """1,000 CNNs at once vs one after the other (same work), then the README's sweep -> scan -> report."""
+    from zooscope.cli import main as cli
+
+    device = resolve_device(args.device)
+    n_nets, epochs = args.networks or 1000, args.epochs or 1
+    data = load_dataset(args.dataset)
+    arch = Arch("cnn", args.cnn_width, 1)
+    module = arch.build(data.n_features, data.n_classes, data.image_shape)
+    seeds = list(range(n_nets))
+    inits = [init_params(module, s, "normal") for s in seeds]
+    stacked = {k: np.stack([p[k] for p in inits]) for k in inits[0]}
+    common = dict(arch=arch, optimizer="adam", lr=0.001, batch_size=100, dtype=args.dtype, device=device)
+    loads = [_load_note()]
+
+    train_zoo(params={k: v[:2] for k, v in stacked.items()}, data=data, seeds=seeds[:2], epochs=1, **common)
+    train_one(inits[0], data, 0, epochs=1, **common)  # warm-ups outside the timings
+    _sync(device)
+    t0 = time.perf_counter()
+    train_zoo(params=stacked, data=data, seeds=seeds, epochs=epochs, **common)
+    _sync(device)
+    t_batched = time.perf_counter() - t0
+    loads.append(_load_note())
+    t0 = time.perf_counter()
+    for i in seeds:
+        train_one(inits[i], data, i, epochs=epochs, **common)
+    _sync(device)
+    t_loop = time.perf_counter() - t0
+    loads.append(_load_note())
+
+    steps = -(-len(data.X_train) // 100) * epochs
+    lines = ["| method | networks | epochs | Adam steps per network | "
+             f"{args.dtype} on {device.type} seconds | networks/s | speed-up vs loop |",
+             "|---|---|---|---|---|---|---|"]
+    for name, seconds in (("per-network loop (torch.nn + autograd + optim.Adam)", t_loop),
+                          ("batched (torch.func vmap, one model)", t_batched)):
+        lines.append(f"| {name} | {n_nets} | {epochs} | {steps} | {seconds:.2f} | {n_nets / seconds:.1f} | "
+                     f"{t_loop / seconds:.2f}x |")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        zoo = os.path.join(tmp, "zoo")
+        stages = []
+        for stage, argv_ in (("sweep", ["sweep", "--out", zoo, *PAPER000_SWEEP]),
+                             ("scan", ["scan", "--manifest", os.path.join(zoo, "manifest.csv"), "--store",
+                                       os.path.join(zoo, "zoo.zarr"), "--min-evals", "1", "--no-progress"]),
+                             ("report", ["report", os.path.join(zoo, "zoo.zarr"), "--out",
+                                         os.path.join(zoo, "report.html")])):
+            t0 = time.perf_counter()
+            with contextlib.redirect_stdout(io.StringIO()):
+                rc = cli(argv_)
+            if rc != 0:
+                raise SystemExit(f"zooscope {stage} failed")
+            stages.append((stage, time.perf_counter() - t0))
+    loads.append(_load_note())
+    lines += ["", "| README paper-000 example on digits (300 minimal DNNs 64-5-5-10, 60 epochs) | seconds |",
+              "|---|---|"]
+    lines += [f"| zooscope {stage} | {seconds:.1f} |" for stage, seconds in stages]
+    lines.append(f"| total | {sum(sec for _, sec in stages):.1f} |")
+    table = "\n".join(lines)
+    notes = (f"CNN = {arch.series} (conv 3x3, {args.cnn_width} channels, max-pool 2, linear out) on "
+             f"{args.dataset} 8x8 images, {len(data.X_train)} training rows, batch 100; both sides train the same "
+             f"{n_nets} networks with the same data order (nothing extrapolated); torch CPU threads "
+             f"{torch_threads()}; shared machine, other engineers' jobs running: " + "; ".join(loads) +
+             " (before batched, after batched, after loop, after pipeline)")
+    if args.no_record:
+        print(table)
+        print(notes)
+    else:
+        record(f"sweep --paper000: {n_nets} CNNs batched vs looped, paper-000 pipeline ({device.type})", table,
+               notes)
 
 
 if __name__ == "__main__":

@@ -106,19 +106,28 @@ def stat_vectors(layers_df: pd.DataFrame, columns: Sequence[str], *, model_col: 
     return wide
 
 
-def accuracy_groups(values: Sequence[float], labels: Sequence[str] = ("low", "mid", "high")) -> np.ndarray:
-    """Label each model by the quantile group of ``values`` (higher value → later label), as paper 000.
+def accuracy_groups(values: Sequence[float], labels: Sequence[str] = ("low", "mid", "high"), *,
+                    edges: Sequence[float] | None = None) -> np.ndarray:
+    """Label each model by the group of ``values`` (higher value → later label), as paper 000.
 
-    With three labels these are tertiles: edges at the 1/3 and 2/3 quantiles (``np.quantile``, linear), groups
-    right-closed as ``pandas.qcut``. Pass accuracy (or minus an error). NaN values get ``None``. Object array.
+    Without ``edges`` the groups are quantile groups: with three labels, tertiles (edges at the 1/3 and 2/3
+    quantiles, ``np.quantile``, linear), right-closed as ``pandas.qcut``. With ``edges`` (``len(labels) - 1``
+    increasing values in the units of ``values``, e.g. accuracies) a value ``v`` gets label ``i`` when
+    ``edges[i-1] <= v < edges[i]``. Pass accuracy (or minus an error). NaN values get ``None``. Object array.
     """
     v = np.asarray(values, dtype=np.float64)
     k = len(labels)
+    if edges is not None:
+        edges = np.asarray(edges, dtype=np.float64)
+        if edges.shape != (k - 1,) or not np.isfinite(edges).all() or np.any(np.diff(edges) <= 0):
+            raise ValueError(f"accuracy group edges must be {k - 1} increasing finite numbers, got {edges.tolist()}")
     out = np.full(v.shape, None, dtype=object)
     ok = np.isfinite(v)
     if not ok.any():
         return out
-    inner = np.quantile(v[ok], np.linspace(0, 1, k + 1)[1:-1])
-    idx = np.searchsorted(inner, v[ok], side="left")
+    if edges is None:
+        idx = np.searchsorted(np.quantile(v[ok], np.linspace(0, 1, k + 1)[1:-1]), v[ok], side="left")
+    else:
+        idx = np.searchsorted(edges, v[ok], side="right")
     out[ok] = np.asarray(labels, dtype=object)[idx]
     return out

@@ -1,5 +1,5 @@
-"""Report sections for trained zoos: masked weight images and distance from initialization (paper 001), and weight
-statistics (paper 000).
+"""Report sections for trained zoos: masked weight images and distance from initialization (paper 001), weight
+statistics (paper 000), and paper 000's accuracy-group figures per dataset x architecture of a sweep.
 
 ``sections(...)`` returns ``report.Section`` objects for ``report.build_report(extra_sections=...)``; each section is
 built only when its data is present. Figures are built without pyplot (``matplotlib.figure.Figure``).
@@ -35,7 +35,8 @@ def sections(models: pd.DataFrame | None, layers: pd.DataFrame | None = None,
              weights: Mapping[str, np.ndarray] | None = None, theta: Sequence[float] | None = None,
              metric: str | None = None, loss: str = "train_loss", seed: int = 0,
              weight_images: Mapping[str, Sequence[tuple[int, np.ndarray]]] | None = None,
-             image_layer: str = "fc2.weight") -> list[Section]:
+             image_layer: str = "fc2.weight",
+             final_weights: Mapping[str, Mapping[str, np.ndarray]] | None = None) -> list[Section]:
     """Training-zoo sections, in order: weight-matrix images at each checkpoint of masked networks (001 Fig. 1),
     RMSD and loss against step per width (001 Fig. 5), time to reach loss θ and
     RMSD there against width (Fig. 6), (w_i, w_f) densities with median, interquartile band and c_opt line
@@ -49,6 +50,9 @@ def sections(models: pd.DataFrame | None, layers: pd.DataFrame | None = None,
     theta: loss levels for Fig. 6 (default: the largest and the median of the runs' lowest losses).
     metric: the accuracy column for groups (default: first of ``METRICS`` present; error columns are negated).
     weight_images, image_layer: see :func:`mask_section`.
+    final_weights: model_id → tensor name → array for the networks drawn in the paper-000 sections. When the models
+        carry a sweep's ``acc_group``, one :func:`paper000_section` per dataset x architecture replaces the
+        tertile-group sections.
     """
     out: list[Section] = []
     masks = mask_section(weight_images or {}, image_layer)
@@ -62,6 +66,12 @@ def sections(models: pd.DataFrame | None, layers: pd.DataFrame | None = None,
             out.append(_time_to_loss_section(runs, loss, theta))
     if pairs:
         out.append(_fig3_section(pairs, seed))
+    blocks = paper000_blocks(models)
+    if blocks:
+        lab = _with_model_id(models, layers) if layers is not None and len(layers) else None
+        for dataset, series, block in blocks:
+            out.append(paper000_section(dataset, series, block, lab, final_weights or {}, seed=seed))
+        return out
     groups = _groups(models, metric)
     if groups is not None:
         lab = _with_model_id(models, layers) if layers is not None else None
@@ -384,3 +394,167 @@ def _map_section(groups: pd.Series, lab: pd.DataFrame, seed: int) -> Section | N
     text = (f"<p>t-SNE map of the models, each described by its standardised per-layer statistics "
             f"({_html.escape(', '.join(cols))}), coloured by accuracy group (paper 000).</p>")
     return Section("Weight-space map", text + figure_html(fig, "t-SNE map by accuracy group"), "stats-tsne")
+
+
+# ---- paper 000: accuracy groups of a sweep, per dataset x architecture --------------------------------------------
+
+GROUPS = ("low", "mid", "high")
+#: Models per dataset x architecture block whose weights are read for the histograms, KDEs and t-SNE map.
+PAPER000_MAX_MODELS = 300
+
+
+def paper000_blocks(models: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
+    """``(dataset, series, rows)`` for each dataset x architecture (series) of a sweep: the rows of its trained
+    networks (last ``step`` of the block) that carry an ``acc_group``; empty without an ``acc_group`` column."""
+    if "acc_group" not in models.columns or "model_id" not in models.columns:
+        return []
+    rows = models[models["acc_group"].isin(GROUPS)]
+    if "status" in rows.columns:
+        rows = rows[rows["status"] == "ok"]
+    keys = [c for c in ("dataset", "series") if c in rows.columns]
+    blocks = []
+    for key, block in (rows.groupby(keys, sort=True) if keys else [((), rows)]):
+        key = key if isinstance(key, tuple) else (key,)
+        if "step" in block.columns:
+            block = block[block["step"] == block["step"].max()]
+        names = dict(zip(keys, map(str, key)))
+        blocks.append((names.get("dataset", "all"), names.get("series", "all"), block))
+    return blocks
+
+
+def paper000_sample(block: pd.DataFrame, limit: int = PAPER000_MAX_MODELS, seed: int = 0) -> pd.DataFrame:
+    """At most ``limit`` rows of ``block``, drawn without replacement by ``default_rng(seed)`` (order kept)."""
+    if len(block) <= limit:
+        return block
+    pick = np.sort(np.random.default_rng(seed).choice(len(block), size=limit, replace=False))
+    return block.iloc[pick]
+
+
+def paper000_section(dataset: str, series: str, block: pd.DataFrame, layers: pd.DataFrame | None,
+                     weights: Mapping[str, Mapping[str, np.ndarray]], *, seed: int = 0) -> Section:
+    """Paper 000's figures for one dataset x architecture: weight mean/std by accuracy group (from the scan's layer
+    table), weight histograms + KDE by group and a t-SNE map of the networks' weight vectors (from ``weights``:
+    model_id → tensor name → array, the weight tensors of the networks to draw), mean node strength per layer by
+    group with the within-network correlation of consecutive layers' node strengths (``ns_corr_prev``).
+
+    block: the networks' model rows (``model_id``, ``acc_group``, ``final_acc``). layers: the layer table with
+    ``model_id`` (see ``_with_model_id``), or None.
+    """
+    groups = pd.Series(block["acc_group"].to_numpy(), index=block["model_id"].astype(str), name="acc_group")
+    counts = groups.value_counts()
+    acc = block.groupby("acc_group")["final_acc"].agg(["min", "max", "mean"]) if "final_acc" in block else None
+    parts = ["<p>" + ", ".join(
+        f"{g}: {int(counts.get(g, 0))} networks" + (f" (accuracy {acc.loc[g, 'min']:.3f}–{acc.loc[g, 'max']:.3f})"
+                                                    if acc is not None and g in acc.index else "")
+        for g in GROUPS) + ". Paper 000: successful networks resemble each other in their converged weights; poor "
+        "ones vary.</p>"]
+    lab = None
+    if layers is not None and len(layers) and "w_std" in layers.columns:
+        lab = layers[layers["model_id"].isin(groups.index)].assign(acc_group=lambda d: d["model_id"].map(groups))
+        parts += ["<h3>Weight mean and standard deviation by group</h3>",
+                  "<p>Per layer: the mean over a group's networks of each network's weight mean and standard "
+                  "deviation, and their spread (standard deviation) across the group's trials.</p>",
+                  _group_stats_table(lab)]
+    vectors = {m: w for m, w in weights.items() if m in groups.index}
+    if vectors:
+        parts += ["<h3>Weight distributions by group</h3>", _group_density_figure(groups, vectors, seed)]
+    if lab is not None and "ns_mean" in lab.columns:
+        parts += ["<h3>Node strength per layer by group</h3>", _group_strength(lab)]
+    if len(vectors) >= 5:
+        parts += ["<h3>t-SNE map of the weight vectors</h3>", _group_map(groups, vectors, seed)]
+    return Section(f"Paper 000 accuracy groups: {dataset} × {series}", "".join(parts),
+                   f"p000-{dataset}-{series}".replace(" ", "_"))
+
+
+def _layer_order(lab: pd.DataFrame) -> list[str]:
+    if "layer_id" in lab.columns:
+        return list(lab.groupby("name", sort=False)["layer_id"].min().sort_values().index)
+    return list(pd.unique(lab["name"]))
+
+
+def _group_stats_table(lab: pd.DataFrame) -> str:
+    order = _layer_order(lab)
+    stats = lab.groupby(["name", "acc_group"])[["w_mean", "w_std"]].agg(["mean", "std", "count"])
+    rows = []
+    for name in order:
+        for g in GROUPS:
+            if (name, g) not in stats.index:
+                continue
+            s = stats.loc[(name, g)]
+            rows.append({"layer": name, "group": g, "networks": int(s[("w_std", "count")]),
+                         "w_mean (mean)": s[("w_mean", "mean")], "w_mean (std across trials)": s[("w_mean", "std")],
+                         "w_std (mean)": s[("w_std", "mean")], "w_std (std across trials)": s[("w_std", "std")]})
+    return pd.DataFrame(rows).to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.4g}", border=0)
+
+
+def _weight_tensors(w: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The weight matrices / kernels of a checkpoint (tensors of 2 or more dimensions), in their given order."""
+    return {k: np.asarray(v, dtype=np.float64) for k, v in w.items() if np.ndim(v) >= 2}
+
+
+def _group_density_figure(groups: pd.Series, vectors: Mapping[str, Mapping[str, np.ndarray]], seed: int) -> str:
+    names = list(_weight_tensors(next(iter(vectors.values()))))[:MAX_LAYER_PLOTS]
+    fig, axes = _figure(3.2 * len(names), 3.2, ncols=len(names))
+    for ax, name in zip(axes[0], names):
+        pooled = {g: np.concatenate([np.ravel(vectors[m][name]) for m in groups.index[groups == g]
+                                     if m in vectors and name in vectors[m]] or [np.empty(0)]) for g in GROUPS}
+        pooled = {g: v for g, v in pooled.items() if v.size}
+        lo = min(np.quantile(v, 0.001) for v in pooled.values())
+        hi = max(np.quantile(v, 0.999) for v in pooled.values())
+        grid = np.linspace(lo, hi, 300)
+        for g, v in pooled.items():
+            counts, edges = weightstats.histogram(v, bins=60, range=(lo, hi))
+            ax.stairs(counts / (max(counts.sum(), 1) * np.diff(edges)), edges, color=GROUP_COLORS[g], alpha=0.35,
+                      fill=True)
+            ax.plot(grid, weightstats.kde(v, grid, seed=seed), color=GROUP_COLORS[g], lw=1.4, label=g)
+        ax.set(xlabel="weight", title=name)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("density")
+    axes[0, 0].legend(fontsize=7)
+    return figure_html(fig, "normalised histograms (shaded) and Gaussian KDEs (lines) of the weights of each layer, "
+                            "pooled over the networks of each accuracy group")
+
+
+def _group_strength(lab: pd.DataFrame) -> str:
+    order = _layer_order(lab)
+    fig, axes = _figure(6.4, 3.6)
+    ax = axes[0, 0]
+    x = np.arange(len(order))
+    for g in GROUPS:
+        sub = lab[lab["acc_group"] == g].groupby("name")["ns_mean"]
+        if not len(sub):
+            continue
+        mean, std = sub.mean().reindex(order), sub.std().reindex(order)
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=GROUP_COLORS[g], label=g)
+    ax.set_xticks(x, order, rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="mean node strength (Σ|w| in)", title="Node strength per layer (mean ± std over networks)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    body = figure_html(fig, "node strength per layer by accuracy group")
+    if "ns_corr_prev" in lab.columns and lab["ns_corr_prev"].notna().any():
+        corr = lab.dropna(subset=["ns_corr_prev"]).groupby(["name", "acc_group"])["ns_corr_prev"].agg(["mean", "std"])
+        table = corr.unstack("acc_group")
+        table.columns = [f"{g} r ({stat})" for stat, g in table.columns]
+        cols = [f"{g} r ({stat})" for g in GROUPS for stat in ("mean", "std") if f"{g} r ({stat})" in table.columns]
+        table = table.reindex([n for n in order if n in table.index])[cols].reset_index(names="layer")
+        body += ("<p>Inter-layer correlation: within each network, the Pearson correlation between the node "
+                 "strengths of a layer's inputs (the previous layer's in-strengths) and this layer's out-strengths "
+                 "over the hidden units they share (<code>ns_corr_prev</code>), mean and spread per group.</p>"
+                 + table.to_html(index=False, na_rep="–", float_format=lambda v: f"{v:.3f}", border=0))
+    return body
+
+
+def _group_map(groups: pd.Series, vectors: Mapping[str, Mapping[str, np.ndarray]], seed: int) -> str:
+    ids = [m for m in groups.index if m in vectors]
+    X = np.stack([np.concatenate([np.ravel(v) for v in _weight_tensors(vectors[m]).values()]) for m in ids])
+    Z = embed(X, method="tsne", seed=seed)
+    g = groups.reindex(ids).to_numpy()
+    fig, axes = _figure(5.6, 4.6)
+    for name in GROUPS:
+        sel = g == name
+        if sel.any():
+            axes[0, 0].scatter(Z[sel, 0], Z[sel, 1], s=14, color=GROUP_COLORS[name], label=f"{name} ({sel.sum()})")
+    axes[0, 0].set(xlabel="t-SNE 1", ylabel="t-SNE 2", title="Networks by their flattened weights")
+    axes[0, 0].legend(fontsize=7)
+    return figure_html(fig, f"t-SNE (PCA to ≤50 dimensions first, seed {seed}) of the {len(ids)} networks' "
+                            "concatenated weight tensors, coloured by accuracy group")

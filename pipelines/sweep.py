@@ -1,21 +1,29 @@
-"""Train zoos of small MLPs for papers 000/001 and write them as checkpoints plus a scan-ready manifest.
+"""Train zoos of small MLPs, CNNs and ViTs for papers 000/001 and write them as checkpoints plus a scan-ready
+manifest.
 
-Paper 001's setting: two hidden ReLU layers of equal width, softmax output with cross-entropy, SGD (lr 0.1,
-batch 128, no momentum), Glorot-uniform weights, zero biases. All networks of one width train **at once** as
-one batched model: weights are stacked along a leading network axis and every layer is one ``torch.baddbmm``,
-with forward and backward written out by hand (no autograd), each network drawing its own mini-batches.
+All networks of one architecture and width train **at once** as one batched model (``train_zoo``): their
+parameters are stacked along a leading network axis and the ``torch.nn`` module of ``archs.Arch`` runs through
+``torch.func.functional_call`` under ``torch.func.vmap``, each network on its own mini-batches; autograd gives every
+network its own gradient and one ``torch.optim`` SGD or Adam step (element-wise) updates them all. ``train_batched``
+is paper 001's MLP trainer written out by hand (``torch.baddbmm``, no autograd); ``train_zoo`` reproduces its numbers
+(tested), and ``sweep`` keeps ``train_batched`` for that setting only (two hidden layers, SGD), where it is faster.
+
+Paper 001's setting (the defaults): two hidden ReLU layers of equal width, softmax output with cross-entropy, SGD
+(lr 0.1, batch 128, no momentum), Glorot-uniform weights, zero biases. Paper 000's: Adam (lr 0.001), batch 100,
+normal initialisation, MLP / CNN / ViT, networks grouped low / mid / high by final accuracy.
 
 Randomness is per network and independent of the rest of the sweep: network ``seed`` draws its initial weights
-from ``numpy.random.default_rng([seed, 0])`` (in fp64, then cast) and its data order, one permutation of the
-training set per epoch, from ``numpy.random.default_rng([seed, 1])``. The same seed therefore sees the same data
-order at every width, and a network trains to the same weights alone (``train_one``) or in any batch.
+from ``numpy.random.default_rng([seed, 0])`` (in fp64, then cast; ``archs.init_params``) and its data order, one
+permutation of the training set per epoch, from ``numpy.random.default_rng([seed, 1])``. The same seed therefore
+sees the same data order at every width, and a network trains to the same weights alone (``train_one``) or in any
+batch.
 
-Checkpoint layout (PyTorch ``(out, in)`` weights): ``fc1.weight (w, d)``, ``fc1.bias (w,)``, ``fc2.weight
-(w, w)``, ``fc2.bias (w,)``, ``out.weight (C, w)``, ``out.bias (C,)``.
+Checkpoint layout (PyTorch ``(out, in)`` weights), paper 001's MLP: ``fc1.weight (w, d)``, ``fc1.bias (w,)``,
+``fc2.weight (w, w)``, ``fc2.bias (w,)``, ``out.weight (C, w)``, ``out.bias (C,)``; other architectures: the
+``state_dict`` names of their ``pipelines.nets`` module (``conv1.weight (w, C, 3, 3)``, ``blocks.0.qkv.weight``...).
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -23,13 +31,15 @@ import numpy as np
 import pandas as pd
 
 from zooscope.kernels.backends import BackendUnavailable
-from zooscope.pipelines.datasets import Dataset, load_dataset
+from zooscope.pipelines.archs import Arch, init_params
+from zooscope.pipelines.datasets import IMAGE_DATASETS, Dataset, load_dataset
+from zooscope.pipelines.embed import accuracy_groups
 from zooscope.pipelines.letters import letter_mask
 
 KEYS = ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "out.weight", "out.bias")
 MANIFEST_COLUMNS = [
     "path", "model_id", "width", "seed", "step", "init", "train_loss", "test_loss", "train_acc", "test_acc",
-    "dataset", "series", "mask",
+    "dataset", "series", "mask", "arch", "depth", "optimizer", "init_scheme", "final_acc", "acc_group",
 ]
 DTYPES = ("float32", "float64")
 #: Most activation elements (networks x rows x units) one evaluation chunk may hold.
@@ -59,14 +69,10 @@ def checkpoint_epochs(epochs: int, checkpoints: int | None = None) -> list[int]:
 
 
 def init_mlp(seed: int, width: int, n_in: int, n_out: int, *, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Initial fp64 weights of one network: Glorot uniform ``U(-a, a)``, ``a = sqrt(6 / (fan_in + fan_out))``,
-    biases zero. ``mask`` (bool ``(width, width)``) zeroes the ``fc2.weight`` entries where it is False."""
-    rng = np.random.default_rng([seed, 0])
-    params: dict[str, np.ndarray] = {}
-    for name, (fan_out, fan_in) in (("fc1", (width, n_in)), ("fc2", (width, width)), ("out", (n_out, width))):
-        limit = np.sqrt(6.0 / (fan_in + fan_out))
-        params[f"{name}.weight"] = rng.uniform(-limit, limit, size=(fan_out, fan_in))
-        params[f"{name}.bias"] = np.zeros(fan_out)
+    """Initial fp64 weights of one paper-001 MLP (``Arch("mlp", width, 2)``): Glorot uniform ``U(-a, a)``,
+    ``a = sqrt(6 / (fan_in + fan_out))``, biases zero (``archs.init_params``). ``mask`` (bool ``(width, width)``)
+    zeroes the ``fc2.weight`` entries where it is False."""
+    params = init_params(Arch("mlp", width, 2).build(n_in, n_out), seed, "glorot-uniform")
     if mask is not None:
         if mask.shape != (width, width):
             raise ValueError(f"mask shape {mask.shape} does not match fc2.weight ({width}, {width})")
@@ -210,25 +216,26 @@ def train_one(
     seed: int,
     *,
     epochs: int,
-    lr: float = 0.1,
+    arch: Arch | None = None,
+    optimizer: str = "sgd",
+    lr: float | None = None,
     batch_size: int = 128,
     dtype: str = "float64",
     device=None,
 ) -> dict[str, np.ndarray]:
-    """The plain per-network loop: one ``torch.nn`` MLP, autograd, ``torch.optim.SGD``, ``F.cross_entropy``,
-    same data order as ``train_batched`` for ``seed``. The reference for tests and the baseline for benchmarks."""
+    """The plain per-network loop: one ``torch.nn`` module of ``arch`` (default: the MLP ``params`` describe),
+    autograd, ``torch.optim`` (``optimizer``, ``lr``; default ``DEFAULT_LR``), ``F.cross_entropy``, same data order
+    as ``train_batched``/``train_zoo`` for ``seed``. The reference for tests and the baseline for benchmarks."""
     import torch
     from torch import nn
 
     dev, tdt = resolve_device(device), _torch_dtype(dtype)
-    width, n_in = params["fc1.weight"].shape
-    n_out = params["out.weight"].shape[0]
-    model = nn.Sequential(OrderedDict(
-        fc1=nn.Linear(n_in, width), relu1=nn.ReLU(), fc2=nn.Linear(width, width), relu2=nn.ReLU(),
-        out=nn.Linear(width, n_out),
-    )).to(device=dev, dtype=tdt)
+    if arch is None:
+        depth = sum(1 for k in params if k.startswith("fc") and k.endswith(".weight"))
+        arch = Arch("mlp", width=int(params["fc1.weight"].shape[0]), depth=depth)
+    model = arch.build(data.n_features, data.n_classes, data.image_shape, batched=False).to(device=dev, dtype=tdt)
     model.load_state_dict({k: torch.as_tensor(v, dtype=tdt) for k, v in params.items()})
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = _optimizer(optimizer, model.parameters(), DEFAULT_LR.get(optimizer, 0.0) if lr is None else lr)
     X = torch.as_tensor(data.X_train, dtype=tdt, device=dev)
     y = torch.as_tensor(data.y_train, device=dev)
     order = data_order(seed)
@@ -243,6 +250,139 @@ def train_one(
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
+OPTIMIZERS = ("sgd", "adam")
+#: Default learning rate per optimizer (paper 001: SGD 0.1; paper 000: Adam 0.001).
+DEFAULT_LR = {"sgd": 0.1, "adam": 0.001}
+
+
+def _optimizer(name: str, params, lr: float):
+    """``torch.optim`` SGD (no momentum) or Adam (PyTorch defaults) over the stacked parameter tensors.
+
+    Both update element by element, so on stacked tensors every network takes exactly its own step."""
+    import torch
+
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+
+
+def _activation_elements(module, n_features: int) -> int:
+    """Activation elements one more input row makes ``module`` keep for backward (tensors saved by autograd with 2
+    rows minus with 1, parameters thus left out), doubled for temporaries: sizes evaluation chunks."""
+    import torch
+
+    p = next(module.parameters())
+
+    def saved(rows: int) -> int:
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(torch.zeros(rows, n_features, dtype=p.dtype, device=p.device, requires_grad=True))
+        return total[0]
+
+    return 2 * max(saved(2) - saved(1), n_features)
+
+
+def train_zoo(
+    arch: Arch,
+    params: dict[str, np.ndarray],
+    data: Dataset,
+    seeds: Sequence[int],
+    *,
+    epochs: int,
+    optimizer: str = "sgd",
+    lr: float | None = None,
+    batch_size: int = 128,
+    dtype: str = "float32",
+    device=None,
+    save_epochs: Sequence[int] = (),
+    on_checkpoint: CheckpointCallback | None = None,
+    on_epoch: Callable[[int], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Train B networks of ``arch`` at once as one batched model and return their final stacked weights.
+
+    ``params`` maps the module's parameter names to stacked arrays (leading axis B, e.g. from ``init_params`` per
+    seed). The module runs through ``torch.func.functional_call`` under ``torch.func.vmap`` over the network axis,
+    each network on its own mini-batches (order from ``data_order(seeds[i])``, as ``train_batched``), loss = mean
+    cross-entropy per network; one ``torch.optim`` step (``optimizer``, ``lr``; default ``DEFAULT_LR``) updates all
+    stacked tensors. ``save_epochs``, ``on_checkpoint`` and ``on_epoch`` as ``train_batched``.
+    """
+    import torch
+    from torch.func import functional_call, vmap
+
+    dev, tdt = resolve_device(device), _torch_dtype(dtype)
+    lr = DEFAULT_LR.get(optimizer, 0.0) if lr is None else lr
+    base = arch.build(data.n_features, data.n_classes, data.image_shape).to(device=dev, dtype=tdt)
+    names = [n for n, _ in base.named_parameters()]
+    if sorted(names) != sorted(params):
+        raise ValueError(f"params have tensors {sorted(params)}, {arch.series} needs {sorted(names)}")
+    n_nets = len(params[names[0]])
+    if len(seeds) != n_nets:
+        raise ValueError(f"{len(seeds)} seeds for {n_nets} stacked networks")
+    p = {k: torch.as_tensor(np.ascontiguousarray(params[k]), dtype=tdt, device=dev).clone().requires_grad_()
+         for k in names}
+    opt = _optimizer(optimizer, list(p.values()), lr)
+    X_train = torch.as_tensor(data.X_train, dtype=tdt, device=dev)
+    X_test = torch.as_tensor(data.X_test, dtype=tdt, device=dev)
+    y_train = torch.as_tensor(data.y_train, device=dev)
+    y_test = torch.as_tensor(data.y_test, device=dev)
+
+    def net_loss(weights, x, y):
+        return torch.nn.functional.cross_entropy(functional_call(base, weights, (x,)), y)
+
+    batched_loss = vmap(net_loss)
+    batched_logits = vmap(lambda weights, x: functional_call(base, weights, (x,)), in_dims=(0, None))
+    per_row = _activation_elements(base, data.n_features)
+    orders = [data_order(s) for s in seeds]
+    n = len(X_train)
+    save = set(save_epochs)
+
+    def evaluate_all(X, y) -> tuple[np.ndarray, np.ndarray]:
+        """Mean cross-entropy (nats) and accuracy of every network on all of ``X``: fp64 ``(B,)`` arrays."""
+        rows = max(1, min(len(X), EVAL_CHUNK_ELEMENTS // per_row))
+        nets = max(1, EVAL_CHUNK_ELEMENTS // (per_row * rows))
+        loss_sum = torch.zeros(n_nets, dtype=torch.float64, device=dev)
+        correct = torch.zeros(n_nets, dtype=torch.float64, device=dev)
+        with torch.no_grad():
+            for lo in range(0, n_nets, nets):
+                chunk = {k: v[lo : lo + nets] for k, v in p.items()}
+                for r0 in range(0, len(X), rows):
+                    logits = batched_logits(chunk, X[r0 : r0 + rows])
+                    target = y[r0 : r0 + rows].expand(len(logits), -1)
+                    logp = torch.log_softmax(logits, dim=2)
+                    loss_sum[lo : lo + nets] -= logp.gather(2, target[..., None]).squeeze(2).double().sum(1)
+                    correct[lo : lo + nets] += (logits.argmax(2) == target).sum(1).double()
+        return (loss_sum / len(X)).cpu().numpy(), (correct / len(X)).cpu().numpy()
+
+    def checkpoint(epoch: int) -> None:
+        if on_checkpoint is None or epoch not in save:
+            return
+        train_loss, train_acc = evaluate_all(X_train, y_train)
+        test_loss, test_acc = evaluate_all(X_test, y_test) if len(X_test) else (np.full(n_nets, np.nan),) * 2
+        metrics = dict(train_loss=train_loss, test_loss=test_loss, train_acc=train_acc, test_acc=test_acc)
+        on_checkpoint(epoch, {k: v.detach().cpu().numpy().copy() for k, v in p.items()}, metrics)
+
+    checkpoint(0)
+    for epoch in range(1, epochs + 1):
+        idx = torch.as_tensor(np.stack([o.permutation(n) for o in orders]), device=dev)
+        for lo in range(0, n, batch_size):
+            rows = idx[:, lo : lo + batch_size]
+            loss = batched_loss(p, X_train[rows], y_train[rows]).sum()  # d(sum)/d(p_i) = network i's own gradient
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        checkpoint(epoch)
+        if on_epoch is not None:
+            on_epoch(epoch)
+    return {k: v.detach().cpu().numpy() for k, v in p.items()}
+
+
 def sweep(
     out_dir: str | Path,
     *,
@@ -251,21 +391,38 @@ def sweep(
     epochs: int = 50,
     checkpoints: int | None = None,
     dataset: str | Path = "digits",
+    arch: str = "mlp",
+    depth: int = 2,
+    heads: int = 2,
+    patch: int = 4,
+    optimizer: str = "sgd",
+    init: str = "glorot-uniform",
+    init_std: float = 0.05,
     mask: str | None = None,
-    lr: float = 0.1,
+    lr: float | None = None,
     batch_size: int = 128,
+    group_edges: Sequence[float] | None = None,
     dtype: str = "float32",
     device=None,
     overwrite: bool = False,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """Train one network per (width, seed), one batched model per width, and write the zoo to ``out_dir``.
+    """Train one network per (width, seed), one batched model per width (``train_zoo``; ``train_batched`` for the
+    two-hidden-layer MLP with SGD), and write the zoo.
 
-    Writes ``out_dir/mlp-w{width}/s{seed}/e{epoch}.safetensors`` at the epochs of
-    ``checkpoint_epochs(epochs, checkpoints)`` and then ``out_dir/manifest.csv`` (``MANIFEST_COLUMNS``:
-    ``path`` relative to ``out_dir``, ``step`` = epoch, ``init`` = model_id of the network's epoch-0
-    checkpoint, losses in nats and accuracies in [0, 1] on the full train/test sets). ``mask`` is a letter
-    stamped on the initial hidden-to-hidden weights (paper 001 Figure 1). Returns the manifest.
+    arch, depth, heads, patch: the network family (``archs.Arch``; ``width`` is hidden units, channels or the ViT's
+    embedding size). optimizer (``sgd``/``adam``), lr (default ``DEFAULT_LR``), init (``archs.INIT_SCHEMES``),
+    init_std (for ``normal``/``uniform``). Defaults are paper 001's setting; paper 000's is ``optimizer="adam",
+    init="normal", batch_size=100``.
+
+    Writes ``out_dir/{series}/s{seed}/e{epoch}.safetensors`` at the epochs of ``checkpoint_epochs(epochs,
+    checkpoints)`` and then ``out_dir/manifest.csv`` (``MANIFEST_COLUMNS``: ``path`` relative to ``out_dir``,
+    ``step`` = epoch, ``init`` = model_id of the network's epoch-0 checkpoint, losses in nats and accuracies in
+    [0, 1] on the full train/test sets; ``final_acc`` = the network's test accuracy at the last epoch (train
+    accuracy without a test set) and ``acc_group`` its paper-000 group among the networks of its series,
+    ``embed.accuracy_groups(final_acc, edges=group_edges)``: tertiles by default, else low < edges[0] <= mid <
+    edges[1] <= high; every checkpoint row of a network carries them). ``mask`` is a letter stamped on the initial
+    hidden-to-hidden weights of an MLP (paper 001 Figure 1). Returns the manifest.
     """
     from safetensors.numpy import save_file
 
@@ -278,15 +435,24 @@ def sweep(
         raise ValueError(f"widths must be distinct positive integers, got {widths}")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise ValueError(f"seeds must be distinct non-negative integers, got {seeds}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    lr = DEFAULT_LR[optimizer] if lr is None else lr
     if lr <= 0 or batch_size < 1:
         raise ValueError(f"need lr > 0 and batch_size >= 1, got lr={lr}, batch_size={batch_size}")
+    if mask and (arch != "mlp" or depth < 2):
+        raise ValueError("mask applies to the fc2 weights of an MLP with depth >= 2")
+    accuracy_groups([0.0, 1.0], edges=group_edges)  # validates the edges before any training
+    archs = [Arch(arch, w, depth, heads, patch) for w in widths]
     _torch_dtype(dtype)
     device = resolve_device(device)
     data = load_dataset(dataset)
+    kind = str(dataset).partition(":")[0]
+    tag = (Path(str(dataset)).stem if str(dataset).endswith(".npz")
+           else data.name if kind in IMAGE_DATASETS else str(dataset))
     save_epochs = checkpoint_epochs(epochs, checkpoints)
-    tag = Path(str(dataset)).stem if str(dataset).endswith(".npz") else str(dataset)
     pad = len(str(epochs))
-    rows: list[dict] = []
+    frames: list[pd.DataFrame] = []
 
     bar = None
     if progress:
@@ -294,36 +460,54 @@ def sweep(
 
         bar = tqdm(total=epochs * len(widths), unit="epoch", desc="sweep")
 
-    for width in widths:
-        series = f"mlp-w{width}" + (f"-mask{mask}" if mask else "")
-        bitmap = letter_mask(mask, width, width) if mask else None
-        inits = [init_mlp(s, width, data.n_features, data.n_classes, mask=bitmap) for s in seeds]
-        stacked = {k: np.stack([p[k] for p in inits]) for k in KEYS}
+    for spec in archs:
+        series = spec.series + (f"-mask{mask}" if mask else "")
+        module = spec.build(data.n_features, data.n_classes, data.image_shape)
+        inits = [init_params(module, s, init, init_std) for s in seeds]
+        if mask:
+            bitmap = letter_mask(mask, spec.width, spec.width)
+            for p in inits:
+                p["fc2.weight"] = np.where(bitmap, p["fc2.weight"], 0.0)
+        stacked = {k: np.stack([p[k] for p in inits]) for k in inits[0]}
+        rows: list[dict] = []
 
         def write(epoch: int, weights: dict[str, np.ndarray], metrics: dict[str, np.ndarray]) -> None:
             for i, seed in enumerate(seeds):
                 rel = Path(series) / f"s{seed}" / f"e{epoch:0{pad}d}.safetensors"
                 (out / rel).parent.mkdir(parents=True, exist_ok=True)
-                tensors = {k: np.ascontiguousarray(weights[k][i]) for k in KEYS}
-                meta = {"format": "pt", "width": str(width), "seed": str(seed), "epoch": str(epoch),
-                        "dataset": tag, "mask": mask or ""}
+                tensors = {k: np.ascontiguousarray(v[i]) for k, v in weights.items()}
+                meta = {"format": "pt", "arch": spec.kind, "width": str(spec.width), "depth": str(spec.depth),
+                        "seed": str(seed), "epoch": str(epoch), "dataset": tag, "mask": mask or ""}
                 save_file(tensors, str(out / rel), metadata=meta)
                 model_id = f"{tag}-{series}-s{seed}-e{epoch:0{pad}d}"
                 rows.append(dict(
-                    path=rel.as_posix(), model_id=model_id, width=width, seed=seed, step=epoch,
+                    path=rel.as_posix(), model_id=model_id, width=spec.width, seed=seed, step=epoch,
                     init=f"{tag}-{series}-s{seed}-e{0:0{pad}d}", dataset=tag, series=series, mask=mask or "",
+                    arch=spec.kind, depth=spec.depth, optimizer=optimizer, init_scheme=init,
                     **{name: float(values[i]) for name, values in metrics.items()},
                 ))
 
         if bar is not None:
-            bar.set_description(f"width {width}")
-        train_batched(
-            stacked, data, seeds, epochs=epochs, lr=lr, batch_size=batch_size, dtype=dtype, device=device,
-            save_epochs=save_epochs, on_checkpoint=write, on_epoch=(lambda _: bar.update()) if bar else None,
-        )
+            bar.set_description(series)
+        common = dict(lr=lr, batch_size=batch_size, dtype=dtype, device=device, save_epochs=save_epochs,
+                      on_checkpoint=write, on_epoch=(lambda _: bar.update()) if bar else None)
+        if spec.kind == "mlp" and spec.depth == 2 and optimizer == "sgd":
+            train_batched(stacked, data, seeds, epochs=epochs, **common)  # same numbers as train_zoo, faster on CPU
+        else:
+            train_zoo(spec, stacked, data, seeds, epochs=epochs, optimizer=optimizer, **common)
+        frames.append(_with_groups(pd.DataFrame(rows), epochs, group_edges))
     if bar is not None:
         bar.close()
-    manifest = pd.DataFrame(rows)[MANIFEST_COLUMNS].sort_values(["width", "seed", "step"], ignore_index=True)
+    manifest = pd.concat(frames, ignore_index=True)[MANIFEST_COLUMNS]
+    manifest = manifest.sort_values(["width", "seed", "step"], ignore_index=True)
     out.mkdir(parents=True, exist_ok=True)
     manifest.to_csv(manifest_path, index=False)
     return manifest
+
+
+def _with_groups(rows: pd.DataFrame, last_epoch: int, edges: Sequence[float] | None) -> pd.DataFrame:
+    """``rows`` (one series) with ``final_acc`` and ``acc_group`` of each seed's network on every checkpoint row."""
+    final = rows[rows["step"] == last_epoch].set_index("seed")
+    acc = final["test_acc"].where(final["test_acc"].notna(), final["train_acc"])
+    group = pd.Series(accuracy_groups(acc.to_numpy(), edges=edges), index=acc.index)
+    return rows.assign(final_acc=rows["seed"].map(acc), acc_group=rows["seed"].map(group))

@@ -231,3 +231,156 @@ def test_cuda_matches_cpu_fp64(digits):
     cpu = train_batched(params, digits, seeds, epochs=2, dtype="float64", device="cpu")
     for k in KEYS:
         np.testing.assert_allclose(gpu[k], cpu[k], rtol=0, atol=1e-10)
+
+
+# ---- the general batched trainer (torch.func vmap) -------------------------------------------------------------
+
+def _stack(arch, data, seeds, scheme="glorot-uniform"):
+    from zooscope.pipelines.archs import init_params
+
+    module = arch.build(data.n_features, data.n_classes, data.image_shape)
+    inits = [init_params(module, s, scheme) for s in seeds]
+    return inits, {k: np.stack([p[k] for p in inits]) for k in inits[0]}
+
+
+def test_general_trainer_reproduces_the_mlp_trainer(digits):
+    """train_zoo (vmap + autograd + torch.optim.SGD) gives the hand-written bmm trainer's numbers, masked fc2 too."""
+    from zooscope.pipelines.archs import Arch
+    from zooscope.pipelines.sweep import train_zoo
+
+    seeds, width = (0, 7, 3), 24
+    inits, params = stacked(seeds, width, digits, mask=letter_mask("K", width, width))
+    general = train_zoo(Arch("mlp", width, 2), params, digits, seeds, epochs=2, dtype="float64", device="cpu")
+    hand = train_batched(params, digits, seeds, epochs=2, dtype="float64", device="cpu")
+    for k in KEYS:
+        np.testing.assert_allclose(general[k], hand[k], rtol=0, atol=1e-12, err_msg=k)
+    assert max(np.abs(hand[k] - params[k]).max() for k in KEYS) > 1e-2
+
+
+@pytest.mark.parametrize("kind, width, depth", [("cnn", 4, 2), ("vit", 8, 1), ("mlp", 6, 3)])
+def test_batched_adam_equals_per_network_loop(digits, kind, width, depth):
+    """Every network of a vmap-batched zoo trains to the weights the plain torch.nn + torch.optim.Adam loop gives."""
+    from zooscope.pipelines.archs import Arch
+    from zooscope.pipelines.sweep import train_zoo
+
+    arch, seeds = Arch(kind, width, depth, heads=2, patch=4), (2, 5)
+    inits, params = _stack(arch, digits, seeds, "normal")
+    batched = train_zoo(arch, params, digits, seeds, epochs=1, optimizer="adam", batch_size=100, dtype="float64",
+                        device="cpu")
+    for i, seed in enumerate(seeds):
+        alone = train_one(inits[i], digits, seed, epochs=1, arch=arch, optimizer="adam", batch_size=100,
+                          dtype="float64", device="cpu")
+        assert sorted(alone) == sorted(batched)
+        for k in alone:
+            np.testing.assert_allclose(batched[k][i], alone[k], rtol=0, atol=1e-10, err_msg=f"{kind} {seed} {k}")
+        assert max(np.abs(alone[k] - inits[i][k]).max() for k in alone) > 5e-3  # Adam moved every network
+
+
+def test_cnn_and_vit_forward_match_torch_reference_ops():
+    """The vmap-friendly CNN (im2col by slices) and ViT (attention by matmuls) equal conv2d/max_pool2d and
+    scaled_dot_product_attention."""
+    import torch
+    from torch.nn import functional as F
+
+    from zooscope.pipelines.archs import Arch
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 3 * 9 * 7, dtype=torch.float64)
+    cnn = Arch("cnn", 4, 2).build(3 * 9 * 7, 6, (3, 9, 7)).double()
+    h = x.reshape(5, 3, 9, 7)
+    for i in (1, 2):
+        conv = getattr(cnn, f"conv{i}")
+        h = F.max_pool2d(F.relu(F.conv2d(h, conv.weight, conv.bias, padding=1)), 2)
+    torch.testing.assert_close(cnn(x), cnn.out(h.flatten(1)), rtol=0, atol=1e-12)
+
+    vit = Arch("vit", 8, 1, heads=2, patch=2).build(1 * 4 * 6, 3, (1, 4, 6)).double()
+    x = torch.randn(5, 24, dtype=torch.float64)
+    p = x.reshape(5, 1, 2, 2, 3, 2).permute(0, 2, 4, 1, 3, 5).reshape(5, 6, 4)
+    t = vit.embed(p) + vit.pos
+    blk = vit.blocks[0]
+    q, k, v = blk.qkv(blk.norm1(t)).reshape(5, 6, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    t = t + blk.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(5, 6, 8))
+    t = t + blk.fc2(F.relu(blk.fc1(blk.norm2(t))))
+    torch.testing.assert_close(vit(x), vit.out(vit.norm(t.mean(1))), rtol=0, atol=1e-12)
+
+
+def test_init_schemes_follow_their_distributions():
+    from zooscope.pipelines.archs import Arch, init_params
+
+    module = Arch("cnn", 20, 2).build(3 * 8 * 8, 10, (3, 8, 8))
+    fan_in, fan_out = 20 * 9, 20 * 9  # conv2.weight (20, 20, 3, 3)
+    expected = {
+        "glorot-uniform": scipy.stats.uniform(-np.sqrt(6 / (fan_in + fan_out)), 2 * np.sqrt(6 / (fan_in + fan_out))),
+        "glorot-normal": scipy.stats.norm(0, np.sqrt(2 / (fan_in + fan_out))),
+        "he-uniform": scipy.stats.uniform(-np.sqrt(6 / fan_in), 2 * np.sqrt(6 / fan_in)),
+        "he-normal": scipy.stats.norm(0, np.sqrt(2 / fan_in)),
+        "normal": scipy.stats.norm(0, 0.05),
+        "uniform": scipy.stats.uniform(-0.05, 0.1),
+    }
+    for scheme, dist in expected.items():
+        p = init_params(module, 3, scheme)
+        w = p["conv2.weight"].ravel()
+        assert scipy.stats.kstest(w, dist.cdf).pvalue > 1e-3, scheme
+        for other in set(expected) - {scheme}:  # and no other scheme's
+            assert scipy.stats.kstest(w, expected[other].cdf).pvalue < 1e-6, (scheme, other)
+        assert not p["conv2.bias"].any() and not p["out.bias"].any()
+        assert np.array_equal(p["conv2.weight"], init_params(module, 3, scheme)["conv2.weight"])
+    with pytest.raises(ValueError, match="init must be one of"):
+        init_params(module, 0, "orthogonal")
+
+
+def test_paper000_sweep_manifest_carries_accuracy_groups(tmp_path, digits):
+    m = sweep(tmp_path, widths=(4, 6), seeds=range(9), epochs=1, arch="cnn", depth=1,
+              optimizer="adam", init="normal", batch_size=100, device="cpu")
+    assert list(m.columns) == MANIFEST_COLUMNS
+    assert set(m["arch"]) == {"cnn"} and set(m["optimizer"]) == {"adam"} and set(m["init_scheme"]) == {"normal"}
+    assert set(m["series"]) == {"cnn-d1-w4", "cnn-d1-w6"}
+    for series, rows in m.groupby("series"):
+        final = rows[rows["step"] == 1].set_index("seed")
+        np.testing.assert_array_equal(final["final_acc"], final["test_acc"])
+        # tertiles of the final test accuracy within the series, as pandas.qcut (right-closed) puts them
+        ref = pd.qcut(final["test_acc"], 3, labels=["low", "mid", "high"]).astype(str)
+        assert (final["acc_group"] == ref).all(), series
+        for seed, net in rows.groupby("seed"):  # every checkpoint of a network carries its final group
+            assert (net["acc_group"] == final.loc[seed, "acc_group"]).all()
+        w = read(tmp_path / final["path"].iloc[0])
+        assert w["conv1.weight"].shape == (int(series[-1]), 1, 3, 3)
+    fixed = sweep(tmp_path / "edges", widths=(4,), seeds=range(6), epochs=1, arch="cnn", depth=1,
+                  optimizer="adam", init="normal", group_edges=(0.3, 0.5), device="cpu")
+    last = fixed[fixed["step"] == 1]
+    expect = np.where(last["final_acc"] < 0.3, "low", np.where(last["final_acc"] < 0.5, "mid", "high"))
+    assert (last["acc_group"].to_numpy() == expect).all()
+    with pytest.raises(ValueError, match="image data"):
+        sweep(tmp_path / "bad", widths=(4,), seeds=(0,), epochs=1, arch="cnn", dataset="wine")
+    with pytest.raises(ValueError, match="increasing"):
+        sweep(tmp_path / "bad2", widths=(4,), seeds=(0,), epochs=1, group_edges=(0.9, 0.5))
+
+
+def test_cli_sweep_paper000_flags(tmp_path, capsys):
+    from zooscope.cli import main
+
+    out = tmp_path / "vit"
+    rc = main(["sweep", "--out", str(out), "--arch", "vit", "--depth", "1", "--widths", "8", "--heads", "2",
+               "--patch", "4", "--trials", "6", "--epochs", "1", "--optimizer", "adam", "--init", "normal",
+               "--batch-size", "100", "--device", "cpu", "--quiet"])
+    assert rc == 0
+    assert "vit-d1-w8-h2" in capsys.readouterr().out
+    m = pd.read_csv(out / "manifest.csv")
+    assert len(m) == 6 * 2 and set(m["acc_group"]) <= {"low", "mid", "high"} and set(m["arch"]) == {"vit"}
+    w = read(out / m["path"].iloc[-1])
+    assert w["blocks.0.qkv.weight"].shape == (24, 8) and w["pos"].shape == (4, 8)
+    assert main(["sweep", "--out", str(tmp_path / "x"), "--arch", "cnn", "--dataset", "iris", "--quiet"]) == 2
+    assert "image data" in capsys.readouterr().err
+
+
+@requires_gpu
+def test_cuda_zoo_matches_cpu_fp64(digits):
+    from zooscope.pipelines.archs import Arch
+    from zooscope.pipelines.sweep import train_zoo
+
+    arch, seeds = Arch("cnn", 4, 1), (0, 1, 2)
+    _, params = _stack(arch, digits, seeds, "normal")
+    gpu = train_zoo(arch, params, digits, seeds, epochs=1, optimizer="adam", dtype="float64", device="cuda")
+    cpu = train_zoo(arch, params, digits, seeds, epochs=1, optimizer="adam", dtype="float64", device="cpu")
+    for k in cpu:
+        np.testing.assert_allclose(gpu[k], cpu[k], rtol=0, atol=1e-9, err_msg=k)

@@ -52,7 +52,7 @@ def _mask_images(models, layer: str) -> tuple[dict[str, list[tuple[int, np.ndarr
     name = layer
     if "mask" not in models.columns or "path" not in models.columns:
         return {}, name
-    masked = models[models["mask"].fillna("").astype(str).str.strip() != ""]
+    masked = models[models["mask"].astype("string").fillna("").str.strip() != ""]
     if "status" in masked.columns:
         masked = masked[masked["status"] == "ok"]
     keys = [c for c in ("series", "seed") if c in masked.columns]
@@ -93,7 +93,26 @@ def _training_sections(store, models, layers, image_layer: str = "fc2") -> list:
     drift = store.drift()
     images, name = _mask_images(models, image_layer)
     return list(report_training.sections(models, layers, hist, drift if len(drift) else None,
-                                         weight_images=images, image_layer=name) or [])
+                                         weight_images=images, image_layer=name,
+                                         final_weights=_final_weights(models)) or [])
+
+
+def _final_weights(models) -> dict[str, dict[str, np.ndarray]]:
+    """model_id → weight tensors (2-D and up) of the trained networks drawn in the paper-000 sections (at most
+    ``report_training.PAPER000_MAX_MODELS`` per dataset x architecture); unreadable checkpoints are skipped with
+    a warning."""
+    from zooscope.pipelines import report_training
+    from zooscope.pipelines.readers import CheckpointError, open_checkpoint
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for _, _, block in report_training.paper000_blocks(models):
+        for row in report_training.paper000_sample(block).itertuples(index=False):
+            try:
+                with open_checkpoint(row.path) as ckpt:
+                    out[str(row.model_id)] = {k: ckpt.read(k) for k in ckpt.keys() if len(ckpt.shape(k)) >= 2}
+            except CheckpointError as exc:
+                print(f"zooscope report: warning: paper-000 figures skip {row.model_id}: {exc}", file=sys.stderr)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
