@@ -373,7 +373,7 @@ def test_cli_sweep_paper000_flags(tmp_path, capsys):
     assert "image data" in capsys.readouterr().err
 
 
-@requires_gpu
+@requires_torch_cuda
 def test_cuda_zoo_matches_cpu_fp64(digits):
     from zooscope.pipelines.archs import Arch
     from zooscope.pipelines.sweep import train_zoo
