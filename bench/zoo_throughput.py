@@ -16,6 +16,8 @@ the scan's wall time over the models scanned, peak RSS that process's high-water
 - ``WeightWatcher``: ``weightwatcher.WeightWatcher(model=m).analyze()`` per model in a loop, the file read into the
   torch module as a user does (``--ww-models`` of the same files: WeightWatcher is timed on that subset only);
 - ResNet-18-shaped models (``--resnet``, fp16) in-process, before and after;
+- a ``zooscope sweep`` of ``--sweep`` MLPs (widths 30 and 100, 2 epochs, checkpoints at epochs 0, 1, 2: the
+  manifest's ``init`` column makes the scan store drift from initialization too), in-process, before and after;
 - cold start: ``zooscope analyze FILE`` in a fresh process on a ~5 MB checkpoint (best of 3), before and after.
 
 The load average is printed with the results, which are appended to ``bench/RESULTS.md``.
@@ -56,7 +58,8 @@ if cluster != "none":
 else:
     kwargs["cluster"] = "none"
 t = time.perf_counter()
-report = scan([zoo], store, progress=False, **kwargs)
+report = scan([] if zoo.endswith(".csv") else [zoo], store, manifest=zoo if zoo.endswith(".csv") else None,
+              progress=False, **kwargs)
 seconds = time.perf_counter() - t
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 if client is not None:
@@ -104,7 +107,8 @@ def _env(tree: Path | None) -> dict[str, str]:
 def run_scan(tree: Path | None, zoo: Path, cluster: str = "none", workers: int = 1) -> dict:
     """One timed scan of ``zoo`` into a fresh store, in a child process using the zooscope of ``tree``."""
     store = Path(tempfile.mkdtemp(prefix="zt-")) / "zoo.zarr"
-    warm = str(next(zoo.glob("*.safetensors")))
+    folder = zoo.parent if zoo.suffix == ".csv" else zoo
+    warm = str(next(folder.rglob("*.safetensors")))
     try:
         out = subprocess.run([sys.executable, "-c", _RUNNER, str(zoo), str(store), cluster, str(workers), warm],
                              check=True, capture_output=True, text=True, env=_env(tree), cwd=tree or ROOT)
@@ -168,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ww-models", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--resnet", type=int, default=50, help="ResNet-18-shaped models (0: skip the row)")
+    parser.add_argument("--sweep", type=int, default=1000, help="MLPs of the sweep row (0: skip the row)")
     parser.add_argument("--baseline", type=Path, help="a zooscope checkout to compare with (before)")
     parser.add_argument("--baseline-models", type=int, default=1000,
                         help="small CNNs both sides are timed on for the before/after row (the baseline is slow)")
@@ -217,6 +222,24 @@ def main(argv: list[str] | None = None) -> int:
                          f"{b / a:.2f}x", f"{before['peak_mb']:.0f} -> {after['peak_mb']:.0f}", ""))
         else:
             rows.append(("ResNet-18 fp16", "in-process", args.resnet, f"{a:.0f}", "", f"{after['peak_mb']:.0f}", ""))
+    if args.sweep:
+        sw = args.out / f"sweep-{args.sweep}"
+        if not (sw / "manifest.csv").exists():
+            subprocess.run([sys.executable, "-m", "zooscope", "sweep", "--out", str(sw), "--widths", "30,100",
+                            "--n-seeds", str(args.sweep // 2), "--epochs", "2", "--checkpoints", "3", "--quiet",
+                            "--threads", "1", "--overwrite"], check=True)
+        after = run_scan(None, sw / "manifest.csv")
+        n = after["n_ok"]
+        a = 1e3 * after["seconds"] / n
+        if args.baseline is not None:
+            before = run_scan(args.baseline, sw / "manifest.csv")
+            b = 1e3 * before["seconds"] / n
+            rows.append(("MLP sweep + drift", "before -> after (in-process)", n, f"{b:.1f} -> {a:.1f}",
+                         f"{b / a:.2f}x", f"{before['peak_mb']:.0f} -> {after['peak_mb']:.0f}",
+                         f"{args.sweep} networks x 3 checkpoints"))
+        else:
+            rows.append(("MLP sweep + drift", "in-process", n, f"{a:.1f}", "", f"{after['peak_mb']:.0f}",
+                         f"{args.sweep} networks x 3 checkpoints"))
     small = args.out / "cold-5mb.safetensors"
     if not small.exists():
         _write_5mb(small)
