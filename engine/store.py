@@ -78,6 +78,9 @@ HIST_CHUNK = 1024
 #: the store leaves one behind, next to the lock, in a directory that is not a store yet
 _ZARR_TMP = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 
+#: parameters older stores recorded that are no longer analysis parameters (backends change speed, not results)
+_LEGACY_PARAMS = ("esd_backend", "fit_backend")
+
 _KINDS = ("bool", "int", "float", "str")  # promotion order
 _DTYPE = {"bool": np.dtype(bool), "int": np.dtype(np.int64), "float": np.dtype(np.float64), "str": np.dtype(object)}
 _FILL = {"bool": False, "int": -1, "float": np.nan, "str": ""}
@@ -365,6 +368,7 @@ class ZooStore:
 
     def _match_params(self, params: dict[str, Any]) -> None:
         old, new = self.params, _json_safe(params)
+        old = {k: v for k, v in old.items() if k not in _LEGACY_PARAMS or k in new}
         if not old:
             self.set_params(new)
         elif old != new:

@@ -95,12 +95,13 @@ def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **option
 def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **options: Any):
     """``analyze`` returning ``(ModelResult, WeightWatcher-style frame)``: the result keeps the ESDs."""
     from zooscope.engine.tune import with_saved_table
-    from zooscope.pipelines.analyze import analyze_checkpoint, to_weightwatcher_frame
+    from zooscope.pipelines.analyze import analyze_checkpoint, require_backends, to_weightwatcher_frame
     from zooscope.pipelines.readers import open_checkpoint
 
     if start_ids < 0:
         raise ValueError(f"start_ids must be >= 0, got {start_ids}")
     opts = with_saved_table(_options_from_kwargs({"weightstats": False, "ww_quirks": ww_compat, **options}))
+    require_backends(opts)
     with open_checkpoint(model) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
     frame = to_weightwatcher_frame(result.layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
@@ -113,9 +114,13 @@ def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **optio
     return result, frame
 
 
-def scan(paths=(), store: str = "zoo.zarr", **kwargs: Any):
-    """Analyse every checkpoint under ``paths`` (or a ``manifest=``) into the Zarr ``store``. See ``engine.scan``."""
+def scan(paths=(), store: str | None = None, **kwargs: Any):
+    """Analyse every checkpoint under ``paths`` (or a ``manifest=``) into the Zarr ``store`` (required: a path,
+    never a default). See ``engine.scan``."""
     from zooscope.engine.scan import scan as _scan
+
+    if store is None or (isinstance(store, str) and not store.strip()):
+        raise TypeError("scan() needs a store: zooscope.scan(paths, store='zoo.zarr')")
 
     return _scan(paths, store, **kwargs)
 

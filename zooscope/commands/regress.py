@@ -45,6 +45,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples for the R² "
                         "interval (0: none; default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--all-versions", action="store_true",
+                        help="regress every stored version of each model (default: only the latest)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.set_defaults(func=run)
 
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.summary_mode == "robust":
             metrics = [f"robust_{m}" for m in SUMMARY_METRICS if f"robust_{m}" in models] or None
         result = regress(models, args.y, by=by, metrics=metrics, min_models=args.min_models, exclude=exclude,
-                         n_boot=args.n_boot, seed=args.seed)
+                         n_boot=args.n_boot, seed=args.seed, all_versions=args.all_versions)
     except (ValueError, OSError) as exc:
         print(f"zooscope regress: error: {exc}", file=sys.stderr)
         return 2
