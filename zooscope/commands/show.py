@@ -54,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"zooscope show: error: no model {args.model!r} in {args.store}", file=sys.stderr)
             return 2
     if args.layers:
-        frame = store.layers(models)
-        if len(frame):
-            frame.insert(0, "model_id", models["model_id"].reindex(frame["model_row"]).to_numpy())
+        frame = store.layers(models)  # carries model_id
         defaults, what = LAYER_COLUMNS, "layers"
     else:
         frame, defaults, what = models, MODEL_COLUMNS, "models"
