@@ -111,24 +111,36 @@ def options_from_args(args: argparse.Namespace) -> Any:
     return AnalysisOptions(**option_values(args))
 
 
+def _manifest_columns(path: str) -> list[str]:
+    """The header of a manifest CSV."""
+    import pandas as pd
+
+    try:
+        return list(pd.read_csv(path, nrows=0).columns)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the manifest {path}: {exc}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     from zooscope.engine.cluster import ClusterConfigError
     from zooscope.engine.scan import ScanUsageError, scan
-    from zooscope.engine.store import StoreLockedError
+    from zooscope.engine.store import StoreLockedError, StoreWriteError, check_column_names
 
     if not args.paths and not args.manifest:
         print("zooscope scan: error: give at least one PATH or --manifest", file=sys.stderr)
         return 2
     try:
         options = options_from_args(args)
-    except ValueError as err:
+        if args.manifest:  # before anything is analysed or written
+            check_column_names(_manifest_columns(args.manifest), "manifest column")
+    except (ValueError, OSError) as err:
         print(f"zooscope scan: error: {err}", file=sys.stderr)
         return 2
     try:
         report = scan(args.paths, args.store, manifest=args.manifest, options=options, cluster=args.cluster,
                       config=args.config, workers=args.workers, shard_bytes=args.shard_bytes,
                       rehash=args.rehash, commit_seconds=args.commit_seconds, progress=not args.no_progress)
-    except (ScanUsageError, ClusterConfigError, StoreLockedError) as err:
+    except (ScanUsageError, ClusterConfigError, StoreLockedError, StoreWriteError) as err:
         print(f"zooscope scan: error: {err}", file=sys.stderr)
         return 2
     drift = f", drift from init for {report.n_drift} checkpoints" if report.n_drift else ""
