@@ -204,11 +204,12 @@ class _SafetensorsShard:
             if not isinstance(code, str) or code not in _ST_DTYPES:
                 raise CheckpointError(p, key, f"unknown safetensors dtype {short_repr(code)}")
             if shape is None:
-                raise CheckpointError(p, key, f"corrupt safetensors header: shape {short_repr(info.get('shape'))} is not a "
-                                              "list of non-negative integers")
+                raise CheckpointError(p, key, f"corrupt safetensors header: shape {short_repr(info.get('shape'))} "
+                                              "is not a list of non-negative integers")
             if offsets is None or len(offsets) != 2 or offsets[0] > offsets[1]:
-                raise CheckpointError(p, key, f"corrupt safetensors header: data_offsets {short_repr(info.get('data_offsets'))}"
-                                              " is not a pair of non-negative integers [start, end] with start <= end")
+                raise CheckpointError(p, key, "corrupt safetensors header: data_offsets "
+                                              f"{short_repr(info.get('data_offsets'))} is not a pair of non-negative "
+                                              "integers [start, end] with start <= end")
             start, end = offsets
             if end - start != math.prod(shape) * _ST_ITEMSIZE[code]:
                 raise CheckpointError(p, key, f"corrupt safetensors header: offsets {start}..{end} do not fit shape "
@@ -220,7 +221,8 @@ class _SafetensorsShard:
         spans = sorted((start, end, key) for key, (_, _, start, end) in entries.items() if end > start)
         for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
             if start_b < end_a:
-                raise CheckpointError(p, b, f"corrupt safetensors header: its bytes overlap those of tensor {short_repr(a)}")
+                raise CheckpointError(p, b, "corrupt safetensors header: its bytes overlap those of tensor "
+                                            f"{short_repr(a)}")
         self._entries = entries
         return entries
 

@@ -11,7 +11,7 @@ import pytest
 from zooscope.cli import main as cli_main
 from zooscope.engine import store as store_module
 from zooscope.engine.store import StoreWriteError, ZooStore, check_column_names, open_store
-from tests.test_store import make_result
+from test_store import make_result
 
 
 @pytest.fixture
