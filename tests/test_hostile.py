@@ -197,3 +197,16 @@ def test_scan_gives_every_hostile_case_a_clear_row(scanned):
             unclear.append(f"{case.name}: {row.status} {row.error[:120]}")
     assert not missing and not unclear, f"missing: {missing}\nunclear: {unclear}"
     assert not (root / hostile.MARKER).exists()
+
+
+def test_model_without_analysable_layers_is_an_empty_frame(tmp_path, capsys):
+    import zooscope
+    from zooscope.cli import main
+
+    path = tmp_path / "tiny.npz"
+    np.savez(path, **{"fc.weight": np.ones((1, 1)), "head.weight": np.ones((3, 2))})
+    for ww_compat in (False, True):
+        frame = zooscope.analyze(path, ww_compat=ww_compat)
+        assert len(frame) == 0 and {"layer_id", "name", "alpha", "status"} <= set(frame.columns)
+    assert main(["analyze", str(path)]) == 0
+    assert "0 layer matrices" in capsys.readouterr().out

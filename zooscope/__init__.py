@@ -30,6 +30,8 @@ _WW_DEFAULT_ONLY = {
 }
 #: WeightWatcher arguments that only matter with an option refused above (``savefig``: plot, ``sparsify``: intra).
 _WW_INERT = ("savefig", "sparsify")
+#: the columns of a model with no analysable layer (an empty frame, not a KeyError)
+_EMPTY_LAYER_COLUMNS = ("layer_id", "name", "layer_type", "N", "M", "status", "error", "warning", "alpha")
 #: WeightWatcher's ``fit`` spellings (``normalize_params``) and the ``AnalysisOptions.fit`` each one becomes.
 _WW_FITS = {"PL": "PL", "power_law": "PL", "TPL": "TPL", "truncated_power_law": "TPL", "E_TPL": "E_TPL"}
 
@@ -104,7 +106,8 @@ def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **optio
     require_backends(opts)
     with open_checkpoint(model) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
-    frame = to_weightwatcher_frame(result.layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
+    layers = result.layers if len(result.layers) else result.layers.reindex(columns=_EMPTY_LAYER_COLUMNS)
+    frame = to_weightwatcher_frame(layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
     if hasattr(model, "named_modules"):
         module_ids = {name: i for i, (name, _) in enumerate(model.named_modules())}
         others = dict.fromkeys(n for n in frame["name"] if n not in module_ids)  # e.g. attn.in_proj (no module)
