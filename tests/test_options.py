@@ -118,3 +118,21 @@ def test_scan_facade_requires_a_store(tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="store"):
         zooscope.scan([tmp_path / "m.npz"])
     assert not (tmp_path / "zoo.zarr").exists()
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["analyze", "m.npz", "--limit", "-1"], "--limit"),
+    (["show", "s.zarr", "--limit", "x"], "--limit"),
+    (["scan", "m.npz", "--store", "s.zarr", "--commit-seconds", "-1"], "--commit-seconds"),
+    (["scan", "m.npz", "--store", "s.zarr", "--commit-seconds", "nan"], "--commit-seconds"),
+    (["scan", "m.npz", "--store", "s.zarr", "--workers", "0"], "--workers"),
+    (["regress", "s.zarr", "--y", "a", "--out", "r", "--n-boot", "-5"], "--n-boot"),
+    (["regress", "s.zarr", "--y", "a", "--out", "r", "--min-models", "2"], "--min-models"),
+])
+def test_cli_numbers_checked_when_parsed(tmp_path, capsys, monkeypatch, argv, flag):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as code:
+        main(argv)
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and flag in err and "Traceback" not in err
+    assert not (tmp_path / "s.zarr").exists()

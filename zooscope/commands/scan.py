@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Any
+from zooscope.commands._args import float_at_least, int_at_least
 
 EXAMPLES = """examples:
   zooscope scan ckpts/ --store zoo.zarr
@@ -53,12 +54,12 @@ def register(subparsers: Any) -> None:
                            help="auto (default), none, local, local-cuda, slurm, address, or another profile "
                                 "of --config")
     run_group.add_argument("--config", metavar="YAML", help="cluster profiles file (default: packaged cluster.yaml)")
-    run_group.add_argument("--workers", type=int, metavar="N", help="worker count, overriding the profile")
+    run_group.add_argument("--workers", type=int_at_least(1), metavar="N", help="worker count, overriding the profile")
     run_group.add_argument("--shard-bytes", type=_size, metavar="SIZE",
                            help="split models larger than SIZE into shards (e.g. 512MiB; default 2GiB)")
     run_group.add_argument("--rehash", action="store_true",
                            help="hash every file, even those whose size and mtime match the store's record")
-    run_group.add_argument("--commit-seconds", type=float, default=10.0, metavar="S",
+    run_group.add_argument("--commit-seconds", type=float_at_least(0), default=10.0, metavar="S",
                            help="commit finished models to the store at least every S seconds (default 10; "
                                 "0: after every model); a crash loses at most the last S seconds of results")
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar")

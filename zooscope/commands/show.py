@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Any
+from zooscope.commands._args import int_at_least
 
 EXAMPLES = """examples:
   zooscope show zoo.zarr
@@ -34,7 +35,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--model", metavar="ID", help="only this model_id")
     parser.add_argument("--latest", action="store_true", help="only the newest version of each model")
     parser.add_argument("--columns", metavar="A,B", help="columns to show, comma-separated (default: a summary)")
-    parser.add_argument("--limit", type=int, default=50, metavar="N", help="rows to show (default 50, 0: all)")
+    parser.add_argument("--limit", type=int_at_least(0), default=50, metavar="N",
+                        help="rows to show (default 50, 0: all)")
     parser.set_defaults(func=run)
 
 
