@@ -47,6 +47,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 import zarr
+from zarr.core.sync import _get_loop as _zarr_loop
 from zarr.core.sync import sync as _zarr_sync
 
 from zooscope.engine.lock import LOCK_NAME, StoreLockedError, WriterLock
@@ -234,11 +235,29 @@ ArraySpec = tuple[str, str, str, int, tuple[int, ...], tuple[str, ...]]  # group
 
 
 def _gather(coros: list) -> list:
-    """Run zarr coroutines concurrently on zarr's event loop: one round trip instead of one per array."""
+    """Run zarr coroutines concurrently on zarr's event loop: one round trip instead of one per array. All of them
+    finish before the first exception, if any, is raised (a failed write leaves no write running)."""
     async def _all() -> list:
-        return list(await asyncio.gather(*coros))
+        return list(await asyncio.gather(*coros, return_exceptions=True))
 
-    return _zarr_sync(_all()) if coros else []
+    results = _zarr_sync(_all()) if coros else []
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
+    return results
+
+
+def _quiet_write_failures() -> None:
+    """After a failed write, zarr's own concurrent chunk writes still fail one by one on its event loop: report
+    none of those (the StoreWriteError said it), so that a full disk gives one line, not tracebacks at exit."""
+    loop = _zarr_loop()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if isinstance(context.get("exception"), OSError) or "destroyed but it is pending" in context.get("message", ""):
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 def _resize_all(arrays: list[tuple[zarr.Array, int]]) -> None:
@@ -356,6 +375,7 @@ class ZooStore:
             if lock is not None:
                 lock.release()
             if isinstance(exc, OSError):
+                _quiet_write_failures()
                 raise StoreWriteError(f"cannot write the store {path}: {exc.strerror or exc}") from exc
             raise
         return store
@@ -577,6 +597,7 @@ class ZooStore:
         try:
             self._flush()
         except OSError as exc:
+            _quiet_write_failures()
             lost = len(self._pending_rows)
             self._failed = True
             self._pending_rows, self._pending_results, self._pending_drift = [], [], []

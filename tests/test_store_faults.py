@@ -198,3 +198,16 @@ def test_check_reports_damaged_chunks_and_never_crashes(sound, tmp_path, capsys,
     assert "FAULT" in out and "Traceback" not in out
     if how.startswith("delete") and not how.endswith("model_id"):  # model_id is an index column --fast reads
         assert cli_main(["check", damaged, "--fast"]) == 0  # --fast reads no data chunk
+
+
+def test_reader_opened_before_a_widening_still_reads_the_values(tmp_path, rng):
+    path = tmp_path / "s.zarr"
+    writer = ZooStore.open(path, "a", flush_every=1)
+    writer.append({"model_id": "a", "epochs": 7}, make_result(rng, 1))
+    reader = ZooStore.open(path, "r")
+    writer.append({"model_id": "b", "epochs": 2.5}, make_result(rng, 1))  # int -> float: a new array
+    assert reader.models()["epochs"].tolist() == [7]  # the reader's committed view, not -1 or NaN
+    writer.close()
+    reader.reload()
+    assert reader.models()["epochs"].tolist() == [7.0, 2.5]
+    assert sorted(os.listdir(path / "models")).count("epochs") == 0  # the superseded array is gone after close
