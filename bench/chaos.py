@@ -163,13 +163,20 @@ def rerun(zoo: Path, store: Path, cluster: str, tally: Tally) -> None:
 
 def client_kills(zoo: Path, ref: dict, seconds: float, trials: int, cluster: str, work: Path, rng) -> Tally:
     tally = Tally(f"client ({'--cluster ' + cluster})")
-    for t in range(trials):
+    t = attempts = 0
+    while t < trials and attempts < 3 * trials:  # a scan that ended before its kill is not a trial
+        attempts += 1
         store = work / f"client-{cluster}-{t}.zarr"
         proc = start(scan_argv(zoo, store, cluster))
-        time.sleep(rng.uniform(0.0, seconds))
+        time.sleep(rng.uniform(0.0, 0.8 * seconds))
         os.kill(proc.pid, signal.SIGKILL)
         kill_group(proc)
-        tally.codes[f"killed {proc.returncode}"] += 1
+        if proc.returncode != -signal.SIGKILL:
+            tally.codes[f"ended before the kill ({proc.returncode})"] += 1
+            shutil.rmtree(store, ignore_errors=True)
+            continue
+        t += 1
+        tally.codes["killed"] += 1
         after = faults(store)
         rerun(zoo, store, "none", tally)
         tally.add(ref, store, after)

@@ -210,3 +210,21 @@ def test_model_without_analysable_layers_is_an_empty_frame(tmp_path, capsys):
         assert len(frame) == 0 and {"layer_id", "name", "alpha", "status"} <= set(frame.columns)
     assert main(["analyze", str(path)]) == 0
     assert "0 layer matrices" in capsys.readouterr().out
+
+
+def test_refusals_name_the_global_and_leak_nothing(zoo):
+    root, _ = zoo
+    with pytest.raises(CheckpointError) as err:
+        open_checkpoint(root / "pickle_os_system.pt")
+    text = str(err.value)
+    assert "GLOBAL posix.system" in text and "weights_only=False" not in text and "nothing was run" in text
+    with pytest.raises(CheckpointError) as err:
+        open_checkpoint(root / "zip_subprocess.pt")
+    assert "check_call" in str(err.value)
+    for case in ("hf_absolute", "hf_dotdot", "hf_dev_zero"):
+        with pytest.raises(CheckpointError, match="refused shard path .*inside the model directory") as err:
+            open_checkpoint(root / case)
+        assert "root:" not in str(err.value) and "\\x00" not in str(err.value)  # nothing of /etc/passwd, /dev/zero
+    with pytest.raises(CheckpointError, match=r"pipe.safetensors: tensor 'b.weight': refused: a FIFO"):
+        with open_checkpoint(root / "hf_fifo_shard") as ckpt:
+            ckpt.read("b.weight")
