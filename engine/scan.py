@@ -26,9 +26,9 @@ import pandas as pd
 from zooscope.engine.cluster import available_cores, describe_compute, get_profile, make_client
 from zooscope.engine.plan import Part, Task, pack, plan
 from zooscope.engine.run import execute, wants_gpu
-from zooscope.engine.store import ZooStore
+from zooscope.engine.store import ZooStore, check_column_names
 from zooscope.engine.tune import with_saved_table
-from zooscope.pipelines.analyze import AnalysisOptions
+from zooscope.pipelines.analyze import AnalysisOptions, require_backends
 from zooscope.pipelines.drift import drift_table, pair_checkpoints
 from zooscope.pipelines.readers import CheckpointError, content_hash, discover, model_files
 from zooscope.pipelines.result import BatchResult, ModelResult, merge_results
@@ -132,6 +132,15 @@ def scan(
             raise ScanUsageError(f"{name} must be a positive number, got {value!r}")
     if client is None and cluster != "auto":
         get_profile(cluster, config)  # a bad profile fails before the store is touched
+    if client is None and cluster in ("auto", "none", "local"):  # this machine runs it: its backends must exist
+        try:
+            require_backends(options)
+        except ValueError as err:
+            raise ScanUsageError(str(err)) from err
+    try:  # a manifest column the store cannot hold fails now, not at the first write after the analysis
+        check_column_names({name for m in models for name, _ in m.metadata}, "manifest column")
+    except ValueError as err:
+        raise ScanUsageError(str(err)) from err
     pairs = _drift_pairs(models)  # a bad init column fails before any analysis, not after it
     report = ScanReport(store=str(store))
     try:

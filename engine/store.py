@@ -10,10 +10,12 @@ Layout (one directory, or any zarr ``StoreLike``)::
     attrs             schema_version, zooscope_version, params, counters {n_models, n_layers, n_esd, n_hist,
                       n_drift}, columns {table: {column: array name}}
 
-Columns are numeric (float64 / int64 / bool) or variable-length strings. A column missing from some rows holds
-its kind's fill value: NaN, -1, False or "". A column whose values no longer fit its kind (an int column that
-receives NaN, a number column that receives text) is rewritten once as a wider kind under the array name
-``<column>~<kind>``; the committed column map names the array, and ``to_xarray`` restores the column names.
+Columns are numeric (float64 / int64 / bool) or variable-length strings (UTF-8: lone surrogates of undecodable
+names are stored as backslash escapes, ``readers.safe_text``). A missing value reads back as NaN ("" in a text
+column): an int or bool column missing from some rows is stored as float. A column whose values no longer fit its
+kind (an int column that receives NaN, a number column that receives text) is rewritten once as a wider kind under
+the array name ``<column>~<kind>`` (numbered if a column of that name exists); the committed column map names the
+array, and ``to_xarray`` restores the column names. Column names are checked by ``check_column_names``.
 
 Commit protocol: appended rows are buffered and flushed in batches; a flush writes every data array first (creating
 new arrays as needed) and then advances the counters and the column map in one atomic write of the root
@@ -45,12 +47,19 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 import zarr
+from zarr.core.sync import _get_loop as _zarr_loop
 from zarr.core.sync import sync as _zarr_sync
 
 from zooscope.engine.lock import LOCK_NAME, StoreLockedError, WriterLock
+from zooscope.pipelines.readers import safe_text
 from zooscope.pipelines.result import ModelResult
 
-__all__ = ["ZooStore", "StoreView", "StoreLockedError", "open_store", "SCHEMA_VERSION"]
+__all__ = ["ZooStore", "StoreView", "StoreLockedError", "StoreWriteError", "open_store", "check_column_names",
+           "SCHEMA_VERSION"]
+
+
+class StoreWriteError(RuntimeError):
+    """The store cannot be written (disk full, read-only, permission denied); what was committed is intact."""
 
 
 def _zooscope_version() -> str:
@@ -77,6 +86,17 @@ HIST_CHUNK = 1024
 #: the temporary file zarr's LocalStore writes ``zarr.json`` through (then renames): a writer killed while creating
 #: the store leaves one behind, next to the lock, in a directory that is not a store yet
 _ZARR_TMP = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
+#: any temporary file of zarr's LocalStore (a chunk or metadata document being written); removed on recovery
+_PARTIAL = re.compile(r"[^/]*\.[0-9a-f]{32}\.partial")
+#: columns every table read shows, even when no row has them yet (e.g. every model failed)
+BASE_COLUMNS = {"models": MODEL_COLUMNS,
+                "layers": ("model_id", "model_row", "layer_id", "name", "layer_type", "N", "M", "status", "error",
+                           "esd_start", "esd_count"),
+                "drift": ()}
+_RESERVED_NAMES = ("zarr.json", "c")
+
+#: parameters older stores recorded that are no longer analysis parameters (backends change speed, not results)
+_LEGACY_PARAMS = ("esd_backend", "fit_backend")
 
 _KINDS = ("bool", "int", "float", "str")  # promotion order
 _DTYPE = {"bool": np.dtype(bool), "int": np.dtype(np.int64), "float": np.dtype(np.float64), "str": np.dtype(object)}
@@ -85,6 +105,22 @@ _FILL = {"bool": False, "int": -1, "float": np.nan, "str": ""}
 
 # ---------------------------------------------------------------------------------------------------------------
 # columns: pandas pieces -> one numpy array per column in a storage kind
+
+
+def check_column_names(names: Iterable[Any], what: str = "column") -> None:
+    """Raise ``ValueError`` for a name that cannot be a store column (an array name in a directory): empty, not a
+    string, with ``/``, ``\\``, NUL, ``~`` (the store's widened-column marker), a leading ``.`` or ``__``, or
+    ``zarr.json``/``c``. Call it on a manifest's columns before any analysis."""
+    for name in names:
+        bad = None
+        if not isinstance(name, str) or not name.strip():
+            bad = "empty or not a string"
+        elif any(ch in name for ch in "/\\\0~"):
+            bad = "contains '/', '\\', '~' or NUL"
+        elif name.startswith((".", "__")) or name in _RESERVED_NAMES:
+            bad = "starts with '.' or '__', or is a name the store's files use"
+        if bad:
+            raise ValueError(f"Invalid {what} name {safe_text(repr(name))}: {bad}; use letters, digits, '_', '-'")
 
 
 def _normalize(s: pd.Series) -> tuple[str | None, np.ndarray | None]:
@@ -112,8 +148,8 @@ def _normalize(s: pd.Series) -> tuple[str | None, np.ndarray | None]:
     if inferred in ("integer", "boolean", "floating", "mixed-integer-float", "decimal"):
         return "float", np.array([np.nan if m else float(v) for v, m in zip(s, missing)], dtype=np.float64)
     if inferred == "string":
-        return "str", s.to_numpy(dtype=object, na_value="")
-    return "str", np.array(["" if m else str(v) for v, m in zip(s, missing)], dtype=object)
+        return "str", np.array([safe_text(v) for v in s.to_numpy(dtype=object, na_value="")], dtype=object)
+    return "str", np.array(["" if m else safe_text(str(v)) for v, m in zip(s, missing)], dtype=object)
 
 
 def _convert(values: np.ndarray, kind: str, to: str) -> np.ndarray:
@@ -135,12 +171,14 @@ def _wider(a: str, b: str) -> str:
     return a if _KINDS.index(a) >= _KINDS.index(b) else b
 
 
-def _assemble(groups: list[tuple[np.ndarray, pd.DataFrame]], n: int,
-              kinds: dict[str, str]) -> dict[str, tuple[str, np.ndarray]]:
+def _assemble(groups: list[tuple[np.ndarray, pd.DataFrame]], n: int, kinds: dict[str, str],
+              committed: int = 0) -> dict[str, tuple[str, np.ndarray]]:
     """The columns of a batch of ``n`` rows made of frames placed at row positions ``pos`` (``groups``).
 
     kinds: the stored kind of each existing column; every existing column is in the result (absent rows filled),
-    followed by new columns in order of first appearance. Returns column -> (kind, values of length n).
+    followed by new columns in order of first appearance. An int or bool column with absent rows (in this batch,
+    or among the ``committed`` rows before it for a new column) becomes float, so that missing reads back as NaN,
+    never as -1 or False. Returns column -> (kind, values of length n).
     """
     pieces: dict[str, list[tuple[np.ndarray, str, np.ndarray]]] = {}
     order = list(kinds)
@@ -158,10 +196,13 @@ def _assemble(groups: list[tuple[np.ndarray, pd.DataFrame]], n: int,
         kind = kinds.get(col, "bool" if col in pieces else "float")
         for _, k, _ in pieces.get(col, ()):
             kind = _wider(kind, k)
+        covered = sum(len(pos) for pos, _, _ in pieces.get(col, ()))
+        if kind in ("bool", "int") and (covered < n or (col not in kinds and committed)):
+            kind = "float"
         values = np.full(n, _FILL[kind], dtype=_DTYPE[kind])
         for pos, k, v in pieces.get(col, ()):
             values[pos] = _convert(v, k, kind)
-        out[str(col)] = (kind, values)
+        out[safe_text(str(col))] = (kind, values)
     return out
 
 
@@ -194,11 +235,29 @@ ArraySpec = tuple[str, str, str, int, tuple[int, ...], tuple[str, ...]]  # group
 
 
 def _gather(coros: list) -> list:
-    """Run zarr coroutines concurrently on zarr's event loop: one round trip instead of one per array."""
+    """Run zarr coroutines concurrently on zarr's event loop: one round trip instead of one per array. All of them
+    finish before the first exception, if any, is raised (a failed write leaves no write running)."""
     async def _all() -> list:
-        return list(await asyncio.gather(*coros))
+        return list(await asyncio.gather(*coros, return_exceptions=True))
 
-    return _zarr_sync(_all()) if coros else []
+    results = _zarr_sync(_all()) if coros else []
+    failed = next((r for r in results if isinstance(r, BaseException)), None)
+    if failed is not None:
+        raise failed
+    return results
+
+
+def _quiet_write_failures() -> None:
+    """After a failed write, zarr's own concurrent chunk writes still fail one by one on its event loop: report
+    none of those (the StoreWriteError said it), so that a full disk gives one line, not tracebacks at exit."""
+    loop = _zarr_loop()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if isinstance(context.get("exception"), OSError) or "destroyed but it is pending" in context.get("message", ""):
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
 
 
 def _resize_all(arrays: list[tuple[zarr.Array, int]]) -> None:
@@ -258,6 +317,8 @@ class ZooStore:
         self._known: dict[str, tuple[int, str]] | None = None  # model_id -> (max version, hash), incl. pending
         self._pairs: set[tuple[str, str]] | None = None  # (model_id, content_hash), incl. pending
         self._hist_bins: int | None = self._hist_width()
+        self._failed = False  # a flush could not write: nothing more is written, close() only releases the lock
+        self._garbage: list[tuple[str, str]] = []
 
     # -- opening and closing -----------------------------------------------------------------------------------
 
@@ -290,8 +351,11 @@ class ZooStore:
             if local.is_dir() and not (local / "zarr.json").exists() and any(
                     not p.name.startswith(LOCK_NAME) and not _ZARR_TMP.fullmatch(p.name) for p in local.iterdir()):
                 raise ValueError(f"{local} exists and is not a zarr store; choose a new path for the store")
-            local.mkdir(parents=True, exist_ok=True)
-            lock = WriterLock(local)
+            try:
+                local.mkdir(parents=True, exist_ok=True)
+                lock = WriterLock(local)
+            except OSError as exc:
+                raise StoreWriteError(f"cannot write the store {local}: {exc.strerror or exc}") from exc
         try:
             root = zarr.open_group(location, mode="a", zarr_format=3)
             if not {"counters", "columns"} <= root.attrs.keys():
@@ -300,16 +364,19 @@ class ZooStore:
                 for name in GROUPS:
                     root.require_group(name)
                 root.update_attributes({"schema_version": SCHEMA_VERSION, "zooscope_version": _zooscope_version(),
-                                        "params": _json_safe(params or {}),
+                                        "params": _json_safe(params or {}), "every_chunk_written": True,
                                         "counters": {c: 0 for c in COUNTERS}, "columns": {t: {} for t in TABLES}})
             _check_schema(root, path)
             store = cls(root, location, "a", lock, **options)
             store._recover()
             if params is not None:
                 store._match_params(params)
-        except BaseException:
+        except BaseException as exc:
             if lock is not None:
                 lock.release()
+            if isinstance(exc, OSError):
+                _quiet_write_failures()
+                raise StoreWriteError(f"cannot write the store {path}: {exc.strerror or exc}") from exc
             raise
         return store
 
@@ -324,8 +391,12 @@ class ZooStore:
         if self.mode != "a" or self._root is None:
             return
         try:
-            self.flush()
-            self._truncate()
+            if not self._failed:
+                self.flush()
+                self._truncate()
+                for group, name in self._garbage:
+                    del self._root[group][name]
+                    self._arrays.pop((group, name), None)
         finally:
             if self._lock is not None:
                 self._lock.release()
@@ -365,6 +436,7 @@ class ZooStore:
 
     def _match_params(self, params: dict[str, Any]) -> None:
         old, new = self.params, _json_safe(params)
+        old = {k: v for k, v in old.items() if k not in _LEGACY_PARAMS or k in new}
         if not old:
             self.set_params(new)
         elif old != new:
@@ -381,8 +453,8 @@ class ZooStore:
 
     def _array(self, group: str, name: str) -> zarr.Array:
         key = (group, name)
-        if key not in self._arrays:
-            self._arrays[key] = self._root[f"{group}/{name}"]
+        if key not in self._arrays:  # every chunk written, even one of fill values: check can tell a lost one
+            self._arrays[key] = self._root[f"{group}/{name}"].with_config({"write_empty_chunks": True})
         return self._arrays[key]
 
     def _has(self, group: str, name: str) -> bool:
@@ -393,7 +465,8 @@ class ZooStore:
         failed flush under the same name is replaced."""
         def spec(kind: str, rows: int, chunks: tuple[int, ...], dims: tuple[str, ...]) -> dict[str, Any]:
             return dict(shape=(_round_up(max(rows, 1), chunks[0]),) + chunks[1:], chunks=chunks,
-                        dtype=str if kind == "str" else _DTYPE[kind], fill_value=_FILL[kind], dimension_names=dims)
+                        dtype=str if kind == "str" else _DTYPE[kind], fill_value=_FILL[kind], dimension_names=dims,
+                        config={"write_empty_chunks": True})  # every committed chunk exists: check can tell
 
         made = _gather([self._root[g]._async_group.create_array(name, **spec(*rest), overwrite=True)
                         for g, name, *rest in specs])
@@ -415,13 +488,20 @@ class ZooStore:
         _resize_all([(arr, n) for arr, n in arrays if arr.shape[0] > n])
 
     def _recover(self) -> None:
-        """Undo an interrupted flush: delete arrays the column map does not name, truncate to the counters."""
+        """Undo an interrupted flush: delete arrays the column map does not name (and those a widening superseded),
+        truncate to the counters, and remove zarr's temporary ``*.partial`` files a killed writer left."""
         for table in TABLES:
             named = set(self._columns[table].values())
             for name in list(self._root[table].array_keys()):
                 if name not in named:
                     del self._root[table][name]
         self._truncate()
+        local = _local_dir(self._location)
+        if local is not None:
+            for dirpath, _, filenames in os.walk(local):
+                for name in filenames:
+                    if _PARTIAL.fullmatch(name):
+                        Path(dirpath, name).unlink(missing_ok=True)
 
     # -- writing -----------------------------------------------------------------------------------------------
 
@@ -473,6 +553,9 @@ class ZooStore:
         row without layers in ``result`` and without a ``status`` is 'ok' with 0 layers."""
         self._writable()
         self._ensure_index()
+        if result is not None:
+            check_column_names((k for k in result.layers.columns if k not in self._columns["layers"]),
+                               "layer column")
         known: dict[str, tuple[int, str]] = {}  # this call's rows, checked against each other too
         pairs: set[tuple[str, str]] = set()
         rows = []
@@ -506,8 +589,9 @@ class ZooStore:
         ``known``/``pairs``: rows of the same call not yet in the index."""
         if "model_id" not in model_row:
             raise ValueError("a model row needs a 'model_id'")
-        row = dict(model_row)
-        mid = row["model_id"] = str(row["model_id"])
+        check_column_names((k for k in model_row if k not in self._columns["models"]), "model column")
+        row = {k: safe_text(v) if isinstance(v, str) else v for k, v in model_row.items()}
+        mid = row["model_id"] = safe_text(str(row["model_id"]))
         h = row["content_hash"] = str(row.get("content_hash") or "")
         if h and (((mid, h) in self._pairs and (mid, h) not in self._failed) or (mid, h) in pairs):
             raise ValueError(f"model {mid!r} with content hash {h[:16]}... is already in the store")
@@ -527,10 +611,28 @@ class ZooStore:
         self.flush()
 
     def flush(self) -> None:
-        """Write everything pending, then advance the counters in one attrs write (the commit)."""
+        """Write everything pending, then advance the counters in one attrs write (the commit).
+
+        Raises ``StoreWriteError`` when the store cannot be written (disk full, read-only): the pending rows are
+        dropped, the committed store is left as it was, and the store accepts no more writes.
+        """
         self._writable()
+        if self._failed:
+            raise StoreWriteError(f"the store {self._location} could not be written earlier; reopen it")
         if not (self._pending_rows or self._pending_drift):
             return
+        try:
+            self._flush()
+        except OSError as exc:
+            _quiet_write_failures()
+            lost = len(self._pending_rows)
+            self._failed = True
+            self._pending_rows, self._pending_results, self._pending_drift = [], [], []
+            self._known = self._pairs = None
+            raise StoreWriteError(f"cannot write the store {self._location}: {exc.strerror or exc}; the models "
+                                  f"committed before are intact, the {lost} pending one(s) were not stored") from exc
+
+    def _flush(self) -> None:
         c = dict(self._counters)
         columns = copy.deepcopy(self._columns)
         garbage: list[tuple[str, str]] = []
@@ -561,9 +663,9 @@ class ZooStore:
             self._write_table("drift", self._table_batch("drift", drift, n_drift), c, columns, garbage, writes)
         _write_all(writes)
         self._commit(c, columns)
-        for group, name in garbage:
-            del self._root[group][name]
-            self._arrays.pop((group, name), None)
+        # superseded by a wider kind: kept until close() for readers that opened before this commit (they read the
+        # old name); a crashed writer's are deleted by the next writer's recovery
+        self._garbage.extend(garbage)
         self._pending_rows, self._pending_results, self._pending_drift = [], [], []
         self._pending_values = 0
         self._last_flush = time.monotonic()
@@ -571,7 +673,7 @@ class ZooStore:
     def _table_batch(self, table: str, groups: list[tuple[np.ndarray, pd.DataFrame]],
                      n: int) -> dict[str, tuple[str, np.ndarray]]:
         kinds = {col: _kind_of(self._array(table, name).dtype) for col, name in self._columns[table].items()}
-        return _assemble(groups, n, kinds)
+        return _assemble(groups, n, kinds, self._counters[COUNTER_OF[table]])
 
     def _write_table(self, table: str, batch: dict[str, tuple[str, np.ndarray]], c: dict[str, int],
                      columns: dict[str, dict[str, str]], garbage: list[tuple[str, str]],
@@ -589,6 +691,8 @@ class ZooStore:
                 writes.append((self._array(table, name), rows, values))
                 continue
             region = (rows, values)
+            if name is None and start:  # new column: earlier rows written as missing (every chunk exists)
+                region = (slice(0, start + n), np.concatenate([np.full(start, _FILL[kind], _DTYPE[kind]), values]))
             if name is not None:  # widen: rewrite the committed values in the wider kind, in the same write
                 old = self._array(table, name)
                 old_kind = _kind_of(old.dtype)
@@ -596,12 +700,21 @@ class ZooStore:
                 committed = committed.astype(object) if old_kind == "str" else committed
                 region = (slice(0, start + n), np.concatenate([_convert(committed, old_kind, kind), values]))
                 garbage.append((table, name))
-            name = columns[table][col] = col if name is None else f"{col}~{kind}"  # new: earlier rows = fill
+            name = columns[table][col] = col if name is None else self._free_name(table, f"{col}~{kind}", columns)
             specs.append((table, name, kind, start + n, (ROW_CHUNK,), (DIMS[table],)))
             planned.append(region)
         for arr, (sel, values) in zip(self._create_many(specs), planned):
             writes.append((arr, sel, values))
         c[COUNTER_OF[table]] = start + n
+
+    def _free_name(self, table: str, name: str, columns: dict[str, dict[str, str]]) -> str:
+        """``name``, or ``name`` plus a number, that no column and no array of ``table`` uses yet."""
+        taken = set(columns[table]) | set(columns[table].values()) | set(self._root[table].array_keys())
+        candidate, k = name, 1
+        while candidate in taken:
+            k += 1
+            candidate = f"{name}{k}"
+        return candidate
 
     def _write_esd(self, c: dict[str, int], writes: list[Write]) -> None:
         values = [np.asarray(e, dtype=np.float64) for _, r, _ in self._pending_results for e in r.esd]
@@ -668,6 +781,13 @@ class ZooStore:
         n = self._counters[COUNTER_OF[table]]
         wanted = self._columns[table] if columns is None else [c for c in self._columns[table] if c in set(columns)]
         data = {col: self._column(table, col, n) for col in wanted}
+        if columns is None:  # the base columns exist even when no row has them (e.g. every model failed)
+            data.update({col: np.full(n, np.nan) for col in BASE_COLUMNS[table] if col not in data})
+        if table == "layers" and "model_id" in data and "model_id" not in self._columns["layers"]:
+            ids = self._column("models", "model_id", self._counters["n_models"])
+            rows = data["model_row"] if "model_row" in self._columns["layers"] else np.zeros(0, np.int64)
+            data["model_id"] = ids[rows] if len(rows) else np.zeros(0, dtype=object)
+            data = {"model_id": data.pop("model_id"), **data}
         return pd.DataFrame(data, index=pd.RangeIndex(n, name=INDEX_NAMES[table]))
 
     def models(self, latest: bool = False, columns: Iterable[str] | None = None) -> pd.DataFrame:
@@ -783,10 +903,102 @@ class ZooStore:
 
     # -- integrity ---------------------------------------------------------------------------------------------
 
-    def check(self) -> list[str]:
-        """Integrity problems of the committed store (empty when sound): counters against array lengths, ESD
-        offsets contiguous and within n_esd, valid model rows, histogram rows, duplicate (model_id, hash) pairs,
-        consecutive versions per model_id."""
+    def check(self, full: bool = True) -> list[str]:
+        """Integrity problems of the committed store (empty when sound); a damaged array is reported, never raised.
+
+        Always (``full=False``: metadata and counters): counters against array lengths, ESD offsets contiguous and
+        within n_esd, valid model rows, histogram rows, duplicate (model_id, hash) pairs, consecutive versions per
+        model_id. ``full``: also every committed chunk of every array is read (present, decodable, right length)
+        and the values that must be are valid: ESD values finite and >= 0, histograms finite or a whole NaN row,
+        model ids non-empty, statuses known, an ``ok`` layer's alpha not NaN, each model's ``n_layers`` rows.
+        """
+        try:
+            problems = self._check_fast()
+        except Exception as exc:  # a corrupt chunk of an index column
+            problems = [f"unreadable data: {type(exc).__name__}: {safe_text(str(exc))[:200]}"]
+        if full and not problems:
+            problems = self._check_data()
+        return problems
+
+    def _check_data(self) -> list[str]:
+        """Read every committed chunk (see ``check``); the problems found."""
+        c = self._counters
+        problems: list[str] = []
+        arrays = [("esd", "values", c["n_esd"])] if c["n_esd"] else []
+        arrays += [("hist", name, c["n_hist"]) for name in ("counts", "edges") if c["n_hist"]]
+        arrays += [(t, name, c[COUNTER_OF[t]]) for t in TABLES for name in self._columns[t].values()]
+        local = _local_dir(self._location)
+        every_chunk = local is not None and bool(self._root.attrs.get("every_chunk_written"))
+        data: dict[tuple[str, str], np.ndarray] = {}
+        for group, name, n in arrays:
+            arr = self._array(group, name)
+            step = arr.chunks[0]
+            if every_chunk:
+                missing = [i for i in range(-(-n // step))
+                           if not (local / group / name / "c" / "/".join([str(i)] + ["0"] * (arr.ndim - 1))).is_file()]
+                if missing:
+                    problems.append(f"{group}/{name}: chunk(s) {_few(np.array(missing))} missing")
+                    continue
+            try:
+                parts = [arr[i:min(i + step, n)] for i in range(0, n, step)]
+                values = np.concatenate(parts) if parts else arr[:0]
+            except Exception as exc:
+                problems.append(f"{group}/{name}: unreadable ({type(exc).__name__}: {safe_text(str(exc))[:120]})")
+                continue
+            if len(values) != n:
+                problems.append(f"{group}/{name}: read {len(values)} rows of the committed {n}")
+                continue
+            data[(group, name)] = values if values.dtype.kind in "biuf" else values.astype(object)
+        problems += self._check_values(data)
+        return problems
+
+    def _check_values(self, data: dict[tuple[str, str], np.ndarray]) -> list[str]:
+        """Values that must be valid (see ``check``), in the arrays read by ``_check_data``."""
+        problems: list[str] = []
+
+        def col(table: str, column: str) -> np.ndarray | None:
+            name = self._columns[table].get(column)
+            return None if name is None else data.get((table, name))
+
+        esd = data.get(("esd", "values"))
+        if esd is not None:
+            bad = np.flatnonzero(~np.isfinite(esd) | (esd < 0))
+            if len(bad):
+                problems.append(f"esd/values: {len(bad)} value(s) not finite or negative, at {_few(bad)}")
+        for name in ("counts", "edges"):
+            block = data.get(("hist", name))
+            if block is not None:
+                finite = np.isfinite(block)
+                bad = np.flatnonzero(~(finite.all(axis=1) | np.isnan(block).all(axis=1)))
+                if len(bad):
+                    problems.append(f"hist/{name}: rows {_few(bad)} are neither finite nor all NaN")
+        checks = [("models", "model_id", lambda v: v.astype(str) != "", "empty"),
+                  ("models", "status", lambda v: np.isin(v.astype(str), ["ok", "error"]), "not ok/error"),
+                  ("layers", "status", lambda v: np.isin(v.astype(str), ["ok", "failed", "error"]),
+                   "not ok/failed/error"),
+                  ("layers", "name", lambda v: v.astype(str) != "", "empty")]
+        for table, column, valid, what in checks:
+            values = col(table, column)
+            if values is not None:
+                bad = np.flatnonzero(~valid(values))
+                if len(bad):
+                    problems.append(f"{table}/{column}: {what} at rows {_few(bad)}")
+        status, alpha = col("layers", "status"), col("layers", "alpha")
+        if status is not None and alpha is not None and alpha.dtype.kind == "f":
+            bad = np.flatnonzero((status.astype(str) == "ok") & np.isnan(alpha))
+            if len(bad):
+                problems.append(f"layers/alpha: NaN in rows whose status is ok, at {_few(bad)}")
+        n_layers, model_row = col("models", "n_layers"), col("layers", "model_row")
+        if n_layers is not None and model_row is not None:
+            counted = np.bincount(model_row, minlength=len(n_layers))[:len(n_layers)]
+            expected = np.nan_to_num(n_layers.astype(np.float64), nan=0)
+            bad = np.flatnonzero(counted != expected)
+            if len(bad):
+                problems.append(f"models/n_layers: differs from the layer rows stored at model rows {_few(bad)}")
+        return problems
+
+    def _check_fast(self) -> list[str]:
+        """The metadata and counter checks of ``check``."""
         c = self._counters
         problems = []
         expected = [("esd", "values", c["n_esd"])] if c["n_esd"] else []
@@ -918,9 +1130,9 @@ class StoreView:
         """A table as a lazy ``xarray.Dataset`` (see ``ZooStore.to_xarray``)."""
         return self.store.to_xarray(table)
 
-    def check(self) -> list[str]:
-        """Integrity problems (empty when sound)."""
-        return self.store.check()
+    def check(self, full: bool = True) -> list[str]:
+        """Integrity problems (empty when sound); see ``ZooStore.check``."""
+        return self.store.check(full)
 
     def __len__(self) -> int:
         return len(self.store)

@@ -7,6 +7,7 @@ Tensors are read one at a time; at most one layer's weights are in memory at onc
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,25 @@ from zooscope.pipelines.summary import weightwatcher_rows
 WW_VERSIONS = ("0.7.5", "0.7.7")
 #: WeightWatcher's ``max_fingers`` and ``finger_thresh`` defaults.
 _FINGER_DEFAULTS = (10, 1.0)
+
+
+#: ``AnalysisOptions`` fields that change speed, not results: not store parameters.
+SPEED_ONLY = ("esd_backend", "esd_table", "fit_backend")
+
+
+def _one_of(name: str, value: Any, accepted: tuple) -> None:
+    if not isinstance(value, str) or value not in accepted:
+        raise ValueError(f"Invalid value for '{name}': {value!r}; expected one of {', '.join(map(repr, accepted))}")
+
+
+def _flag(name: str, value: Any) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"Invalid value for '{name}': {value!r}; expected True or False")
+
+
+def _integer(name: str, value: Any, low: int) -> None:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"Invalid value for '{name}': {value!r}; expected an integer >= {low}")
 
 
 @dataclass(frozen=True)
@@ -57,7 +77,8 @@ class AnalysisOptions:
     tolerance: eigenvalues below it count towards ``weak_rank_loss`` (WeightWatcher's ``tolerance``; 0 counts
         none, where WeightWatcher would take its default 1e-6).
     weightstats, hist_bins: weight moments, node strength and a histogram per layer.
-    seed: seeds every random draw (randomize, bootstrap); a layer's draws depend only on (seed, layer_id).
+    seed: seeds every random draw: randomize (draws depend on seed, layer_id, slice) and bootstrap (on seed and
+        the layer's eigenvalues only), so a rerun with the same seed gives the same p-values and intervals.
     layers: restrict to these layer names (key prefixes); empty means all.
     """
 
@@ -90,12 +111,25 @@ class AnalysisOptions:
     layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.ww_version not in WW_VERSIONS:
-            raise ValueError(f"ww_version must be one of {WW_VERSIONS}, got {self.ww_version!r}")
+        _one_of("ww_version", self.ww_version, WW_VERSIONS)
+        _one_of("esd_backend", self.esd_backend, ("auto", *esd_kernels.BACKENDS))
+        _one_of("precision", self.precision, esd_kernels.PRECISIONS)
+        _one_of("fit_backend", self.fit_backend, powerlaw.BACKENDS)
+        _one_of("pl_mode", self.pl_mode, powerlaw.MODES)
+        for name in ("pool", "conv2d_norm", "ww_quirks", "mp_fit", "randomize", "detX", "weightstats"):
+            _flag(name, getattr(self, name))
+        _integer("max_evals", self.max_evals, 1)
+        _integer("max_N", self.max_N, 1)
+        _integer("bootstrap", self.bootstrap, 0)
+        _integer("hist_bins", self.hist_bins, 1 if self.weightstats else 0)
+        _integer("seed", self.seed, 0)
         if self.min_evals is None:
             object.__setattr__(self, "min_evals", 8 if self.ww_version == "0.7.7" else 10)
-        if not 0 < self.min_evals < self.max_evals:
+        _integer("min_evals", self.min_evals, 1)
+        if not self.min_evals < self.max_evals:
             raise ValueError(f"need 0 < min_evals < max_evals, got {self.min_evals} and {self.max_evals}")
+        if not isinstance(self.layers, (list, tuple)) or not all(isinstance(n, str) for n in self.layers):
+            raise ValueError(f"Invalid value for 'layers': {self.layers!r}; expected a list of layer names")
         if self.max_N < self.max_evals:
             raise ValueError(f"max_N ({self.max_N}) must be at least max_evals ({self.max_evals})")
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -115,8 +149,13 @@ class AnalysisOptions:
             raise ValueError("xmax cannot be 0 (or False), as in WeightWatcher")
         if self.fix_fingers and clipped:
             raise ValueError(f"fix_fingers cannot be combined with an int xmax ({self.xmax}), as in WeightWatcher")
-        if not self.tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        if not isinstance(self.tolerance, numbers.Real) or not self.tolerance >= 0:
+            raise ValueError(f"Invalid value for 'tolerance': {self.tolerance!r}; expected a number >= 0")
+        if self.bootstrap and self.fit != "PL":
+            raise ValueError(f"bootstrap={self.bootstrap} needs fit='PL' (the TPL fit has no bootstrap)")
+        if self.precision == "fp32" and self.esd_backend != "auto" and "gram" in self.esd_backend:
+            raise ValueError(f"precision='fp32' needs an SVD esd_backend, got {self.esd_backend!r} (Gram routes "
+                             "are fp64-only)")
         if self.fix_fingers and self.max_fingers < 1:
             raise ValueError(f"max_fingers must be at least 1, got {self.max_fingers}")
         if self.pl_mode != "powerlaw" and (self.xmax == "force" or self.fit != "PL"):
@@ -131,7 +170,9 @@ class AnalysisOptions:
     def as_params(self) -> dict[str, Any]:
         """The options as plain JSON-able values (what the store records as analysis parameters)."""
         params = dataclasses.asdict(self)
-        del params["esd_table"]  # a routing table changes speed, not results (auto keeps λ within 1e-6 of SVD)
+        # backends and the routing table change speed, not results (every route keeps λ within 1e-6 of SVD's)
+        for name in SPEED_ONLY:
+            del params[name]
         if self.fix_fingers != "clip_xmax" or (self.max_fingers, self.finger_thresh) == _FINGER_DEFAULTS:
             del params["max_fingers"], params["finger_thresh"]  # no effect: stores made before them stay valid
         if self.tolerance == esd_kernels.WEAK_RANK_TOLERANCE:
@@ -153,8 +194,21 @@ class AnalysisOptions:
         if self.fit == "TPL":
             options["distribution"] = "truncated_power_law"
         if self.bootstrap:
-            options["bootstrap"] = self.bootstrap
+            options.update(bootstrap=self.bootstrap, seed=self.seed)
         return options
+
+
+def require_backends(options: AnalysisOptions) -> None:
+    """Raise ``ValueError`` naming the option when a chosen backend cannot run on this machine (in-process use)."""
+    from zooscope.kernels.backends import cupy_available
+
+    if options.esd_backend != "auto" and not esd_kernels.backend_available(options.esd_backend):
+        usable = [b for b in esd_kernels.BACKENDS if esd_kernels.backend_available(b)]
+        raise ValueError(f"Invalid value for 'esd_backend': {options.esd_backend!r} needs a library or GPU that "
+                         f"this machine lacks; usable here: 'auto', {', '.join(map(repr, usable))}")
+    if options.fit_backend == "cuda" and not cupy_available():
+        raise ValueError("Invalid value for 'fit_backend': 'cuda' needs CuPy and a CUDA device, which this machine "
+                         "lacks; usable here: 'numba', 'numpy'")
 
 
 def analyze_path(path: str, options: AnalysisOptions, keys: list[str] | None = None) -> ModelResult:

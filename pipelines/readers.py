@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 import sys
 import zipfile
@@ -55,10 +56,35 @@ _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8}
 _READABLE = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
              "uint64", "uint32", "uint16", "uint8"}
+#: the largest safetensors header accepted (the safetensors library's own limit), and the largest index json
+MAX_HEADER_BYTES = 100_000_000
+MAX_INDEX_BYTES = 64 << 20
+#: an ``.npz`` member whose declared size exceeds this many times its compressed size (and ``NPZ_BOMB_MIN_BYTES``)
+#: is refused before it is decompressed: a zip bomb, not weights (real weights compress less than 10x)
+NPZ_MAX_RATIO = 1000
+NPZ_BOMB_MIN_BYTES = 64 << 20
+#: wrapper keys of training checkpoints whose value is the model's state dict, in the order they are tried
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+#: nesting depth of dicts in a torch state dict beyond which it is refused (real ones nest a few levels)
+MAX_NESTING = 100
+
+
+def safe_text(text: str) -> str:
+    """``text`` made encodable as UTF-8: lone surrogates (undecodable file-name bytes, ``\\ud800`` in a key) become
+    backslash escapes. What the store and every message use for names from files."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: what an error message may show of a file's content."""
+    text = safe_text(repr(value))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 class CheckpointError(ValueError):
-    """A checkpoint (file ``path``, optionally tensor ``tensor``) cannot be read as asked."""
+    """A checkpoint (file ``path``, optionally tensor ``tensor``) cannot be read as asked.
+
+    The message is UTF-8 safe (undecodable bytes of a name shown as backslash escapes)."""
 
     def __init__(self, path: str | os.PathLike | None, tensor: str | None, message: str):
         self.path = "" if path is None else str(path)
@@ -66,7 +92,7 @@ class CheckpointError(ValueError):
         self.message = message
         parts = [self.path] if self.path else []
         parts += [f"tensor '{tensor}'"] if tensor else []
-        super().__init__(": ".join([*parts, message]))
+        super().__init__(safe_text(": ".join([*parts, message])))
 
     def __reduce__(self):  # keep the three fields when pickled (Dask sends errors between processes)
         return (type(self), (self.path, self.tensor, self.message))
@@ -99,6 +125,47 @@ def require_extra(module: str, extra: str, path: str | os.PathLike, what: str) -
                                           f"pip install 'zooscope[{extra}]'") from exc
 
 
+def _require_regular(path: str | os.PathLike) -> None:
+    """Raise ``CheckpointError`` unless ``path`` is a regular file (checked by ``stat``, without opening it: a FIFO or
+    device would block or never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise CheckpointError(path, None, f"cannot read: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+                "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise CheckpointError(path, None, f"refused: {kind}, not a regular file")
+
+
+def _loads_json(raw: bytes | str, path: str, what: str) -> Any:
+    """JSON with duplicate keys and nesting bombs refused as ``CheckpointError``."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(items)
+        if len(out) != len(items):
+            seen: set[str] = set()
+            dup = next(k for k, _ in items if k in seen or seen.add(k))
+            raise CheckpointError(path, None, f"corrupt {what}: key {short_repr(dup)} appears twice")
+        return out
+
+    try:
+        return json.loads(raw, object_pairs_hook=pairs)
+    except RecursionError as exc:
+        raise CheckpointError(path, None, f"corrupt {what}: nested too deeply") from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(path, None, f"corrupt {what}: {short_repr(str(exc), 120)}") from exc
+
+
+def _int_list(value: Any) -> tuple[int, ...] | None:
+    """``value`` as a tuple of non-negative ints (JSON integers only: no floats, strings or bools), else None."""
+    if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
+        return None
+    return tuple(value)
+
+
 def _check_readable(path: str, key: str, dtype: str) -> None:
     if dtype not in _READABLE:
         raise CheckpointError(path, key, f"unsupported dtype {dtype} (readable: floating point and integer tensors)")
@@ -126,6 +193,7 @@ class _SafetensorsShard:
         if self._entries is not None:
             return self._entries
         p = self.path
+        _require_regular(p)
         try:
             size = os.path.getsize(p)
             with open(p, "rb") as fh:
@@ -136,13 +204,13 @@ class _SafetensorsShard:
                 if n > size - 8:
                     raise CheckpointError(p, None, f"truncated or not a safetensors file: header of {n} bytes "
                                                    f"but the file has {size} bytes")
+                if n > MAX_HEADER_BYTES:
+                    raise CheckpointError(p, None, f"safetensors header of {n} bytes exceeds the limit of "
+                                                   f"{MAX_HEADER_BYTES}")
                 raw = fh.read(n)
         except OSError as exc:
             raise CheckpointError(p, None, f"cannot read: {exc.strerror or exc}") from exc
-        try:
-            header = json.loads(raw)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise CheckpointError(p, None, f"corrupt safetensors header: {exc}") from exc
+        header = _loads_json(raw, p, "safetensors header")
         if not isinstance(header, dict):
             raise CheckpointError(p, None, "corrupt safetensors header: not a JSON object")
         self._base = 8 + n
@@ -150,20 +218,31 @@ class _SafetensorsShard:
         for key, info in header.items():
             if key == "__metadata__":
                 continue
-            try:
-                code, shape = info["dtype"], tuple(int(s) for s in info["shape"])
-                start, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as exc:
-                raise CheckpointError(p, key, f"corrupt safetensors header entry {info!r}") from exc
-            if code not in _ST_DTYPES:
-                raise CheckpointError(p, key, f"unknown safetensors dtype {code!r}")
-            if end - start != math.prod(shape) * _ST_ITEMSIZE[code] or start < 0:
-                raise CheckpointError(p, key, f"corrupt header: offsets {start}..{end} do not fit shape {shape} "
-                                              f"of {code}")
+            if not isinstance(info, dict):
+                raise CheckpointError(p, key, f"corrupt safetensors header entry {short_repr(info)}")
+            code, shape, offsets = info.get("dtype"), _int_list(info.get("shape")), _int_list(info.get("data_offsets"))
+            if not isinstance(code, str) or code not in _ST_DTYPES:
+                raise CheckpointError(p, key, f"unknown safetensors dtype {short_repr(code)}")
+            if shape is None:
+                raise CheckpointError(p, key, f"corrupt safetensors header: shape {short_repr(info.get('shape'))} "
+                                              "is not a list of non-negative integers")
+            if offsets is None or len(offsets) != 2 or offsets[0] > offsets[1]:
+                raise CheckpointError(p, key, "corrupt safetensors header: data_offsets "
+                                              f"{short_repr(info.get('data_offsets'))} is not a pair of non-negative "
+                                              "integers [start, end] with start <= end")
+            start, end = offsets
+            if end - start != math.prod(shape) * _ST_ITEMSIZE[code]:
+                raise CheckpointError(p, key, f"corrupt safetensors header: offsets {start}..{end} do not fit shape "
+                                              f"{short_repr(list(shape))} of {code}")
             if self._base + end > size:
                 raise CheckpointError(p, key, f"truncated file: the tensor ends at byte {self._base + end} "
                                               f"but the file has {size} bytes")
             entries[key] = (code, shape, start, end)
+        spans = sorted((start, end, key) for key, (_, _, start, end) in entries.items() if end > start)
+        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+            if start_b < end_a:
+                raise CheckpointError(p, b, "corrupt safetensors header: its bytes overlap those of tensor "
+                                            f"{short_repr(a)}")
         self._entries = entries
         return entries
 
@@ -198,19 +277,22 @@ class _SafetensorsShard:
         pass
 
 
-def _flatten_tensors(obj: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+def _flatten_tensors(obj: Any, path: str, prefix: str = "", depth: int = 0) -> Iterable[tuple[str, Any]]:
     """(dotted key, value) for every tensor/array in nested mappings; other values are skipped."""
     if isinstance(obj, Mapping):
+        if depth > MAX_NESTING:
+            raise CheckpointError(path, safe_text(prefix[:60]) or None,
+                                  f"dicts nested more than {MAX_NESTING} levels deep: not a state dict")
         for k, v in obj.items():
-            yield from _flatten_tensors(v, f"{prefix}{k}.")
+            yield from _flatten_tensors(v, path, f"{prefix}{k}.", depth + 1)
     elif isinstance(obj, np.ndarray) or _is_torch_tensor(obj):
         yield prefix[:-1], obj
 
 
 def _unwrap(obj: Any) -> Any:
-    """The state dict inside a training checkpoint dict (its ``state_dict`` or ``model`` entry)."""
+    """The state dict inside a training checkpoint dict (its ``STATE_DICT_KEYS`` entry, e.g. ``model_state_dict``)."""
     while isinstance(obj, Mapping):
-        inner = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), Mapping)), None)
+        inner = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             return obj
         obj = inner
@@ -231,7 +313,7 @@ class _MappingShard:
 
     def __init__(self, path: str, tensors: Mapping[str, Any], copy: bool):
         self.path = path
-        self._tensors = dict(_flatten_tensors(_unwrap(tensors)))
+        self._tensors = dict(_flatten_tensors(_unwrap(tensors), path))
         self._copy = copy
 
     def keys(self) -> list[str]:
@@ -269,12 +351,15 @@ _PICKLE_PROTO = b"\x80"
 
 
 def _torch_load_error(exc: Exception) -> str:
-    """The part of a ``torch.load`` error a user needs: for a refused pickle, the object it refused."""
+    """The part of a ``torch.load`` error a user needs: for a refused pickle, the global it refused (not torch's
+    advice to load with ``weights_only=False``)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", text)
-    if refused:
-        return f"refused to unpickle non-tensor objects (weights_only=True): {refused.group(1).strip()}"
-    return text.splitlines()[0] if text else type(exc).__name__
+    refused = (re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", text)
+               or re.search(r"^\s*(.*\bGLOBAL\b.*?)(?:\. |\n|$)", text, re.M))
+    if refused or "Weights only load failed" in text:
+        detail = refused.group(1).strip() if refused else "an object that is not a tensor"
+        return f"refused to unpickle (weights_only=True, nothing was run): {short_repr(detail, 200)[1:-1]}"
+    return short_repr(text.splitlines()[0], 160)[1:-1] if text else type(exc).__name__
 
 
 def _load_torch_file(path: Path, loaded_as: str) -> _MappingShard:
@@ -282,6 +367,7 @@ def _load_torch_file(path: Path, loaded_as: str) -> _MappingShard:
     import torch
 
     p = str(path)
+    _require_regular(p)
     try:
         with open(p, "rb") as fh:
             magic = fh.read(4)
@@ -290,12 +376,14 @@ def _load_torch_file(path: Path, loaded_as: str) -> _MappingShard:
     is_zip = zipfile.is_zipfile(p)
     if magic == b"PK\x03\x04" and not is_zip:
         raise CheckpointError(p, None, "truncated or corrupt torch zip archive (no central directory)")
+    if not is_zip and not magic.startswith(_PICKLE_PROTO):
+        raise CheckpointError(p, None, f"not a torch checkpoint: neither a zip archive nor a pickle "
+                                       f"(starts with {magic!r})")
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True, mmap=is_zip)
+    except RecursionError as exc:
+        raise CheckpointError(p, None, f"cannot load as a torch {loaded_as}: objects nested too deeply") from exc
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        if not is_zip and not magic.startswith(_PICKLE_PROTO):
-            raise CheckpointError(p, None, f"not a torch checkpoint: neither a zip archive nor a pickle "
-                                           f"(starts with {magic!r})") from exc
         raise CheckpointError(p, None, f"cannot load as a torch {loaded_as}: {_torch_load_error(exc)}") from exc
     if isinstance(obj, torch.nn.Module) or not isinstance(obj, Mapping):
         raise CheckpointError(p, None, f"expected a state dict, found {type(obj).__name__}")
@@ -310,13 +398,21 @@ class _NpzShard:
 
     def __init__(self, path: Path):
         self.path = str(path)
+        _require_regular(self.path)
         try:
             self._npz = np.load(self.path, allow_pickle=False)
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-            raise CheckpointError(self.path, None, f"cannot open as .npz (truncated or corrupt?): {exc}") from exc
+            raise CheckpointError(self.path, None, f"cannot open as .npz (truncated or corrupt?): "
+                                                   f"{short_repr(str(exc), 120)[1:-1]}") from exc
         if not isinstance(self._npz, np.lib.npyio.NpzFile):
             raise CheckpointError(self.path, None, "not an .npz archive (a single .npy array?)")
         self._meta: dict[str, _Meta] = {}
+        try:
+            for key in self._npz.files:  # headers only: object/structured arrays and zip bombs refused up front
+                self.meta(key)
+        except BaseException:
+            self._npz.close()
+            raise
 
     def keys(self) -> list[str]:
         return list(self._npz.files)
@@ -328,15 +424,28 @@ class _NpzShard:
         if key not in self._meta:
             if key not in self._npz.files:
                 raise KeyError(key)
+            names = self._npz.zip.namelist()
+            member = self._npz.zip.getinfo(f"{key}.npy" if f"{key}.npy" in names else key)
             try:
-                with self._npz.zip.open(f"{key}.npy") as fh:
+                with self._npz.zip.open(member) as fh:
                     version = np.lib.format.read_magic(fh)
                     reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
                         np.lib.format.read_array_header_2_0
                     shape, _, dtype = reader(fh)
             except Exception as exc:
-                raise CheckpointError(self.path, key, f"corrupt .npy header: {exc}") from exc
-            self._meta[key] = _Meta(tuple(shape), dtype.name, math.prod(shape) * dtype.itemsize)
+                raise CheckpointError(self.path, key, f"corrupt .npy header: {short_repr(str(exc), 120)[1:-1]}") \
+                    from exc
+            if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
+                raise CheckpointError(self.path, key, f"unsupported array dtype {short_repr(str(dtype))}: object "
+                                                      "and structured arrays are not weights")
+            nbytes = math.prod(shape) * dtype.itemsize
+            if member.file_size < nbytes:
+                raise CheckpointError(self.path, key, f"corrupt archive: member of {member.file_size} bytes holds "
+                                                      f"a {nbytes}-byte array")
+            if member.file_size > max(NPZ_BOMB_MIN_BYTES, NPZ_MAX_RATIO * member.compress_size):
+                raise CheckpointError(self.path, key, f"refused: {member.file_size} bytes compressed into "
+                                                      f"{member.compress_size} (over {NPZ_MAX_RATIO}x: a zip bomb?)")
+            self._meta[key] = _Meta(tuple(shape), dtype.name, nbytes)
         return self._meta[key]
 
     def read(self, key: str) -> np.ndarray:
@@ -344,7 +453,7 @@ class _NpzShard:
         try:
             arr = self._npz[key]
         except Exception as exc:
-            raise CheckpointError(self.path, key, f"cannot read: {exc}") from exc
+            raise CheckpointError(self.path, key, f"cannot read: {short_repr(str(exc), 120)[1:-1]}") from exc
         return _numpy_out(arr)
 
     def close(self) -> None:
@@ -450,18 +559,42 @@ def hf_layout(directory: str | os.PathLike) -> tuple[str, list[Path], Path | Non
     names = sorted(p.name for p in d.iterdir() if p.is_file())
     for fmt, index, pattern in (("safetensors", _ST_INDEX, _ST_SHARD), ("torch", _BIN_INDEX, _BIN_SHARD)):
         if index in names:
-            try:
-                weight_map = json.loads((d / index).read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise CheckpointError(d / index, None, f"corrupt index json: {exc}") from exc
-            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                raise CheckpointError(d / index, None, "corrupt index json: 'weight_map' is not a mapping of "
-                                                       "tensor name -> shard file name")
-            return fmt, [d / f for f in sorted(set(weight_map.values()))], d / index
+            weight_map = _weight_map(d / index)
+            return fmt, [_confined(d, f, d / index) for f in sorted(set(weight_map.values()))], d / index
         shards = [d / n for n in names if pattern.match(n)]
         if shards:
             return fmt, shards, None
     return None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file name) of an HF index json, size and structure checked."""
+    _require_regular(index)
+    try:
+        if index.stat().st_size > MAX_INDEX_BYTES:
+            raise CheckpointError(index, None, f"index json larger than {MAX_INDEX_BYTES} bytes")
+        raw = index.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(index, None, f"cannot read: {exc.strerror or exc}") from exc
+    doc = _loads_json(raw, str(index), "index json")
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(index, None, "corrupt index json: 'weight_map' is not a mapping of tensor name -> "
+                                           "shard file name")
+    return weight_map
+
+
+def _confined(d: Path, name: str, index: Path) -> Path:
+    """``d / name`` for a shard file name of an index json: a plain name inside ``d`` (no ``..``, no absolute path,
+    no symlink leading out of ``d``)."""
+    if not name or "\0" in name or os.path.isabs(name) or ".." in Path(name).parts:
+        raise CheckpointError(index, None, f"refused shard path {short_repr(name)}: shards must be files inside "
+                                           "the model directory")
+    path = d / name
+    if not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(d)):
+        raise CheckpointError(index, None, f"refused shard path {short_repr(name)}: it leads out of the model "
+                                           "directory (symlink)")
+    return path
 
 
 def _open_dir(d: Path) -> Checkpoint:
@@ -472,7 +605,7 @@ def _open_dir(d: Path) -> Checkpoint:
     fmt, shards, index = layout
     opener = _SafetensorsShard if fmt == "safetensors" else (lambda f: _load_torch_file(Path(f), "shard"))
     if index is not None:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _weight_map(index)
         by_shard: dict[str, list[str]] = {}
         for key, file in weight_map.items():
             by_shard.setdefault(file, []).append(key)
@@ -510,6 +643,7 @@ def open_checkpoint(source: Any) -> Checkpoint:
         return _open_dir(path)
     if not path.exists():
         raise CheckpointError(path, None, "no such file or directory")
+    _require_regular(path)
     if not os.access(path, os.R_OK):
         raise CheckpointError(path, None, "permission denied")
     suffix = path.suffix.lower()
@@ -552,7 +686,7 @@ def _is_model_dir(d: Path) -> bool:
 
 def _model_id(path: Path, root: Path) -> str:
     rel = path.relative_to(root) if path != root else Path(path.resolve().name)
-    return (rel.with_suffix("") if path.is_file() else rel).as_posix()
+    return (rel if path.is_dir() else rel.with_suffix("")).as_posix()
 
 
 def discover(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[ModelSource]:
@@ -582,8 +716,8 @@ def discover(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Mod
                 if _is_model_dir(here / n):
                     found.setdefault(str(here / n), _model_id(here / n, root))
                     dirnames.remove(n)
-            for n in sorted(filenames):
-                if not n.startswith(".") and is_checkpoint_file(here / n):
+            for n in sorted(filenames):  # FIFOs, devices, broken links too: they become error rows, never opened
+                if not n.startswith(".") and Path(n).suffix.lower() in CHECKPOINT_SUFFIXES:
                     found.setdefault(str(here / n), _model_id(here / n, root))
     for onnx_path in [p for p in found if p.lower().endswith(".onnx")]:  # its external-data files are no models
         try:
@@ -605,15 +739,19 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     """The files a model consists of: the file itself (with an ONNX model's external-data files), or an HF
     directory's index json and shards, by name."""
     p = Path(path)
-    if p.is_file():
+    if not p.is_dir():
+        _require_regular(p)
         suffix = p.suffix.lower()
         extra = _format_module(suffix).external_files(p) if suffix == ".onnx" else []
         return [p, *sorted(set(extra) - {p}, key=lambda f: f.name)]
-    layout = hf_layout(p) if p.is_dir() else None
+    layout = hf_layout(p)
     if layout is None:
         raise CheckpointError(p, None, "no such file or model directory")
     _, shards, index = layout
-    return sorted(shards + ([index] if index else []), key=lambda f: f.name)
+    files = sorted(shards + ([index] if index else []), key=lambda f: f.name)
+    for f in files:
+        _require_regular(f)
+    return files
 
 
 def content_hash(path: str | os.PathLike) -> str:

@@ -134,6 +134,7 @@ def regress(
     exclude: tuple[str, ...] | list[str] = (),
     n_boot: int = 1000,
     seed: int = 0,
+    all_versions: bool = False,
 ) -> RegressionResult:
     """Regress ``y`` on each metric within each group of ``models`` (one row per model).
 
@@ -142,7 +143,9 @@ def regress(
     the ``model`` or ``model_id`` column). Per metric, rows with NaN or ±inf in ``y`` or the metric are dropped and
     groups with fewer than ``min_models`` remaining rows are dropped; both are counted in the result. The
     bootstrap of each (group, metric) uses its own generator seeded from ``(seed, group number, metric
-    number)``, so results are reproducible and independent of which other groups exist.
+    number)``, so results are reproducible and independent of which other groups exist. A table with
+    ``model_id`` and ``version`` columns (a store's) keeps only each model's latest version unless
+    ``all_versions``.
 
     Raises ``ValueError`` with a clear message for a missing ``y``/``by``/metric column, a non-numeric one, no
     metrics at all, or ``min_models < 3``.
@@ -171,6 +174,13 @@ def regress(
     messages: list[str] = []
     id_col = _id_column(models)
     df = models
+    if not all_versions and {"model_id", "version"} <= set(df.columns):
+        latest = df.groupby("model_id", sort=False)["version"].transform("max")
+        older = df["version"] != latest
+        if older.any():
+            df = df[~older]
+            messages.append(f"used the latest version of each model: {int(older.sum())} older version row(s) "
+                            "left out (all_versions=True / --all-versions keeps them)")
     n_excluded = 0
     if exclude:
         if id_col is None:

@@ -180,8 +180,8 @@ def test_npz(tmp_path):
         assert ckpt.read("b1").dtype == np.float32
     obj = tmp_path / "obj.npz"
     np.savez(obj, x=np.array([{"a": 1}], dtype=object))
-    with open_checkpoint(obj) as ckpt, pytest.raises(CheckpointError, match="obj.npz.*'x'"):
-        ckpt.read("x")
+    with pytest.raises(CheckpointError, match="obj.npz: tensor 'x': unsupported array dtype 'object'"):
+        open_checkpoint(obj)  # refused at open: never a model of 0 layers
 
 
 def test_module_source():

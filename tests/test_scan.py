@@ -50,7 +50,7 @@ def layers_by_model(store: str | Path) -> pd.DataFrame:
     with ZooStore.open(str(store)) as zoo:
         models = zoo.models()
         layers = zoo.layers()
-    key = models[["model_id", "version"]].rename_axis("model_row").reset_index()
+    key = models[["version"]].rename_axis("model_row").reset_index()  # the layers carry model_id
     out = layers.merge(key, on="model_row").drop(columns=["model_row", "esd_start"])
     return out.sort_values(["model_id", "version", "layer_id", "name"]).reset_index(drop=True)
 

@@ -79,8 +79,9 @@ def test_round_trip_with_varying_columns_and_error_rows(tmp_path, rng):
     assert list(models["n_layers"]) == [3, 2, 0, 4, 2]
     assert models["series"].tolist() == ["s1", "", "", "s2", ""]
     np.testing.assert_array_equal(models["top1_error"], [0.25, np.nan, np.nan, 0.5, np.nan])
-    assert models["epochs"].tolist() == [-1, 12, -1, -1, -1]  # int column back-filled and filled with -1
-    assert models["n_params"].tolist() == [a.n_params, b.n_params, -1, c.n_params, d.n_params]
+    # int columns missing from some rows read back as NaN (missing), never as -1
+    np.testing.assert_array_equal(models["epochs"], [np.nan, 12, np.nan, np.nan, np.nan])
+    np.testing.assert_array_equal(models["n_params"], [a.n_params, b.n_params, np.nan, c.n_params, d.n_params])
     assert view.params == {"min_evals": 10}
 
     layers = view.layers
@@ -88,8 +89,8 @@ def test_round_trip_with_varying_columns_and_error_rows(tmp_path, rng):
     expected = pd.concat([r.layers for r in ok], ignore_index=True)
     expected["w_mean"] = expected["w_mean"].astype(float)  # NaN for layers without it
     expected["warning"] = expected["warning"].fillna("")
-    # num_pl_spikes: created as int64 (-1 for a, b), widened to float when d brought NaN
-    expected["num_pl_spikes"] = [-1.0] * 5 + [3.0, 4.0, 5.0, 6.0, 7.0, np.nan]
+    # num_pl_spikes: missing for a, b (NaN, not -1), then c's ints and d's NaN
+    expected["num_pl_spikes"] = [np.nan] * 5 + [3.0, 4.0, 5.0, 6.0, 7.0, np.nan]
     expected["model_row"] = np.repeat([0, 1, 3, 4], [3, 2, 4, 2])
     counts = np.array([len(e) for r in ok for e in r.esd])
     expected["esd_start"] = np.cumsum(counts) - counts

@@ -31,6 +31,8 @@ _WW_DEFAULT_ONLY = {
 }
 #: WeightWatcher arguments that only matter with an option refused above (``savefig``: plot, ``sparsify``: intra).
 _WW_INERT = ("savefig", "sparsify")
+#: the columns of a model with no analysable layer (an empty frame, not a KeyError)
+_EMPTY_LAYER_COLUMNS = ("layer_id", "name", "layer_type", "N", "M", "status", "error", "warning", "alpha")
 #: WeightWatcher's ``fit`` spellings (``normalize_params``) and the ``AnalysisOptions.fit`` each one becomes.
 _WW_FITS = {"PL": "PL", "power_law": "PL", "TPL": "TPL", "truncated_power_law": "TPL", "E_TPL": "E_TPL"}
 
@@ -97,15 +99,17 @@ def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **option
 def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **options: Any):
     """``analyze`` returning ``(ModelResult, WeightWatcher-style frame)``: the result keeps the ESDs."""
     from zooscope.engine.tune import with_saved_table
-    from zooscope.pipelines.analyze import analyze_checkpoint, to_weightwatcher_frame
+    from zooscope.pipelines.analyze import analyze_checkpoint, require_backends, to_weightwatcher_frame
     from zooscope.pipelines.readers import open_checkpoint
 
     if start_ids < 0:
         raise ValueError(f"start_ids must be >= 0, got {start_ids}")
     opts = with_saved_table(_options_from_kwargs({"weightstats": False, "ww_quirks": ww_compat, **options}))
+    require_backends(opts)
     with open_checkpoint(model) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
-    frame = to_weightwatcher_frame(result.layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
+    layers = result.layers if len(result.layers) else result.layers.reindex(columns=_EMPTY_LAYER_COLUMNS)
+    frame = to_weightwatcher_frame(layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
     _weightwatcher_layer_ids(model, frame, start_ids)
     return result, frame
 
@@ -151,9 +155,13 @@ def describe(model: Any, *, start_ids: int = 0, **options: Any):
     return frame
 
 
-def scan(paths=(), store: str = "zoo.zarr", **kwargs: Any):
-    """Analyse every checkpoint under ``paths`` (or a ``manifest=``) into the Zarr ``store``. See ``engine.scan``."""
+def scan(paths=(), store: str | None = None, **kwargs: Any):
+    """Analyse every checkpoint under ``paths`` (or a ``manifest=``) into the Zarr ``store`` (required: a path,
+    never a default). See ``engine.scan``."""
     from zooscope.engine.scan import scan as _scan
+
+    if store is None or (isinstance(store, str) and not store.strip()):
+        raise TypeError("scan() needs a store: zooscope.scan(paths, store='zoo.zarr')")
 
     return _scan(paths, store, **kwargs)
 

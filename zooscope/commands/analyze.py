@@ -5,6 +5,7 @@ import argparse
 import sys
 import time
 from typing import Any
+from zooscope.commands._args import int_at_least
 
 EXAMPLES = """examples:
   zooscope analyze model.safetensors
@@ -40,7 +41,8 @@ def register(subparsers: Any) -> None:
                         help="failed fits as WeightWatcher writes them (alpha = -1), and its bugs that change numbers")
     parser.add_argument("--out", metavar="CSV", help="also write every column of every layer to this CSV file")
     parser.add_argument("--columns", metavar="A,B", help="columns to print, comma-separated (default: a summary)")
-    parser.add_argument("--limit", type=int, default=0, metavar="N", help="layers to print (default 0: all)")
+    parser.add_argument("--limit", type=int_at_least(0), default=0, metavar="N",
+                        help="layers to print (default 0: all)")
     add_analysis_arguments(parser)
     extra = parser.add_argument_group("one model only")
     extra.add_argument("--fix-fingers", choices=("clip_xmax", "xmin_peak"), help="WeightWatcher's fix_fingers")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from zooscope.commands._args import int_at_least
 
 DEFAULT_SHAPES = "9x64x64,9x256x256,1x768x768,1x3072x768,1x1024x1024"
 
@@ -47,7 +48,7 @@ def register(subparsers: Any) -> None:
     source.add_argument("--model", metavar="PATH", help="use the analysed layer shapes of this checkpoint")
     svd.add_argument("--precision", default="fp64,fp32", metavar="P,...", help="fp64, fp32 or both (default)")
     svd.add_argument("--backends", metavar="B,...", help="backends to time (default: every one available)")
-    svd.add_argument("--repeats", type=int, default=3, metavar="N", help="timed calls per case (default 3)")
+    svd.add_argument("--repeats", type=int_at_least(1), default=3, metavar="N", help="timed calls per case (default 3)")
     svd.add_argument("--tune", action="store_true", help="save the routing table for backend='auto'")
     svd.add_argument("--table", metavar="FILE", help="where --tune saves (default $ZOOSCOPE_HOME/esd_routing.json)")
     svd.add_argument("--out", default="bench-svd", metavar="DIR", help="output directory (default bench-svd)")

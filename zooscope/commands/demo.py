@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from zooscope.commands._args import int_at_least
 
 EXAMPLES = """examples:
   zooscope demo                          everything under ./zooscope-demo
@@ -26,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default="zooscope-demo", help="output directory (default: %(default)s)")
     parser.add_argument("--cluster", default="local",
                         help="Dask profile for the scan: local (default), none (in-process), or a cluster.yaml name")
-    parser.add_argument("--workers", type=int, default=2, help="workers of the local cluster (default: %(default)s)")
+    parser.add_argument("--workers", type=int_at_least(1), default=2,
+                        help="workers of the local cluster (default: %(default)s)")
     parser.set_defaults(func=run)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from zooscope.commands._args import int_at_least
 
 EXAMPLES = """examples:
   zooscope regress zoo.zarr --y top1_error --out regress/
@@ -35,16 +36,18 @@ def register(subparsers: Any) -> None:
                         help="grouping columns, comma-separated (default: whichever of dataset,series exist)")
     parser.add_argument("--metrics", metavar="COLS", help="metric columns, comma-separated (default: all summary "
                         "metrics present)")
-    parser.add_argument("--min-models", type=int, default=4, metavar="N", help="drop groups with fewer models "
-                        "(default 4)")
+    parser.add_argument("--min-models", type=int_at_least(3), default=4, metavar="N",
+                        help="drop groups with fewer models (default 4)")
     excl = parser.add_mutually_exclusive_group()
     excl.add_argument("--exclude", metavar="IDS", help="model ids to leave out, comma-separated")
     excl.add_argument("--exclude-file", metavar="FILE", help="model ids to leave out, one per line (# comments)")
     parser.add_argument("--summary-mode", choices=("ww", "robust"), default="ww",
                         help="model means: ww (WeightWatcher's plain means) or robust (robust_<metric> columns)")
-    parser.add_argument("--n-boot", type=int, default=1000, metavar="N", help="bootstrap resamples for the R² "
-                        "interval (0: none; default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--n-boot", type=int_at_least(0), default=1000, metavar="N",
+                        help="bootstrap resamples for the R² interval (0: none; default 1000)")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="bootstrap seed")
+    parser.add_argument("--all-versions", action="store_true",
+                        help="regress every stored version of each model (default: only the latest)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.set_defaults(func=run)
 
@@ -97,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.summary_mode == "robust":
             metrics = [f"robust_{m}" for m in SUMMARY_METRICS if f"robust_{m}" in models] or None
         result = regress(models, args.y, by=by, metrics=metrics, min_models=args.min_models, exclude=exclude,
-                         n_boot=args.n_boot, seed=args.seed)
+                         n_boot=args.n_boot, seed=args.seed, all_versions=args.all_versions)
     except (ValueError, OSError) as exc:
         print(f"zooscope regress: error: {exc}", file=sys.stderr)
         return 2

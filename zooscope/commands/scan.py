@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Any
+from zooscope.commands._args import float_at_least, int_at_least
 
 EXAMPLES = """examples:
   zooscope scan ckpts/ --store zoo.zarr
@@ -54,7 +55,7 @@ def register(subparsers: Any) -> None:
                            help="auto (default), none, local, local-cuda, slurm, address, or another profile "
                                 "of --config")
     run_group.add_argument("--config", metavar="YAML", help="cluster profiles file (default: packaged cluster.yaml)")
-    run_group.add_argument("--workers", type=int, metavar="N", help="worker count, overriding the profile")
+    run_group.add_argument("--workers", type=int_at_least(1), metavar="N", help="worker count, overriding the profile")
     run_group.add_argument("--shard-bytes", type=_size, metavar="SIZE",
                            help="split models larger than SIZE into shards (e.g. 512MiB; default 2GiB)")
     run_group.add_argument("--batch-bytes", type=_size, metavar="SIZE",
@@ -66,7 +67,7 @@ def register(subparsers: Any) -> None:
                                 "unreadable is skipped until it changes)")
     run_group.add_argument("--rehash", action="store_true",
                            help="hash every file, even those whose size and mtime match the store's record")
-    run_group.add_argument("--commit-seconds", type=float, default=10.0, metavar="S",
+    run_group.add_argument("--commit-seconds", type=float_at_least(0), default=10.0, metavar="S",
                            help="commit finished models to the store at least every S seconds (default 10; "
                                 "0: after every model); a crash loses at most the last S seconds of results")
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -119,17 +120,29 @@ def options_from_args(args: argparse.Namespace) -> Any:
     return AnalysisOptions(**option_values(args))
 
 
+def _manifest_columns(path: str) -> list[str]:
+    """The header of a manifest CSV."""
+    import pandas as pd
+
+    try:
+        return list(pd.read_csv(path, nrows=0).columns)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the manifest {path}: {exc}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     from zooscope.engine.cluster import ClusterConfigError
     from zooscope.engine.scan import ScanUsageError, scan
-    from zooscope.engine.store import StoreLockedError
+    from zooscope.engine.store import StoreLockedError, StoreWriteError, check_column_names
 
     if not args.paths and not args.manifest:
         print("zooscope scan: error: give at least one PATH or --manifest", file=sys.stderr)
         return 2
     try:
         options = options_from_args(args)
-    except ValueError as err:
+        if args.manifest:  # before anything is analysed or written
+            check_column_names(_manifest_columns(args.manifest), "manifest column")
+    except (ValueError, OSError) as err:
         print(f"zooscope scan: error: {err}", file=sys.stderr)
         return 2
     try:
@@ -138,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                       batch_bytes=args.batch_bytes, batch_models=args.batch_models,
                       retry_failed=args.retry_failed, rehash=args.rehash, commit_seconds=args.commit_seconds,
                       progress=not args.no_progress)
-    except (ScanUsageError, ClusterConfigError, StoreLockedError, TimeoutError) as err:
+    except (ScanUsageError, ClusterConfigError, StoreLockedError, StoreWriteError, TimeoutError) as err:
         print(f"zooscope scan: error: {err}", file=sys.stderr)
         return 2
     drift = f", drift from init for {report.n_drift} checkpoints" if report.n_drift else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 from typing import Any
+from zooscope.commands._args import int_at_least
 
 EXAMPLES = """examples:
   zooscope show zoo.zarr
@@ -34,7 +35,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--model", metavar="ID", help="only this model_id")
     parser.add_argument("--latest", action="store_true", help="only the newest version of each model")
     parser.add_argument("--columns", metavar="A,B", help="columns to show, comma-separated (default: a summary)")
-    parser.add_argument("--limit", type=int, default=50, metavar="N", help="rows to show (default 50, 0: all)")
+    parser.add_argument("--limit", type=int_at_least(0), default=50, metavar="N",
+                        help="rows to show (default 50, 0: all)")
     parser.set_defaults(func=run)
 
 
@@ -54,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"zooscope show: error: no model {args.model!r} in {args.store}", file=sys.stderr)
             return 2
     if args.layers:
-        frame = store.layers(models)
-        if len(frame):
-            frame.insert(0, "model_id", models["model_id"].reindex(frame["model_row"]).to_numpy())
+        frame = store.layers(models)  # carries model_id
         defaults, what = LAYER_COLUMNS, "layers"
     else:
         frame, defaults, what = models, MODEL_COLUMNS, "models"
