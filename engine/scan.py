@@ -268,7 +268,8 @@ def collect_inputs(paths: Iterable[str | os.PathLike], manifest: str | os.PathLi
 
 
 def read_manifest(manifest: str | os.PathLike) -> list[ModelInput]:
-    """Models of a manifest CSV (see ``collect_inputs``)."""
+    """Models of a manifest CSV (see ``collect_inputs``); every path must lie in or below the manifest's folder
+    (symbolic links resolved)."""
     manifest = Path(manifest)
     try:
         table = pd.read_csv(manifest)
@@ -286,6 +287,10 @@ def read_manifest(manifest: str | os.PathLike) -> list[ModelInput]:
         if pd.isna(row["path"]) or not str(row["path"]).strip():
             raise ScanUsageError(f"manifest {manifest}, row {i + 2}: empty path")
         path = manifest.parent / str(row["path"]).strip()
+        root = os.path.realpath(manifest.parent)
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            raise ScanUsageError(f"manifest {manifest}, row {i + 2}: {path} is outside the manifest's folder {root} "
+                                 "(a manifest names checkpoints in or below its own folder)")
         metadata = tuple((c, _init_path(manifest, v) if c == "init" else _plain(v))
                          for c, v in ((c, row[c]) for c in meta_columns))
         expanded = _expand(path)

@@ -521,7 +521,7 @@ class ZooStore:
                     if h:
                         pairs.add((mid, h))
                         (failed.add if st == "error" else failed.discard)((mid, h))
-            self._known, self._pairs, self._failed = known, pairs, failed
+            self._known, self._pairs, self._error_pairs = known, pairs, failed
 
     def _column(self, table: str, col: str, n: int) -> np.ndarray:
         name = self._columns[table].get(col)
@@ -577,7 +577,7 @@ class ZooStore:
         self._known.update(known)
         self._pairs.update(p for p in pairs if p[1])
         for row in rows:  # a model stored as an error may be stored again (zooscope scan --retry-failed)
-            (self._failed.add if row["status"] == "error" else self._failed.discard)((row["model_id"],
+            (self._error_pairs.add if row["status"] == "error" else self._error_pairs.discard)((row["model_id"],
                                                                                      row["content_hash"]))
         if (len(self._pending_rows) >= self.flush_every or self._pending_values >= self.max_pending_values
                 or time.monotonic() - self._last_flush >= self.flush_seconds):
@@ -593,7 +593,7 @@ class ZooStore:
         row = {k: safe_text(v) if isinstance(v, str) else v for k, v in model_row.items()}
         mid = row["model_id"] = safe_text(str(row["model_id"]))
         h = row["content_hash"] = str(row.get("content_hash") or "")
-        if h and (((mid, h) in self._pairs and (mid, h) not in self._failed) or (mid, h) in pairs):
+        if h and (((mid, h) in self._pairs and (mid, h) not in self._error_pairs) or (mid, h) in pairs):
             raise ValueError(f"model {mid!r} with content hash {h[:16]}... is already in the store")
         version = (known.get(mid) or self._known.get(mid, (0, "")))[0] + 1
         if int(row.setdefault("version", version)) != version:

@@ -105,3 +105,15 @@ def test_one_model_id_for_two_files_is_refused_before_the_store_is_touched(tmp_p
     with pytest.raises(ScanUsageError, match="model_id 'm' names two files"):
         scan([], tmp_path / "s.zarr", manifest=tmp_path / "zoo.csv", progress=False)
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("named", ["../outside.safetensors", "/etc/passwd", "link.safetensors"])
+def test_a_manifest_names_only_files_below_its_folder(tmp_path, named):
+    root = tmp_path / "zoo"
+    root.mkdir()
+    outside = _mlp(tmp_path / "outside.safetensors", 0)
+    (root / "link.safetensors").symlink_to(outside)
+    (root / "zoo.csv").write_text(f"path\n{named}\n")
+    with pytest.raises(ScanUsageError, match="outside the manifest's folder"):
+        scan([], tmp_path / "s.zarr", manifest=root / "zoo.csv", progress=False)
+    assert not (tmp_path / "s.zarr").exists()
