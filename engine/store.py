@@ -577,8 +577,8 @@ class ZooStore:
         self._known.update(known)
         self._pairs.update(p for p in pairs if p[1])
         for row in rows:  # a model stored as an error may be stored again (zooscope scan --retry-failed)
-            (self._error_pairs.add if row["status"] == "error" else self._error_pairs.discard)((row["model_id"],
-                                                                                     row["content_hash"]))
+            pair = (row["model_id"], row["content_hash"])
+            (self._error_pairs.add if row["status"] == "error" else self._error_pairs.discard)(pair)
         if (len(self._pending_rows) >= self.flush_every or self._pending_values >= self.max_pending_values
                 or time.monotonic() - self._last_flush >= self.flush_seconds):
             self.flush()

@@ -56,7 +56,7 @@ def test_high_accuracy_networks_vary_less_across_trials(pipeline):
     pooled = pd.Series(stds).groupby(final["acc_group"]).std(ddof=1)
     # the scan's per-layer w_std of the first layer, checked against numpy on one checkpoint
     rows = final.reset_index().reset_index(names="pos")
-    lab = layers.merge(models[["model_id"]].reset_index(names="model_row"), on="model_row")
+    lab = layers  # the store's layer rows carry their model_id
     fc1 = lab[(lab["name"] == "fc1") & lab["model_id"].isin(final.index)].set_index("model_id")["w_std"]
     one = rows["model_id"].iloc[0]
     w = load_file(final.loc[one, "path"])["fc1.weight"]
@@ -76,7 +76,7 @@ def test_report_has_the_paper000_section(pipeline):
     assert section.count("<img") >= 3
     # the table's spread of fc1 w_std across the high group's trials equals the store's numbers
     final = _final(models)
-    lab = layers.merge(models[["model_id"]].reset_index(names="model_row"), on="model_row")
+    lab = layers  # the store's layer rows carry their model_id
     fc1 = lab[(lab["name"] == "fc1") & lab["model_id"].isin(final.index)]
     high = fc1[fc1["model_id"].map(final["acc_group"]) == "high"]["w_std"]
     cells = re.search(r"<td>fc1</td>\s*<td>high</td>\s*<td>20</td>(.*?)</tr>", section, re.S)
