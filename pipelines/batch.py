@@ -143,7 +143,6 @@ class _Batch:
         infos = [info for info in plan_layers(ckpt, min_evals=options.min_evals, max_evals=options.max_evals,
                                               max_N=options.max_N, pool=options.pool, only=wanted)
                  if info.skip_reason is None and (not options.layers or info.name in options.layers)]
-        identity = self._identity_columns(infos)
         for info in infos:
             t0 = time.perf_counter()
             tensor = ckpt.read(info.key)
@@ -162,24 +161,12 @@ class _Batch:
             else:
                 self.status += ["ok"] * n_rows
                 self.columns.put("error", rows, np.array("", dtype=object))
-            for name, value in identity(info):
+            for name, value in _identity(info, options.pool):
                 self.columns.put(name, rows, value if name != "slice_id" else np.arange(n_rows))
             self.pending.append((rows, info, tensor, stacks))
             self.pending_bytes += tensor.nbytes + sum(s.nbytes for s in stacks or ())
             if self.pending_bytes >= self.memory_bytes:
                 self._solve_pending()
-
-    def _identity_columns(self, infos: list[LayerInfo]):
-        pool = self.options.pool
-
-        def identity(info: LayerInfo):
-            yield from (("layer_id", info.layer_id), ("name", np.array(info.name, dtype=object)),
-                        ("layer_type", np.array(info.layer_type, dtype=object)), ("N", info.N), ("M", info.M),
-                        ("Q", info.N / info.M), ("rf", info.rf))  # rf per slice too, as WeightWatcher reports it
-            if not pool:
-                yield "slice_id", None
-
-        return identity
 
     def fail(self, part: int, err: CheckpointError) -> None:
         """Record a part that could not be read; its queued layers are dropped."""
@@ -228,13 +215,14 @@ class _Batch:
     def _eigenvalues(self, pending) -> None:
         """One eigenvalue call per (N, M) bucket of every stack pending, then the per-row ESD columns."""
         options = self.options
-        buckets: dict[tuple[int, int], list[tuple[int, np.ndarray]]] = defaultdict(list)
-        for rows, _, _, stacks in pending:
-            for row, stack in zip(rows, stacks or ()):
-                buckets[stack.shape[1:]].append((row, stack))
+        buckets: dict[tuple[int, int], list[tuple[int, np.ndarray, dict[str, int]]]] = defaultdict(list)
+        for rows, info, _, stacks in pending:
+            for k, (row, stack) in enumerate(zip(rows, stacks or ())):  # k: the slice, in per-slice mode
+                ids = {"layer_id": info.layer_id, "N": info.N, "M": info.M, **({} if options.pool else {"slice_id": k})}
+                buckets[stack.shape[1:]].append((row, stack, ids))
         for (n, m), members in buckets.items():
             t0 = time.perf_counter()
-            stacks = [s for _, s in members]
+            stacks = [s for _, s, _ in members]
             big = np.concatenate(stacks) if len(stacks) > 1 else stacks[0]
             backend = esd_kernels.resolve_backend(big.shape[0], n, m, options.precision, options.esd_table) \
                 if options.esd_backend == "auto" else options.esd_backend
@@ -259,18 +247,8 @@ class _Batch:
                     self.esd[row] = esd
                     self.ok_rows.append(row)
                 if options.randomize:  # needs the matrices: done while they are in memory
-                    self.columns.put_dicts(rows, [_randomize(members[j][1], self.esd[r], self._row(r), backend,
+                    self.columns.put_dicts(rows, [_randomize(members[j][1], self.esd[r], members[j][2], backend,
                                                              options) for r, j in zip(rows, js)])
-
-    def _row(self, row: int) -> dict[str, Any]:
-        """The identity values of one row (what the randomize seed and sizes need)."""
-        out = {}
-        for name in ("layer_id", "slice_id", "N", "M"):
-            for rows, values in self.columns.blocks.get(name, ()):
-                hit = np.flatnonzero(rows == row)
-                if hit.size:
-                    out[name] = values[hit[0]].item()
-        return out
 
     # -- finishing -------------------------------------------------------------------------------------------
 
@@ -344,6 +322,15 @@ class _Batch:
 
 
 _EMPTY = np.zeros(0)
+
+
+def _identity(info: LayerInfo, pool: bool):
+    """``(column, value)`` of a layer's identity columns (``slice_id``: filled per row by the caller)."""
+    yield from (("layer_id", info.layer_id), ("name", np.array(info.name, dtype=object)),
+                ("layer_type", np.array(info.layer_type, dtype=object)), ("N", info.N), ("M", info.M),
+                ("Q", info.N / info.M), ("rf", info.rf))  # rf per slice too, as WeightWatcher reports it
+    if not pool:
+        yield "slice_id", None
 
 
 def _route(routes: list[str], backend: str) -> str:
