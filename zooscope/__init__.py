@@ -25,8 +25,7 @@ _WW_OPTION_NAMES = {
 #: does (WeightWatcher's default); any other value raises.
 _WW_DEFAULT_ONLY = {
     "glorot_fix": False, "plot": False, "conv2d_fft": False, "fft": False, "deltas": False, "intra": False,
-    "vectors": False, "channels": None, "stacked": False, "peft": False, "inverse": False, "base_model": None,
-    "min_size": None, "max_size": None,
+    "vectors": False, "channels": None, "stacked": False, "inverse": False, "min_size": None, "max_size": None,
 }
 #: WeightWatcher arguments that only matter with an option refused above (``savefig``: plot, ``sparsify``: intra).
 _WW_INERT = ("savefig", "sparsify")
@@ -75,7 +74,8 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
     return AnalysisOptions(**options)
 
 
-def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **options: Any):
+def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_model: Any = None, peft: bool = False,
+            **options: Any):
     """Analyse one model and return one row per layer matrix with WeightWatcher 0.7's column names.
 
     model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz), a ``torch.nn.Module`` or a state
@@ -87,21 +87,28 @@ def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **option
     as ``.weight``, e.g. ``MultiheadAttention``'s ``in_proj_weight``, is numbered after the last module). Weight
     statistics are not among WeightWatcher's columns, so they are skipped here (``zooscope scan`` stores them).
     start_ids: WeightWatcher's first layer id (``layer_id`` is shifted by it for every source).
+    base_model: a checkpoint (path, module, dict) of the same architecture: analyse ``W − W_base`` per layer.
+    peft: ``model`` is a LoRA adapter directory: analyse ``B·A·lora_alpha/r`` per adapted layer, or, with
+        ``base_model``, the merged ``W_base + B·A·scale`` (``pipelines.derived.open_derived``).
     With ``esd_backend="auto"`` (the default) the routing table saved by ``zooscope bench svd --tune`` is used.
     """
-    return _analyze(model, ww_compat=ww_compat, start_ids=start_ids, **options)[1]
+    return _analyze(model, ww_compat=ww_compat, start_ids=start_ids, base_model=base_model, peft=peft,
+                    **options)[1]
 
 
-def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **options: Any):
+def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_model: Any = None, peft: bool = False,
+             **options: Any):
     """``analyze`` returning ``(ModelResult, WeightWatcher-style frame)``: the result keeps the ESDs."""
     from zooscope.engine.tune import with_saved_table
     from zooscope.pipelines.analyze import analyze_checkpoint, to_weightwatcher_frame
-    from zooscope.pipelines.readers import open_checkpoint
+    from zooscope.pipelines.derived import open_derived
 
     if start_ids < 0:
         raise ValueError(f"start_ids must be >= 0, got {start_ids}")
     opts = with_saved_table(_options_from_kwargs({"weightstats": False, "ww_quirks": ww_compat, **options}))
-    with open_checkpoint(model) as ckpt:
+    if peft not in (True, False):
+        raise ValueError(f"peft must be True or False, got {peft!r}")
+    with open_derived(model, base=base_model, peft=peft) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
     frame = to_weightwatcher_frame(result.layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
     if hasattr(model, "named_modules"):
