@@ -9,6 +9,7 @@ The few things a user imports:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 __version__ = "0.1.0"
@@ -25,8 +26,10 @@ _WW_OPTION_NAMES = {
 #: does (WeightWatcher's default); any other value raises.
 _WW_DEFAULT_ONLY = {
     "glorot_fix": False, "plot": False, "conv2d_fft": False, "fft": False, "deltas": False, "intra": False,
-    "vectors": False, "channels": None, "stacked": False, "inverse": False, "min_size": None, "max_size": None,
+    "vectors": False, "channels": None, "stacked": False, "inverse": False,
 }
+#: WeightWatcher 0.7.7 arguments it ignores with a warning (its min_size/max_size became min_evals/max_evals).
+_WW_IGNORED = ("min_size", "max_size")
 #: WeightWatcher arguments that only matter with an option refused above (``savefig``: plot, ``sparsify``: intra).
 _WW_INERT = ("savefig", "sparsify")
 #: WeightWatcher's ``fit`` spellings (``normalize_params``) and the ``AnalysisOptions.fit`` each one becomes.
@@ -63,12 +66,16 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
                                  f"only {key}={_WW_DEFAULT_ONLY[key]!r} (WeightWatcher's default) is accepted")
         elif key in _WW_INERT:
             pass
+        elif key in _WW_IGNORED:
+            if value is not None:
+                warnings.warn(f"{key}={value!r} is ignored, as WeightWatcher 0.7.7 ignores it: use "
+                              f"{'min_evals' if key == 'min_size' else 'max_evals'}", UserWarning, stacklevel=4)
         elif key in _WW_OPTION_NAMES:
             options[_WW_OPTION_NAMES[key]] = value
         elif key in fields:
             options[key] = value
         else:
-            known = fields | set(_WW_OPTION_NAMES) | set(_WW_DEFAULT_ONLY) | set(_WW_INERT) | {
+            known = fields | set(_WW_OPTION_NAMES) | set(_WW_DEFAULT_ONLY) | set(_WW_INERT) | set(_WW_IGNORED) | {
                 "svd_method", "pl_package", "fit", "ERG", "ww2x"}
             raise TypeError(f"analyze() got an unknown option {key!r}; known: {sorted(known)}")
     return AnalysisOptions(**options)
