@@ -25,11 +25,15 @@ _WW_OPTION_NAMES = {
 #: WeightWatcher ``analyze()`` arguments zooscope does not implement, accepted at the value that means what zooscope
 #: does (WeightWatcher's default); any other value raises.
 _WW_DEFAULT_ONLY = {
-    "glorot_fix": False, "plot": False, "conv2d_fft": False, "fft": False, "deltas": False, "intra": False,
+    "plot": False, "conv2d_fft": False, "fft": False, "deltas": False, "intra": False,
     "vectors": False, "channels": None, "stacked": False, "inverse": False,
 }
-#: WeightWatcher 0.7.7 arguments it ignores with a warning (its min_size/max_size became min_evals/max_evals).
-_WW_IGNORED = ("min_size", "max_size")
+#: WeightWatcher 0.7.7 arguments it ignores, and why: zooscope ignores them too, with a warning.
+_WW_IGNORED = {
+    "min_size": "WeightWatcher 0.7.7 ignores it: use min_evals",
+    "max_size": "WeightWatcher 0.7.7 ignores it: use max_evals",
+    "glorot_fix": "WeightWatcher 0.7.7 never applies it (analyze() stores it as 'glorot_fit', a key nothing reads)",
+}
 #: WeightWatcher arguments that only matter with an option refused above (``savefig``: plot, ``sparsify``: intra).
 _WW_INERT = ("savefig", "sparsify")
 #: WeightWatcher's ``fit`` spellings (``normalize_params``) and the ``AnalysisOptions.fit`` each one becomes.
@@ -67,9 +71,8 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
         elif key in _WW_INERT:
             pass
         elif key in _WW_IGNORED:
-            if value is not None:
-                warnings.warn(f"{key}={value!r} is ignored, as WeightWatcher 0.7.7 ignores it: use "
-                              f"{'min_evals' if key == 'min_size' else 'max_evals'}", UserWarning, stacklevel=4)
+            if value not in (None, False):
+                warnings.warn(f"{key}={value!r} is ignored: {_WW_IGNORED[key]}", UserWarning, stacklevel=4)
         elif key in _WW_OPTION_NAMES:
             options[_WW_OPTION_NAMES[key]] = value
         elif key in fields:
