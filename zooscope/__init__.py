@@ -65,6 +65,9 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
             if value:
                 options["detX" if key == "ERG" else "pool"] = key == "ERG"
         elif key in _WW_DEFAULT_ONLY:
+            if key == "vectors" and value:
+                raise ValueError("WeightWatcher's vectors=True plots eigenvectors; zooscope computes eigenvalues only "
+                                 "(no singular vectors), so it is not available")
             if value != _WW_DEFAULT_ONLY[key]:
                 raise ValueError(f"WeightWatcher's {key}={value!r} is not implemented by zooscope.analyze; "
                                  f"only {key}={_WW_DEFAULT_ONLY[key]!r} (WeightWatcher's default) is accepted")
