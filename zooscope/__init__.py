@@ -25,7 +25,7 @@ _WW_OPTION_NAMES = {
 #: WeightWatcher ``analyze()`` arguments zooscope does not implement, accepted at the value that means what zooscope
 #: does (WeightWatcher's default); any other value raises.
 _WW_DEFAULT_ONLY = {
-    "plot": False, "conv2d_fft": False, "fft": False, "deltas": False, "intra": False,
+    "conv2d_fft": False, "fft": False, "deltas": False, "intra": False,
     "vectors": False, "channels": None, "stacked": False, "inverse": False,
 }
 #: WeightWatcher 0.7.7 arguments it ignores, and why: zooscope ignores them too, with a warning.
@@ -34,8 +34,10 @@ _WW_IGNORED = {
     "max_size": "WeightWatcher 0.7.7 ignores it: use max_evals",
     "glorot_fix": "WeightWatcher 0.7.7 never applies it (analyze() stores it as 'glorot_fit', a key nothing reads)",
 }
-#: WeightWatcher arguments that only matter with an option refused above (``savefig``: plot, ``sparsify``: intra).
-_WW_INERT = ("savefig", "sparsify")
+#: WeightWatcher arguments that only matter with an option refused above (``sparsify``: intra).
+_WW_INERT = ("sparsify",)
+#: WeightWatcher's default ``savefig`` folder.
+_WW_SAVEDIR = "ww-img"
 #: WeightWatcher's ``fit`` spellings (``normalize_params``) and the ``AnalysisOptions.fit`` each one becomes.
 _WW_FITS = {"PL": "PL", "power_law": "PL", "TPL": "TPL", "truncated_power_law": "TPL", "E_TPL": "E_TPL"}
 
@@ -82,13 +84,13 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
             options[key] = value
         else:
             known = fields | set(_WW_OPTION_NAMES) | set(_WW_DEFAULT_ONLY) | set(_WW_INERT) | set(_WW_IGNORED) | {
-                "svd_method", "pl_package", "fit", "ERG", "ww2x"}
+                "svd_method", "pl_package", "fit", "ERG", "ww2x", "plot", "savefig", "base_model", "peft"}
             raise TypeError(f"analyze() got an unknown option {key!r}; known: {sorted(known)}")
     return AnalysisOptions(**options)
 
 
 def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_model: Any = None, peft: bool = False,
-            **options: Any):
+            plot: bool = False, savefig: str | bool = _WW_SAVEDIR, **options: Any):
     """Analyse one model and return one row per layer matrix with WeightWatcher 0.7's column names.
 
     model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz), a ``torch.nn.Module`` or a state
@@ -103,14 +105,16 @@ def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_mod
     base_model: a checkpoint (path, module, dict) of the same architecture: analyse ``W − W_base`` per layer.
     peft: ``model`` is a LoRA adapter directory: analyse ``B·A·lora_alpha/r`` per adapted layer, or, with
         ``base_model``, the merged ``W_base + B·A·scale`` (``pipelines.derived.open_derived``).
+    plot, savefig: write WeightWatcher's per-layer ESD figures ``ww.layer{layer_id}.esd.png`` (log-log, power-law
+        fit, xmin) and ``.esd2.png`` (lin-lin, xmin, MP bulk with ``mp_fit``) into the folder ``savefig``.
     With ``esd_backend="auto"`` (the default) the routing table saved by ``zooscope bench svd --tune`` is used.
     """
-    return _analyze(model, ww_compat=ww_compat, start_ids=start_ids, base_model=base_model, peft=peft,
-                    **options)[1]
+    return _analyze(model, ww_compat=ww_compat, start_ids=start_ids, base_model=base_model, peft=peft, plot=plot,
+                    savefig=savefig, **options)[1]
 
 
 def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_model: Any = None, peft: bool = False,
-             **options: Any):
+             plot: bool = False, savefig: str | bool = _WW_SAVEDIR, **options: Any):
     """``analyze`` returning ``(ModelResult, WeightWatcher-style frame)``: the result keeps the ESDs."""
     from zooscope.engine.tune import with_saved_table
     from zooscope.pipelines.analyze import analyze_checkpoint, to_weightwatcher_frame
@@ -119,6 +123,8 @@ def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_mo
     if start_ids < 0:
         raise ValueError(f"start_ids must be >= 0, got {start_ids}")
     opts = with_saved_table(_options_from_kwargs({"weightstats": False, "ww_quirks": ww_compat, **options}))
+    if plot and not savefig:
+        raise ValueError("plot=True writes PNG files (zooscope shows no windows): give savefig=DIR, not savefig=False")
     if peft not in (True, False):
         raise ValueError(f"peft must be True or False, got {peft!r}")
     with open_derived(model, base=base_model, peft=peft) as ckpt:
@@ -130,6 +136,10 @@ def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_mo
         module_ids.update((n, len(module_ids) + i) for i, n in enumerate(others))
         frame["layer_id"] = frame["name"].map(module_ids).astype(int)
     frame["layer_id"] += start_ids
+    if plot:
+        from zooscope.pipelines.layer_figures import save_layer_figures
+
+        save_layer_figures(frame, [result.esd[result.layers.index.get_loc(i)] for i in frame.index], savefig)
     return result, frame
 
 
