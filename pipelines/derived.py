@@ -119,6 +119,16 @@ class LoraCheckpoint(_Derived):
         parts = [adapter] + ([base] if base is not None else [])
         super().__init__(str(d), "lora", parts, base.module_types() if base is not None else {})
         self.adapter, self.base = adapter, base
+        try:
+            self._pair_up(cfg)
+        except BaseException:
+            adapter.close()
+            raise
+
+    def _pair_up(self, cfg: dict[str, Any]) -> None:
+        """Read the scale settings and match every ``lora_A`` with its ``lora_B`` (and base layer), from shapes."""
+        adapter, base = self.adapter, self.base
+        base_keys = set(base.keys()) if base is not None else set()
         self._alpha = float(cfg["lora_alpha"])
         self._rslora = bool(cfg.get("use_rslora", False))
         self._transpose = bool(cfg.get("fan_in_fan_out", False))
@@ -139,7 +149,7 @@ class LoraCheckpoint(_Derived):
                                                              "is not a product of 2-D matrices")
             self._pairs[key] = (ab["A"], ab["B"])
             if base is not None:
-                if key not in base.keys():
+                if key not in base_keys:
                     raise CheckpointError(adapter.path, ab["A"], f"adapted layer {key!r} not in the base model "
                                                                  f"{base.path}")
                 if tuple(base.shape(key)) != self._delta_shape(key):
@@ -165,13 +175,11 @@ class LoraCheckpoint(_Derived):
         return self._delta_shape(key)
 
     def dtype(self, key: str) -> str:
-        if self.base is not None:
-            return self.base.dtype(key)
-        return self.adapter.dtype(self._pairs[key][0])
+        """The base's dtype; ``float64`` for an update alone (what :meth:`read` returns)."""
+        return self.base.dtype(key) if self.base is not None else "float64"
 
     def nbytes(self, key: str) -> int:
-        return int(np.prod(self.shape(key))) * np.dtype(np.float32).itemsize if self.base is None \
-            else self.base.nbytes(key)
+        return self.base.nbytes(key) if self.base is not None else int(np.prod(self.shape(key))) * 8
 
     def shard_of(self, key: str) -> str:
         if key in self._pairs:

@@ -144,3 +144,11 @@ def test_lora_errors_name_the_file(tmp_path):
         zooscope.analyze(str(tmp_path / "adapter"), peft=True)
     with pytest.raises(CheckpointError, match="adapter directory"):
         zooscope.analyze(base, peft=True)
+
+
+def test_lora_fan_in_fan_out_is_transposed(tmp_path):
+    """GPT-2 ``Conv1D`` adapters (``fan_in_fan_out``): PEFT's delta is (B·A)ᵀ·scale, shape (in, out)."""
+    deltas = _adapter(tmp_path / "adapter", _mlp(0), r=3, alpha=6, layers=("2",), fan_in_fan_out=True)
+    conv1d_base = {"2.weight": np.ones((100, 64), dtype=np.float32)}  # HF Conv1D stores (in, out)
+    with open_derived(tmp_path / "adapter", base=conv1d_base, peft=True) as ckpt:
+        np.testing.assert_allclose(ckpt.read("2.weight"), (1.0 + deltas["2"].T).astype(np.float32), rtol=0)
