@@ -126,3 +126,21 @@ def _colors(n: int) -> list:
 
     cmap = colormaps["viridis"]
     return [cmap(x) for x in np.linspace(0.0, 0.9, max(n, 1))]
+
+
+def esd_linear_plot(evals: np.ndarray, *, xmin: float, title: str, bulk: tuple[float, float] | None = None,
+                    thresh: float = 1e-5) -> Figure:
+    """Lin-lin ESD (density histogram, 100 bins, of the eigenvalues above ``thresh``) with ``xmin`` marked and,
+    when ``bulk = (bulk_min, bulk_max)`` is finite, the Marchenko–Pastur bulk shaded (WeightWatcher's ``esd2``)."""
+    fig, ax = _figure(6.0, 3.8)
+    ev = np.asarray(evals, dtype=np.float64)
+    ev = ev[ev > thresh]
+    ax.hist(ev, bins=100, density=True, color="#1f77b4", label=f"ESD ({ev.size} eigenvalues)")
+    if np.isfinite(xmin):
+        ax.axvline(xmin, color="#d62728", lw=1.3, label=f"xmin = {xmin:.4g}")
+    if bulk is not None and all(np.isfinite(bulk)):
+        ax.axvspan(bulk[0], bulk[1], color="#ff7f0e", alpha=0.2, label="MP bulk")
+    ax.set(xlabel="eigenvalue λ of WᵀW", ylabel="density", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    return fig

@@ -202,7 +202,7 @@ def _flagged(lab):
 
 
 def _esd_section(lab, esd, chosen: tuple[str, ...], n_worst: int) -> tuple[Section, set]:
-    from zooscope.pipelines.plots import esd_plot
+    from zooscope.pipelines.plots import esd_linear_plot, esd_plot
 
     title = "ESDs with power-law fits"
     if esd is None:
@@ -228,6 +228,11 @@ def _esd_section(lab, esd, chosen: tuple[str, ...], n_worst: int) -> tuple[Secti
                        xmax=float(row.get("xmax", np.nan)), title=name)
         cap = f"{name} — {why}; alpha={row.get('alpha', np.nan):.3f}, D={row.get('D', np.nan):.3f}"
         parts.append(figure_html(fig, cap, alt=f"ESD of {name}", anchor=_esd_anchor(idx)))
+        bulk = (float(row.get("bulk_min", np.nan)), float(row.get("bulk_max", np.nan)))
+        if all(np.isfinite(bulk)):  # stored with mp_fit: WeightWatcher's lin-lin ESD with the MP bulk
+            fig = esd_linear_plot(evals, xmin=float(row.get("xmin", np.nan)), title=name, bulk=bulk)
+            parts.append(figure_html(fig, f"{name} — lin-lin ESD, MP bulk [{bulk[0]:.3g}, {bulk[1]:.3g}]",
+                                     alt=f"linear ESD of {name}"))
     parts.append("</div>")
     return Section(title, "".join(parts), "esd"), set(picks)
 

@@ -174,3 +174,14 @@ def test_esd_plot_shows_every_eigenvalue_and_the_fit_slope():
     lx, ly = np.log10(fit.get_xdata()), np.log10(fit.get_ydata())
     np.testing.assert_allclose(np.diff(ly) / np.diff(lx), -2.7, rtol=1e-9)  # a power law λ^-α on log-log axes
     assert fit.get_xdata()[0] == pytest.approx(0.2) and fit.get_xdata()[-1] == pytest.approx(ev.max())
+
+
+def test_esd_section_adds_the_linear_esd_with_the_mp_bulk_when_stored():
+    """Layers stored with mp_fit (finite bulk_min/bulk_max) also get WeightWatcher's lin-lin ESD figure."""
+    models, layers, esd = synthetic_zoo()
+    plain = build_report(models, layers, esd=esd, title="t")
+    layers["bulk_min"], layers["bulk_max"] = 0.01, 0.05
+    with_mp = build_report(models, layers, esd=esd, title="t")
+    assert "MP bulk" not in plain
+    plotted = len(re.findall(r'<figure id="esd-\d+">', with_mp))
+    assert plotted > 0 and with_mp.count("lin-lin ESD, MP bulk [0.01, 0.05]") == plotted

@@ -10,6 +10,7 @@ The few things a user imports:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 __version__ = "0.1.0"
@@ -25,12 +26,19 @@ _WW_OPTION_NAMES = {
 #: WeightWatcher ``analyze()`` arguments zooscope does not implement, accepted at the value that means what zooscope
 #: does (WeightWatcher's default); any other value raises.
 _WW_DEFAULT_ONLY = {
-    "glorot_fix": False, "plot": False, "conv2d_fft": False, "fft": False, "deltas": False, "intra": False,
-    "vectors": False, "channels": None, "stacked": False, "peft": False, "inverse": False, "base_model": None,
-    "min_size": None, "max_size": None,
+    "conv2d_fft": False, "fft": False, "deltas": False, "intra": False,
+    "vectors": False, "channels": None, "stacked": False, "inverse": False,
 }
-#: WeightWatcher arguments that only matter with an option refused above (``savefig``: plot, ``sparsify``: intra).
-_WW_INERT = ("savefig", "sparsify")
+#: WeightWatcher 0.7.7 arguments it ignores, and why: zooscope ignores them too, with a warning.
+_WW_IGNORED = {
+    "min_size": "WeightWatcher 0.7.7 ignores it: use min_evals",
+    "max_size": "WeightWatcher 0.7.7 ignores it: use max_evals",
+    "glorot_fix": "WeightWatcher 0.7.7 never applies it (analyze() stores it as 'glorot_fit', a key nothing reads)",
+}
+#: WeightWatcher arguments that only matter with an option refused above (``sparsify``: intra).
+_WW_INERT = ("sparsify",)
+#: WeightWatcher's default ``savefig`` folder.
+_WW_SAVEDIR = "ww-img"
 #: the columns of a model with no analysable layer (an empty frame, not a KeyError)
 _EMPTY_LAYER_COLUMNS = ("layer_id", "name", "layer_type", "N", "M", "status", "error", "warning", "alpha")
 #: WeightWatcher's ``fit`` spellings (``normalize_params``) and the ``AnalysisOptions.fit`` each one becomes.
@@ -62,23 +70,30 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
             if value:
                 options["detX" if key == "ERG" else "pool"] = key == "ERG"
         elif key in _WW_DEFAULT_ONLY:
+            if key == "vectors" and value:
+                raise ValueError("WeightWatcher's vectors=True plots eigenvectors; zooscope computes eigenvalues only "
+                                 "(no singular vectors), so it is not available")
             if value != _WW_DEFAULT_ONLY[key]:
                 raise ValueError(f"WeightWatcher's {key}={value!r} is not implemented by zooscope.analyze; "
                                  f"only {key}={_WW_DEFAULT_ONLY[key]!r} (WeightWatcher's default) is accepted")
         elif key in _WW_INERT:
             pass
+        elif key in _WW_IGNORED:
+            if value not in (None, False):
+                warnings.warn(f"{key}={value!r} is ignored: {_WW_IGNORED[key]}", UserWarning, stacklevel=4)
         elif key in _WW_OPTION_NAMES:
             options[_WW_OPTION_NAMES[key]] = value
         elif key in fields:
             options[key] = value
         else:
-            known = fields | set(_WW_OPTION_NAMES) | set(_WW_DEFAULT_ONLY) | set(_WW_INERT) | {
-                "svd_method", "pl_package", "fit", "ERG", "ww2x"}
+            known = fields | set(_WW_OPTION_NAMES) | set(_WW_DEFAULT_ONLY) | set(_WW_INERT) | set(_WW_IGNORED) | {
+                "svd_method", "pl_package", "fit", "ERG", "ww2x", "plot", "savefig", "base_model", "peft"}
             raise TypeError(f"analyze() got an unknown option {key!r}; known: {sorted(known)}")
     return AnalysisOptions(**options)
 
 
-def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **options: Any):
+def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_model: Any = None, peft: bool = False,
+            plot: bool = False, savefig: str | bool = _WW_SAVEDIR, **options: Any):
     """Analyse one model and return one row per layer matrix with WeightWatcher 0.7's column names.
 
     model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz, .keras/.h5, .onnx, .gguf,
@@ -91,26 +106,42 @@ def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **option
     as ``.weight``, e.g. ``MultiheadAttention``'s ``in_proj_weight``, is numbered after the last module). Weight
     statistics are not among WeightWatcher's columns, so they are skipped here (``zooscope scan`` stores them).
     start_ids: WeightWatcher's first layer id (``layer_id`` is shifted by it for every source).
+    base_model: a checkpoint (path, module, dict) of the same architecture: analyse ``W − W_base`` per layer.
+    peft: ``model`` is a LoRA adapter directory: analyse ``B·A·lora_alpha/r`` per adapted layer, or, with
+        ``base_model``, the merged ``W_base + B·A·scale`` (``pipelines.derived.open_derived``).
+    plot, savefig: write WeightWatcher's per-layer ESD figures ``ww.layer{layer_id}.esd.png`` (log-log, power-law
+        fit, xmin) and ``.esd2.png`` (lin-lin, xmin, MP bulk with ``mp_fit``) into the folder ``savefig``.
     With ``esd_backend="auto"`` (the default) the routing table saved by ``zooscope bench svd --tune`` is used.
     """
-    return _analyze(model, ww_compat=ww_compat, start_ids=start_ids, **options)[1]
+    return _analyze(model, ww_compat=ww_compat, start_ids=start_ids, base_model=base_model, peft=peft, plot=plot,
+                    savefig=savefig, **options)[1]
 
 
-def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, **options: Any):
+def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_model: Any = None, peft: bool = False,
+             plot: bool = False, savefig: str | bool = _WW_SAVEDIR, **options: Any):
     """``analyze`` returning ``(ModelResult, WeightWatcher-style frame)``: the result keeps the ESDs."""
     from zooscope.engine.tune import with_saved_table
     from zooscope.pipelines.analyze import analyze_checkpoint, require_backends, to_weightwatcher_frame
-    from zooscope.pipelines.readers import open_checkpoint
+    from zooscope.pipelines.derived import open_derived
 
     if start_ids < 0:
         raise ValueError(f"start_ids must be >= 0, got {start_ids}")
     opts = with_saved_table(_options_from_kwargs({"weightstats": False, "ww_quirks": ww_compat, **options}))
     require_backends(opts)
-    with open_checkpoint(model) as ckpt:
+    if plot and not savefig:
+        raise ValueError("plot=True writes PNG files (zooscope shows no windows): give savefig=DIR, not savefig=False")
+    if peft not in (True, False):
+        raise ValueError(f"peft must be True or False, got {peft!r}")
+    with open_derived(model, base=base_model, peft=peft) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
     layers = result.layers if len(result.layers) else result.layers.reindex(columns=_EMPTY_LAYER_COLUMNS)
     frame = to_weightwatcher_frame(layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
     _weightwatcher_layer_ids(model, frame, start_ids)
+    if plot:
+        from zooscope.pipelines.layer_figures import save_layer_figures
+
+        kept = [i for i, status in enumerate(result.layers.get("status", [])) if status != "error"]  # frame's rows
+        save_layer_figures(frame, [result.esd[i] for i in kept], savefig)
     return result, frame
 
 
