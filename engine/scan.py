@@ -39,6 +39,10 @@ AUTO_LOCAL_BYTES = 256 * 1024**2
 #: ... spread over at least this many tasks, on a machine with at least two cores; else run in-process.
 AUTO_LOCAL_TASKS = 2
 
+#: Completed models are committed at least every this many models (a commit costs about 0.3 s whatever its size:
+#: a zoo of small models commits every few batches, not every batch).
+COMMIT_MODELS = 4096
+
 #: Model-row columns that scan writes itself; a manifest column may not reuse these names.
 RESERVED_COLUMNS = frozenset({
     "model_id", "path", "content_hash", "version", "status", "error", "n_layers", "n_params", "seconds",
@@ -112,8 +116,9 @@ def scan(
     rehash: hash every file even when its size and mtime match what the store recorded for that path.
     retry_failed: analyse again the models stored as errors (files that could not be read); by default only
         models that failed for another reason (not stored) are retried.
-    commit_seconds: completed models are committed to the store at least this often (and every 64 models, and
-        at the end); a crash loses at most the models completed since the last commit. 0: commit every model.
+    commit_seconds: completed models are committed to the store at least this often (and every ``COMMIT_MODELS``
+        models, and at the end); a crash loses at most the models completed since the last commit. 0: commit after
+        every task.
     Raises ``ScanUsageError`` for no inputs, a bad manifest, or a store recorded with other analysis options;
     ``StoreLockedError`` when another live process writes the store. Errors of single models never raise: they
     become error rows (see ``ScanReport.failed``).
@@ -144,7 +149,7 @@ def scan(
     pairs = _drift_pairs(models)  # a bad init column fails before any analysis, not after it
     report = ScanReport(store=str(store))
     try:
-        zoo = ZooStore.open(str(store), "a", params=options.as_params(), flush_every=64,
+        zoo = ZooStore.open(str(store), "a", params=options.as_params(), flush_every=COMMIT_MODELS,
                             flush_seconds=commit_seconds)
     except ValueError as err:  # not a store, or a store made with other analysis options
         raise ScanUsageError(str(err)) from err

@@ -28,6 +28,10 @@ KDE_MAX_POINTS = 100_000
 
 Layout = Literal["out_in", "in_out"]
 
+#: Rows at least this long are reduced one at a time by the ``*_rows`` functions (BLAS dots, ``np.histogram``);
+#: shorter rows, the many small layers of a zoo, all at once.
+ROW_LOOP_MIN = 4096
+
 
 def _finite(w: np.ndarray) -> tuple[np.ndarray, int]:
     x = np.asarray(w, dtype=np.float64).ravel()
@@ -64,10 +68,13 @@ def moments_rows(x: np.ndarray, *, zero_tol: float = ZERO_TOL) -> dict[str, np.n
     n = x.shape[1]
     mean = x.mean(axis=1)
     d = x - mean[:, None]
-    d2 = d * d
-    m2 = d2.sum(axis=1) / n
-    m3 = (d2 * d).sum(axis=1) / n
-    m4 = (d2 * d2).sum(axis=1) / n
+    if n >= ROW_LOOP_MIN:  # long rows: one BLAS dot per moment and row, no (G, n) temporaries
+        m2, m3, m4 = np.array([(np.dot(r, r), np.dot(r * r, r), np.dot(r * r, r * r)) for r in d]).T / n
+    else:
+        d2 = d * d
+        m2 = d2.sum(axis=1) / n
+        m3 = (d2 * d).sum(axis=1) / n
+        m4 = (d2 * d2).sum(axis=1) / n
     with np.errstate(divide="ignore", invalid="ignore"):
         skew = np.where(m2 > 0, m3 / m2**1.5, np.nan)
         kurt = np.where(m2 > 0, m4 / m2**2 - 3.0, np.nan)
@@ -99,6 +106,9 @@ def histogram_rows(x: np.ndarray, bins: int = 64) -> tuple[np.ndarray, np.ndarra
     same edges and the same index correction at the edges)."""
     x = np.asarray(x, dtype=np.float64)
     g = x.shape[0]
+    if x.shape[1] >= ROW_LOOP_MIN:  # long rows: numpy's own loop is faster than the (G, n) index arithmetic
+        pairs = [np.histogram(r, bins=bins) for r in x]
+        return np.array([c for c, _ in pairs], dtype=np.float64), np.array([e for _, e in pairs])
     first, last = x.min(axis=1), x.max(axis=1)
     flat = first == last  # numpy widens an empty range by 0.5 on each side
     first, last = np.where(flat, first - 0.5, first), np.where(flat, last + 0.5, last)

@@ -28,8 +28,9 @@ from zooscope.pipelines.layers import LayerError, LayerInfo, layer_matrices, pla
 from zooscope.pipelines.readers import Checkpoint, CheckpointError, open_checkpoint
 from zooscope.pipelines.result import BatchResult, ModelResult, add_strength_correlation
 
-#: Bytes of weights (tensors plus their fp64 matrices) held before the pending buckets are solved (256 MiB).
-MEMORY_BYTES = 256 * 1024**2
+#: Bytes of weights (tensors plus their fp64 matrices) held before the pending buckets are solved (64 MiB: about
+#: a thousand 5k-parameter models, whose buckets are then stacks of thousands of matrices).
+MEMORY_BYTES = 64 * 1024**2
 #: Errors that say nothing about the file being read (the machine, the backend): they fail the whole task, which
 #: is retried (and the models are retried by the next scan); any other error while reading a part is that part's.
 TRANSIENT_ERRORS = (MemoryError, BackendUnavailable)

@@ -156,7 +156,7 @@ def test_scan_in_batches_equals_model_by_model(tmp_path):
 
 
 @pytest.mark.parametrize("shape, layer_type", [((5, 16, 1, 3, 3), "conv2d"), ((4, 10, 16), "dense"),
-                                               ((3, 12, 7), "conv1d"), ((3, 9), "dense")])
+                                               ((3, 12, 7), "conv1d"), ((3, 9), "dense"), ((3, 64, 128), "dense")])
 def test_layer_stats_many_matches_numpy_and_scipy(shape, layer_type):
     rng = np.random.default_rng(0)
     tensors = rng.standard_t(3, size=shape)

@@ -69,7 +69,7 @@ def register(subparsers: Any) -> None:
                            help="hash every file, even those whose size and mtime match the store's record")
     run_group.add_argument("--commit-seconds", type=float_at_least(0), default=10.0, metavar="S",
                            help="commit finished models to the store at least every S seconds (default 10; "
-                                "0: after every model); a crash loses at most the last S seconds of results")
+                                "0: after every task); a crash loses at most the last S seconds of results")
     run_group.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_analysis_arguments(parser)
     parser.set_defaults(func=run)
