@@ -65,3 +65,15 @@ def print_frame(frame: pd.DataFrame, columns: Sequence[str], *, title: str, limi
     out.print(table)
     if total > len(frame):
         out.print(f"… {total - len(frame)} more rows (--limit 0 shows all)")
+
+
+def write_csv(frame: pd.DataFrame, path: str, command: str) -> bool:
+    """Write ``frame`` to the CSV ``path``; False (after one error line naming ``command``) when it cannot."""
+    import sys
+
+    try:
+        frame.to_csv(path, index=False)
+    except OSError as exc:
+        print(f"zooscope {command}: error: cannot write {path}: {exc}", file=sys.stderr)
+        return False
+    return True

@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from zooscope import _analyze
-    from zooscope.commands._table import console, pick_columns, print_frame
+    from zooscope.commands._table import console, pick_columns, print_frame, write_csv
     from zooscope.commands.scan import option_values
     from zooscope.pipelines.readers import CheckpointError
     from zooscope.pipelines.summary import SUMMARY_METRICS, model_summary
@@ -73,12 +73,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"zooscope analyze: error: {exc}", file=sys.stderr)
         return 2
-    if args.out:
-        try:
-            frame.to_csv(args.out, index=False)
-        except OSError as exc:
-            print(f"zooscope analyze: error: cannot write {args.out}: {exc}", file=sys.stderr)
-            return 2
+    if args.out and not write_csv(frame, args.out, "analyze"):
+        return 2
     print_frame(frame.set_index("layer_id"), [c for c in columns if c != "layer_id"],
                 title=f"{args.model}: {len(frame)} layer matrices ({seconds:.2f} s)", limit=args.limit)
     if len(result.layers):

@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from zooscope import describe
-    from zooscope.commands._table import print_frame
+    from zooscope.commands._table import print_frame, write_csv
     from zooscope.pipelines.readers import CheckpointError
 
     try:
@@ -55,12 +55,8 @@ def run(args: argparse.Namespace) -> int:
     n_skipped = len(frame) - n_used
     if args.analysed:
         frame = frame[frame["skip_reason"] == ""]
-    if args.out:
-        try:
-            frame.to_csv(args.out, index=False)
-        except OSError as exc:
-            print(f"zooscope describe: error: cannot write {args.out}: {exc}", file=sys.stderr)
-            return 2
+    if args.out and not write_csv(frame, args.out, "describe"):
+        return 2
     print_frame(frame.set_index("layer_id"), list(COLUMNS),
                 title=f"{args.model}: {n_used} layers analysed, {n_skipped} weights skipped")
     return 0
