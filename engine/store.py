@@ -393,10 +393,15 @@ class ZooStore:
         try:
             if not self._failed:
                 self.flush()
-                self._truncate()
-                for group, name in self._garbage:
-                    del self._root[group][name]
-                    self._arrays.pop((group, name), None)
+                try:  # trimming rewrites array metadata: a full disk can refuse it after the last commit
+                    self._truncate()
+                    for group, name in self._garbage:
+                        del self._root[group][name]
+                        self._arrays.pop((group, name), None)
+                except OSError as exc:
+                    _quiet_write_failures()
+                    raise StoreWriteError(f"cannot write the store {self._location} (trimming it after its last "
+                                          f"commit): {exc.strerror or exc}; every committed model is intact") from exc
         finally:
             if self._lock is not None:
                 self._lock.release()

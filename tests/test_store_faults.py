@@ -136,6 +136,23 @@ def test_disk_full_is_a_clear_error_and_the_store_stays_intact(tmp_path, rng, mo
     assert open_store(path).check() == [] and len(open_store(path)) == 2
 
 
+def test_disk_full_while_trimming_after_the_last_commit_is_a_store_write_error(tmp_path, rng, monkeypatch):
+    path = tmp_path / "s.zarr"
+    store = ZooStore.open(path, "a")
+    store.append({"model_id": "a"}, make_result(rng, 2))
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "_truncate", full)
+    with pytest.raises(StoreWriteError, match="cannot write the store.*No space left on device.*intact"):
+        store.close()
+    view = open_store(path)
+    assert view.models["model_id"].tolist() == ["a"] and view.check() == []
+    with ZooStore.open(path, "a") as again:  # the lock was released
+        again.append({"model_id": "b"}, make_result(rng, 1))
+
+
 def test_unwritable_store_location_is_a_store_write_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
