@@ -103,7 +103,7 @@ def make_client(profile: str = "local", *, config: str | os.PathLike | None = No
         cluster = None
         client = Client(fields["address"])
     else:
-        cluster = _BUILDERS[kind](fields, workers)
+        cluster = _start(kind, fields, workers)
         client = Client(cluster)
     try:
         print(f"Dask dashboard ({profile}): {client.dashboard_link}", file=sys.stderr)
@@ -114,6 +114,23 @@ def make_client(profile: str = "local", *, config: str | os.PathLike | None = No
             # workers idle in native threads (BLAS, Numba) are killed after a grace period; that is expected here
             logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
             cluster.close()
+
+
+#: Times a cluster whose start failed (e.g. a worker process killed while its nanny started) is started again.
+START_RETRIES = 2
+
+
+def _start(kind: str, fields: dict[str, Any], workers: int | None) -> Any:
+    """The cluster of a profile, started again when a worker dies during the start (``Nanny failed to start``)."""
+    attempt = 0
+    while True:
+        try:
+            return _BUILDERS[kind](fields, workers)
+        except RuntimeError as err:
+            if attempt == START_RETRIES or "failed to start" not in str(err):
+                raise
+            attempt += 1
+            print(f"Dask cluster start failed ({err}); starting it again", file=sys.stderr)
 
 
 def available_cores() -> int:

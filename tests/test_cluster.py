@@ -212,3 +212,32 @@ def test_workers_option_rounds_up_to_whole_gpu_jobs(tmp_path, monkeypatch):
     with make_client("gpu", config=config):
         pass
     assert [call for call in calls if call != (0, 0)] == [(None, 2), (None, 3)]  # (0, 0): scale down at close
+
+
+def test_a_cluster_whose_worker_dies_while_starting_is_started_again(monkeypatch, capsys):
+    from zooscope.engine import cluster as cluster_module
+
+    calls = []
+
+    def flaky(fields, workers):
+        calls.append(workers)
+        if len(calls) < 3:
+            raise RuntimeError("Nanny failed to start.")
+        return "cluster"
+
+    monkeypatch.setitem(cluster_module._BUILDERS, "local", flaky)
+    assert cluster_module._start("local", {}, 2) == "cluster" and calls == [2, 2, 2]
+    assert capsys.readouterr().err.count("starting it again") == 2
+    calls.clear()
+
+    def broken(fields, workers):
+        calls.append(workers)
+        raise RuntimeError("Nanny failed to start.")
+
+    monkeypatch.setitem(cluster_module._BUILDERS, "local", broken)
+    with pytest.raises(RuntimeError, match="failed to start"):
+        cluster_module._start("local", {}, 2)
+    assert len(calls) == cluster_module.START_RETRIES + 1
+    monkeypatch.setitem(cluster_module._BUILDERS, "local", lambda f, w: (_ for _ in ()).throw(RuntimeError("bad")))
+    with pytest.raises(RuntimeError, match="bad"):  # other errors are not retried
+        cluster_module._start("local", {}, 2)
