@@ -106,12 +106,13 @@ def plan(
     done_hashes: Iterable[str],
     shard_bytes: int | None = None,
     hashes: Mapping[str, str] | None = None,
+    sizes: Mapping[str, int] | None = None,
     wants_gpu: bool = False,
 ) -> list[Part]:
     """Parts for every source whose content hash is not in ``done_hashes``, in source order.
 
     ``hashes`` maps a source path to its content hash where the caller already knows it (else it is computed
-    with ``readers.content_hash``). Of several sources with the same content only the first is planned (the
+    with ``readers.content_hash``), ``sizes`` its bytes on disk (else ``disk_bytes``). Of several sources with the same content only the first is planned (the
     store keeps one row per hash). A checkpoint that cannot be opened for splitting becomes one task, so that
     its error is reported by its task like any other.
     """
@@ -125,7 +126,7 @@ def plan(
         if digest in seen:
             continue
         seen.add(digest)
-        size = disk_bytes(source.path)
+        size = sizes[source.path] if sizes is not None and source.path in sizes else disk_bytes(source.path)
         groups = _shard_keys(source.path, budget) if size > budget else None
         if not groups or len(groups) == 1:
             parts.append(Part(source.model_id, source.path, digest, None, 0, 1, size, wants_gpu))

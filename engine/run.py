@@ -20,6 +20,7 @@ from zooscope.engine.plan import Part, Task
 from zooscope.pipelines.analyze import AnalysisOptions
 from zooscope.pipelines.batch import analyze_batch
 from zooscope.pipelines.result import BatchResult
+from zooscope.pipelines.summary import summary_columns
 
 #: In a log (stderr not a terminal), the scan's progress is printed as a line at most this often, seconds.
 LOG_EVERY_S = 30.0
@@ -34,12 +35,17 @@ WORKER_WAIT_S = 600.0
 def run_task(parts: Sequence[tuple[str, Sequence[str] | None, str]], options: AnalysisOptions) -> BatchResult:
     """The task body: analyse ``(path, keys, model_id)`` parts together (``pipelines.batch.analyze_batch``).
 
-    ``result.timings['wall']`` is the task's wall time in seconds.
+    ``result.timings['wall']`` is the task's wall time in seconds. A batch of whole models comes back with its
+    model summaries (``BatchResult.summaries``) and without the node-strength vectors (used here, not stored), so
+    that the scanning process has less to receive and compute; a shard keeps them for the merge.
     """
     for _, _, model_id in parts:
         _test_exit_hook(model_id)
     t0 = time.perf_counter()
     batch = analyze_batch([(path, list(keys) if keys is not None else None) for path, keys, _ in parts], options)
+    if all(keys is None for _, keys, _ in parts):
+        batch.summaries = summary_columns(batch.result, batch.part_of_row, len(parts))
+        batch.result.strengths = []
     batch.result.timings["wall"] = time.perf_counter() - t0
     return batch
 

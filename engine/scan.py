@@ -32,7 +32,7 @@ from zooscope.pipelines.analyze import AnalysisOptions, require_backends
 from zooscope.pipelines.drift import drift_table, pair_checkpoints
 from zooscope.pipelines.readers import CheckpointError, content_hash, discover, model_files
 from zooscope.pipelines.result import BatchResult, ModelResult, merge_results
-from zooscope.pipelines.summary import SUMMARY_METRICS, model_summaries
+from zooscope.pipelines.summary import SUMMARY_METRICS, summary_columns
 
 #: With ``cluster="auto"``, start a LocalCluster only for at least this much work (bytes to read) ...
 AUTO_LOCAL_BYTES = 256 * 1024**2
@@ -42,6 +42,9 @@ AUTO_LOCAL_TASKS = 2
 #: Completed models are committed at least every this many models (a commit costs about 0.3 s whatever its size:
 #: a zoo of small models commits every few batches, not every batch).
 COMMIT_MODELS = 4096
+
+#: Models smaller than this (bytes on disk) are hashed in the scanning thread, bigger ones on a thread pool.
+HASH_INLINE_BYTES = 4 * 1024**2
 
 #: Model-row columns that scan writes itself; a manifest column may not reuse these names.
 RESERVED_COLUMNS = frozenset({
@@ -174,7 +177,7 @@ def scan(
                 else:
                     by_hash.setdefault(hashes[model.path], []).append(model)
         parts = plan([twins[0] for twins in by_hash.values()], done_hashes=(), shard_bytes=shard_bytes,
-                     hashes=hashes, wants_gpu=wants_gpu(options))
+                     hashes=hashes, sizes={p: _stat_bytes(s) for p, s in stats.items()}, wants_gpu=wants_gpu(options))
         report.cluster = "client" if client is not None else resolve_cluster(cluster, parts)
         context = nullcontext(client) if client is not None else make_client(report.cluster, config=config,
                                                                            workers=workers)
@@ -338,6 +341,11 @@ def file_stat(path: str) -> str:
     return f"{len(stats)}:{sum(s.st_size for s in stats)}:{max(s.st_mtime_ns for s in stats)}"
 
 
+def _stat_bytes(stat: str) -> int:
+    """The bytes on disk recorded in a ``file_stat`` string."""
+    return int(stat.split(":")[1])
+
+
 def _expand(path: Path) -> list[ModelInput]:
     if not path.exists():
         return [ModelInput(os.path.abspath(path), path.stem or path.name)]
@@ -352,7 +360,8 @@ def _plain(value: Any) -> Any:
 def _hash_all(models: Sequence[ModelInput], known: pd.DataFrame,
               rehash: bool) -> tuple[dict[str, str], dict[str, str], list[tuple[ModelInput, str]]]:
     """Content hashes by path (reusing the store's hash where path and file stat match), file stats by path,
-    and the models whose files cannot be read, with the message."""
+    and the models whose files cannot be read, with the message. Models under ``HASH_INLINE_BYTES`` are hashed
+    one after the other (a thread per small file costs more than its hash); bigger ones on a thread pool."""
     cached: dict[tuple[str, str], str] = {}
     if not rehash and len(known) and {"path", "file_stat", "content_hash"} <= set(known.columns):
         cached = {(p, s): h for p, s, h in zip(known["path"], known["file_stat"], known["content_hash"])
@@ -366,6 +375,8 @@ def _hash_all(models: Sequence[ModelInput], known: pd.DataFrame,
             failures.append((model, str(err)))
     hashes = {m.path: cached[(m.path, stats[m.path])] for m in models if (m.path, stats.get(m.path)) in cached}
     todo = [m for m in models if m.path in stats and m.path not in hashes]
+    small = [m for m in todo if _stat_bytes(stats[m.path]) < HASH_INLINE_BYTES]
+    large = [m for m in todo if _stat_bytes(stats[m.path]) >= HASH_INLINE_BYTES]
 
     def one(model: ModelInput) -> tuple[ModelInput, str | None, str]:
         try:
@@ -374,7 +385,7 @@ def _hash_all(models: Sequence[ModelInput], known: pd.DataFrame,
             return model, None, str(err)
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, available_cores()))) as pool:  # hashlib releases the GIL
-        for model, digest, message in pool.map(one, todo):
+        for model, digest, message in [*map(one, small), *pool.map(one, large)]:
             if digest is None:
                 failures.append((model, message))
             else:
@@ -437,7 +448,7 @@ class _Writer:
             if not row["error"]:
                 row["n_layers"] = int(counts[i])
         if len(result.layers):
-            for column, values in _summary_columns(result, batch.part_of_row, len(parts)).items():
+            for column, values in batch.summaries.items():
                 for i, row in enumerate(rows):
                     if not row["error"] and counts[i]:
                         row[column] = float(values[i])
@@ -467,7 +478,7 @@ class _Writer:
             row.update(n_layers=len(result.layers), n_params=int(result.n_params),
                        seconds=float(result.timings.get("wall", math.nan)))
             if len(result.layers):
-                row.update({c: float(v[0]) for c, v in _summary_columns(
+                row.update({c: float(v[0]) for c, v in summary_columns(
                     result, np.zeros(len(result.layers), np.int64), 1).items()})
         self.zoo.append(row, result)
         self._count([row])
@@ -492,17 +503,6 @@ def _part_or_error(batch: BatchResult, i: int) -> ModelResult | CheckpointError:
 
 def _message(err: BaseException) -> str:
     return str(err) or type(err).__name__
-
-
-def _summary_columns(result: ModelResult, model_of_row: np.ndarray, n_models: int) -> dict[str, np.ndarray]:
-    """The summary columns of the models' rows: WeightWatcher's means and the robust ones (``robust_*``)."""
-    def esd(layer_row: pd.Series) -> np.ndarray:
-        return result.esd[layer_row.name]
-
-    ww = model_summaries(result.layers, model_of_row, n_models, "ww", esd=esd)
-    robust = model_summaries(result.layers, model_of_row, n_models, "robust")
-    return {**{m: ww[m] for m in SUMMARY_METRICS if m in ww},
-            **{f"robust_{m}": robust[m] for m in SUMMARY_METRICS if m in robust}}
 
 
 def _model_row(model: ModelInput, digest: str, stat: str, error: str) -> dict[str, Any]:

@@ -316,6 +316,7 @@ class ZooStore:
         self._last_flush = time.monotonic()
         self._known: dict[str, tuple[int, str]] | None = None  # model_id -> (max version, hash), incl. pending
         self._pairs: set[tuple[str, str]] | None = None  # (model_id, content_hash), incl. pending
+        self._checked_names: set[str] = set()  # model-row keys already accepted by check_column_names
         self._hist_bins: int | None = self._hist_width()
         self._failed = False  # a flush could not write: nothing more is written, close() only releases the lock
         self._garbage: list[tuple[str, str]] = []
@@ -594,7 +595,9 @@ class ZooStore:
         ``known``/``pairs``: rows of the same call not yet in the index."""
         if "model_id" not in model_row:
             raise ValueError("a model row needs a 'model_id'")
-        check_column_names((k for k in model_row if k not in self._columns["models"]), "model column")
+        new_names = [k for k in model_row if k not in self._columns["models"] and k not in self._checked_names]
+        check_column_names(new_names, "model column")
+        self._checked_names.update(new_names)
         row = {k: safe_text(v) if isinstance(v, str) else v for k, v in model_row.items()}
         mid = row["model_id"] = safe_text(str(row["model_id"]))
         h = row["content_hash"] = str(row.get("content_hash") or "")
@@ -606,7 +609,8 @@ class ZooStore:
         row.setdefault("status", "ok")
         row.setdefault("error", "")
         row.setdefault("n_layers", 0)
-        row.setdefault("scanned_at", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+        if "scanned_at" not in row:
+            row["scanned_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         return {**{k: row[k] for k in MODEL_COLUMNS if k in row}, **row}
 
     def append_drift(self, df: pd.DataFrame) -> None:

@@ -28,11 +28,6 @@ KDE_MAX_POINTS = 100_000
 
 Layout = Literal["out_in", "in_out"]
 
-#: Rows at least this long are reduced one at a time by the ``*_rows`` functions (BLAS dots, ``np.histogram``);
-#: shorter rows, the many small layers of a zoo, all at once.
-ROW_LOOP_MIN = 4096
-
-
 def _finite(w: np.ndarray) -> tuple[np.ndarray, int]:
     x = np.asarray(w, dtype=np.float64).ravel()
     ok = np.isfinite(x)
@@ -63,28 +58,19 @@ MOMENT_KEYS = ("w_mean", "w_std", "w_skew", "w_kurtosis", "w_min", "w_max",
 
 
 def moments_rows(x: np.ndarray, *, zero_tol: float = ZERO_TOL) -> dict[str, np.ndarray]:
-    """``moments`` of every row of ``x`` (G, n) at once (finite fp64 values, n ≥ 1): ``{MOMENT_KEYS: (G,)}``."""
-    x = np.asarray(x, dtype=np.float64)
-    n = x.shape[1]
+    """``moments`` of every row of ``x`` (G, n) at once (finite fp64 values, n ≥ 1): ``{MOMENT_KEYS: (G,)}``.
+
+    The mean and quantiles are numpy's; the central moments are compensated sums (``weightstats_numba``)."""
+    from zooscope.kernels import weightstats_numba
+
+    x = np.ascontiguousarray(x, dtype=np.float64)
     mean = x.mean(axis=1)
-    d = x - mean[:, None]
-    if n >= ROW_LOOP_MIN:  # long rows: one BLAS dot per moment and row, no (G, n) temporaries
-        m2, m3, m4 = np.array([(np.dot(r, r), np.dot(r * r, r), np.dot(r * r, r * r)) for r in d]).T / n
-    else:
-        d2 = d * d
-        m2 = d2.sum(axis=1) / n
-        m3 = (d2 * d).sum(axis=1) / n
-        m4 = (d2 * d2).sum(axis=1) / n
+    m2, m3, m4, lo, hi, near_zero = weightstats_numba.central_moments(x, mean, zero_tol).T
     with np.errstate(divide="ignore", invalid="ignore"):
         skew = np.where(m2 > 0, m3 / m2**1.5, np.nan)
         kurt = np.where(m2 > 0, m4 / m2**2 - 3.0, np.nan)
     qs = np.quantile(x, QUANTILES, axis=1)
-    a = np.abs(x)
-    amax = a.max(axis=1)
-    near_zero = np.count_nonzero(a < zero_tol * amax[:, None], axis=1) / n
-    values = (mean, np.sqrt(m2), skew, kurt, x.min(axis=1), x.max(axis=1), *qs,
-              np.where(amax > 0, near_zero, 1.0))
-    return dict(zip(MOMENT_KEYS, values))
+    return dict(zip(MOMENT_KEYS, (mean, np.sqrt(m2), skew, kurt, lo, hi, *qs, near_zero)))
 
 
 def histogram(w: np.ndarray, bins: int = 64, range: tuple[float, float] | None = None
@@ -104,22 +90,9 @@ def histogram_rows(x: np.ndarray, bins: int = 64) -> tuple[np.ndarray, np.ndarra
     """``np.histogram(row, bins)`` of every row of ``x`` (G, n), finite fp64, n ≥ 1, over each row's own
     (min, max): ``(counts (G, bins) float64, edges (G, bins + 1) float64)``, equal to numpy's bin for bin (the
     same edges and the same index correction at the edges)."""
-    x = np.asarray(x, dtype=np.float64)
-    g = x.shape[0]
-    if x.shape[1] >= ROW_LOOP_MIN:  # long rows: numpy's own loop is faster than the (G, n) index arithmetic
-        pairs = [np.histogram(r, bins=bins) for r in x]
-        return np.array([c for c, _ in pairs], dtype=np.float64), np.array([e for _, e in pairs])
-    first, last = x.min(axis=1), x.max(axis=1)
-    flat = first == last  # numpy widens an empty range by 0.5 on each side
-    first, last = np.where(flat, first - 0.5, first), np.where(flat, last + 0.5, last)
-    edges = np.linspace(first, last, bins + 1, axis=1)
-    idx = (((x - first[:, None]) / (last - first)[:, None]) * bins).astype(np.intp)
-    idx[idx == bins] -= 1
-    rows = np.arange(g)[:, None]
-    idx[x < edges[rows, idx]] -= 1
-    idx[(x >= edges[rows, idx + 1]) & (idx != bins - 1)] += 1
-    counts = np.bincount((idx + rows * bins).ravel(), minlength=g * bins).reshape(g, bins)
-    return counts.astype(np.float64), edges
+    from zooscope.kernels import weightstats_numba
+
+    return weightstats_numba.histograms(np.ascontiguousarray(x, dtype=np.float64), bins)
 
 
 def kde(w: np.ndarray, grid: np.ndarray, bandwidth: str | float = "scott", *,
@@ -210,9 +183,21 @@ def strength_correlation(in_strength_next_hidden: np.ndarray, out_strength: np.n
     if a.size != b.size:
         raise ValueError(f"strength_correlation: {a.size} in-strengths vs {b.size} out-strengths "
                          "(the layers do not chain)")
-    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
+    return float(strength_correlation_rows(a[None], b[None])[0])
+
+
+def strength_correlation_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``strength_correlation`` of every row pair of ``a``, ``b`` (P, n_hidden) at once: (P,), in [-1, 1]; NaN for
+    rows with fewer than 2 units or a constant vector."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    da = a - a.mean(axis=1, keepdims=True)
+    db = b - b.mean(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.einsum("ij,ij->i", da, db) / np.sqrt(np.einsum("ij,ij->i", da, da) * np.einsum("ij,ij->i", db, db))
+    undefined = (a.shape[1] < 2) | (np.ptp(a, axis=1) == 0) | (np.ptp(b, axis=1) == 0) if a.size else \
+        np.ones(a.shape[0], bool)
+    return np.where(undefined, np.nan, np.clip(r, -1.0, 1.0))
 
 
 def chained_strength_correlation(w_l: np.ndarray, w_next: np.ndarray, *, layout: Layout = "out_in") -> float:

@@ -130,6 +130,7 @@ class _Batch:
         self.status: list[str] = []
         self.errors: dict[int, CheckpointError] = {}
         self.n_params: dict[int, int] = {}
+        self.layers: list[tuple[int, LayerInfo, str]] = []  # per layer read: (rows, info, error message or "")
         self.pending: list[tuple[list[int], LayerInfo, np.ndarray, list[np.ndarray] | None]] = []
         self.pending_bytes = 0
         self.timings = {"read": 0.0, "esd": 0.0, "fit": 0.0, "stats": 0.0}
@@ -157,13 +158,11 @@ class _Batch:
                                         source=ckpt.path)
             except LayerError as err:
                 self.status += ["error"] * n_rows
-                self.columns.put("error", rows, np.array([str(err)] * n_rows, dtype=object))
+                self.layers.append((n_rows, info, str(err)))
                 stacks = None
             else:
                 self.status += ["ok"] * n_rows
-                self.columns.put("error", rows, np.array("", dtype=object))
-            for name, value in _identity(info, options.pool):
-                self.columns.put(name, rows, value if name != "slice_id" else np.arange(n_rows))
+                self.layers.append((n_rows, info, ""))
             self.pending.append((rows, info, tensor, stacks))
             self.pending_bytes += tensor.nbytes + sum(s.nbytes for s in stacks or ())
             if self.pending_bytes >= self.memory_bytes:
@@ -256,6 +255,7 @@ class _Batch:
     def finish(self, n_parts: int) -> BatchResult:
         """Solve what is pending, fit every ESD at once, add the norm metrics and build the batch's tables."""
         self._solve_pending()
+        self._put_identity()
         options = self.options
         part_of_row = np.asarray(self.part_of_row, dtype=np.int64)
         ok = np.array(sorted(r for r in self.ok_rows if int(part_of_row[r]) not in self.errors), dtype=np.int64)
@@ -301,10 +301,27 @@ class _Batch:
         return BatchResult(result=result, part_of_row=parts,
                            errors=[self.errors.get(p) for p in range(n_parts)], n_params=n_params)
 
+    def _put_identity(self) -> None:
+        """The identity columns of every row (``_IDENTITY`` and ``error``), one block each; rows are numbered in
+        the order the layers were read, so the layers' rows are ``0 .. n_rows - 1``."""
+        if not self.layers:
+            return
+        counts = np.array([n for n, _, _ in self.layers])
+        rows = np.arange(int(counts.sum()))
+        for name in _IDENTITY:
+            values = [getattr(info, name) for _, info, _ in self.layers]
+            self.columns.put(name, rows, np.repeat(np.array(values, dtype=object if name in _TEXT else None), counts))
+        self.columns.put("Q", rows, np.repeat([info.N / info.M for _, info, _ in self.layers], counts))
+        self.columns.put("rf", rows, np.repeat([info.rf for _, info, _ in self.layers], counts))
+        if not self.options.pool:
+            self.columns.put("slice_id", rows, rows - np.repeat(np.cumsum(counts) - counts, counts))
+        self.columns.put("error", rows, np.repeat(np.array([e for _, _, e in self.layers], dtype=object), counts))
+
     def _gather(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        got = [(r, v) for b_rows, b_values in self.columns.blocks[name] for r, v in zip(b_rows, b_values)]
-        wanted = set(rows.tolist())
-        return (np.array([r for r, _ in got if r in wanted]), np.array([v for r, v in got if r in wanted]))
+        blocks = self.columns.blocks[name]
+        b_rows = np.concatenate([b[0] for b in blocks])
+        keep = np.isin(b_rows, rows)
+        return b_rows[keep], np.concatenate([b[1] for b in blocks])[keep]
 
     def _norm_metrics(self, ok: np.ndarray, alpha: np.ndarray) -> None:
         """``spectral.norm_metrics`` of every fitted row, for groups of equally long ESDs at once."""
@@ -325,13 +342,10 @@ class _Batch:
 _EMPTY = np.zeros(0)
 
 
-def _identity(info: LayerInfo, pool: bool):
-    """``(column, value)`` of a layer's identity columns (``slice_id``: filled per row by the caller)."""
-    yield from (("layer_id", info.layer_id), ("name", np.array(info.name, dtype=object)),
-                ("layer_type", np.array(info.layer_type, dtype=object)), ("N", info.N), ("M", info.M),
-                ("Q", info.N / info.M), ("rf", info.rf))  # rf per slice too, as WeightWatcher reports it
-    if not pool:
-        yield "slice_id", None
+#: ``LayerInfo`` fields that are identity columns of every row (with ``Q = N/M``, ``rf`` per slice too, as
+#: WeightWatcher reports it, ``slice_id`` per slice and ``error``); ``_TEXT``: those that are strings.
+_IDENTITY = ("layer_id", "name", "layer_type", "N", "M")
+_TEXT = ("name", "layer_type")
 
 
 def _route(routes: list[str], backend: str) -> str:

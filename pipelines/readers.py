@@ -72,7 +72,7 @@ MAX_NESTING = 100
 def safe_text(text: str) -> str:
     """``text`` made encodable as UTF-8: lone surrogates (undecodable file-name bytes, ``\\ud800`` in a key) become
     backslash escapes. What the store and every message use for names from files."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def short_repr(value: Any, limit: int = 60) -> str:

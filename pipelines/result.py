@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from zooscope.kernels.weightstats import strength_correlation
+from zooscope.kernels.weightstats import strength_correlation_rows
 
 
 @dataclass
@@ -53,6 +53,8 @@ def add_strength_correlation(result: ModelResult, parts: np.ndarray | None = Non
     values = np.full(len(result.layers), np.nan)
     previous: tuple[int, int, np.ndarray] | None = None  # (part, layer_id, in-strength of its outputs)
     parts = np.zeros(len(result.layers), np.int64) if parts is None else parts
+    same_as_previous = np.zeros(len(result.layers), bool)  # another slice of the layer of the row before
+    chained: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}  # by hidden size: (row, in, out)
     for row, (part, layer_id, pair) in enumerate(zip(parts, result.layers["layer_id"], result.strengths)):
         if previous is not None and previous[0] != part:
             previous = None
@@ -60,12 +62,17 @@ def add_strength_correlation(result: ModelResult, parts: np.ndarray | None = Non
             previous = None
             continue
         in_strength, out_strength = pair
-        if previous is not None and previous[1] == layer_id:  # another slice of the same layer
-            values[row] = values[row - 1]
+        if previous is not None and previous[1] == layer_id:
+            same_as_previous[row] = True
             continue
         if previous is not None and previous[2].size == out_strength.size:
-            values[row] = strength_correlation(previous[2], out_strength)
+            chained.setdefault(out_strength.size, []).append((row, previous[2], out_strength))
         previous = (part, layer_id, in_strength)
+    for group in chained.values():
+        rows = [row for row, _, _ in group]
+        values[rows] = strength_correlation_rows(np.stack([a for _, a, _ in group]), np.stack([b for _, _, b in group]))
+    for row in np.flatnonzero(same_as_previous):  # in row order: a run of slices copies its first row's value
+        values[row] = values[row - 1]
     result.layers["ns_corr_prev"] = values
 
 
@@ -77,12 +84,15 @@ class BatchResult:
     part_of_row: ``(rows,)`` int, the part (index into the task's sources) of each row of ``result``.
     errors: per part, its ``CheckpointError`` when it could not be read, else None.
     n_params: ``(parts,)`` int, weights read per part (0 for a failed part).
+    summaries: the parts' model-summary columns (``summary.summary_columns``, each ``(parts,)``), when the task
+        computed them (a batch of whole models; a shard's model is summarised once its shards are merged).
     """
 
     result: ModelResult
     part_of_row: np.ndarray
     errors: list
     n_params: np.ndarray
+    summaries: dict[str, np.ndarray] | None = None
 
     def rows_of(self, part: int) -> np.ndarray:
         """Row numbers (into ``result``) of one part."""

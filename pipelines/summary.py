@@ -162,3 +162,15 @@ def summarize_models(
         weights = (layers["N"].to_numpy() * layers["M"].to_numpy() * rf)[analysed]
         out["n_params"] = np.bincount(codes[analysed], weights=weights, minlength=len(models)).astype(np.int64)
     return out
+
+
+def summary_columns(result, model_of_row: np.ndarray, n_models: int) -> dict[str, np.ndarray]:
+    """The summary columns of the model rows of a ``ModelResult`` holding ``n_models`` models (row ``i`` belongs to
+    ``model_of_row[i]``): WeightWatcher's means and the robust ones (``robust_*``), each ``(n_models,)``."""
+    def esd(layer_row: pd.Series) -> np.ndarray:
+        return result.esd[layer_row.name]
+
+    ww = model_summaries(result.layers, model_of_row, n_models, "ww", esd=esd)
+    robust = model_summaries(result.layers, model_of_row, n_models, "robust")
+    return {**{m: ww[m] for m in SUMMARY_METRICS if m in ww},
+            **{f"robust_{m}": robust[m] for m in SUMMARY_METRICS if m in robust}}
