@@ -31,15 +31,18 @@ EXIT_MARKER_ENV = "ZOOSCOPE_TEST_EXIT_MARKER"
 WORKER_WAIT_S = 600.0
 
 
-def run_task(parts: Sequence[tuple[str, Sequence[str] | None, str]], options: AnalysisOptions) -> BatchResult:
-    """The task body: analyse ``(path, keys, model_id)`` parts together (``pipelines.batch.analyze_batch``).
+def run_task(parts: Sequence[tuple[str, Sequence[str] | None, str, str | None, bool]],
+             options: AnalysisOptions) -> BatchResult:
+    """The task body: analyse ``(path, keys, model_id, base, peft)`` parts together
+    (``pipelines.batch.analyze_batch``; ``base``/``peft``: ``pipelines.derived.open_derived``).
 
     ``result.timings['wall']`` is the task's wall time in seconds.
     """
-    for _, _, model_id in parts:
+    for _, _, model_id, _, _ in parts:
         _test_exit_hook(model_id)
     t0 = time.perf_counter()
-    batch = analyze_batch([(path, list(keys) if keys is not None else None) for path, keys, _ in parts], options)
+    batch = analyze_batch([(path, list(keys) if keys is not None else None, base, peft)
+                           for path, keys, _, base, peft in parts], options)
     batch.result.timings["wall"] = time.perf_counter() - t0
     return batch
 
@@ -82,8 +85,8 @@ def execute(
             yield task, outcome
 
 
-def _task_args(task: Task) -> list[tuple[str, tuple[str, ...] | None, str]]:
-    return [(p.path, p.keys, p.model_id) for p in task.parts]
+def _task_args(task: Task) -> list[tuple[str, tuple[str, ...] | None, str, str | None, bool]]:
+    return [(p.path, p.keys, p.model_id, p.base, p.peft) for p in task.parts]
 
 
 def _in_process(tasks: Sequence[Task], options: AnalysisOptions) -> Iterator[tuple[Task, Any]]:
