@@ -119,9 +119,9 @@ def plan(
     """Parts for every source whose content hash is not in ``done_hashes``, in source order.
 
     ``hashes`` maps a source path to its content hash where the caller already knows it (else it is computed
-    with ``readers.content_hash``, and ``derived.derived_hash`` for a source with a base). Of several sources with the same content only the first is planned (the
-    store keeps one row per hash). A checkpoint that cannot be opened for splitting becomes one task, so that
-    its error is reported by its task like any other.
+    with ``readers.content_hash``, and ``derived.derived_hash`` for a source with a base). Of several sources with
+    the same content only the first is planned (the store keeps one row per hash). A checkpoint that cannot be
+    opened for splitting becomes one task, so that its error is reported by its task like any other.
     """
     budget = DEFAULT_SHARD_BYTES if shard_bytes is None else int(shard_bytes)
     if budget < 1:

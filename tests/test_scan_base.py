@@ -1,14 +1,13 @@
 """``zooscope scan --base`` / manifest ``base`` / ``--peft``: fine-tunes scanned against their base model.
 
 Per layer, a scan with a base equals ``zooscope.analyze(ft, base_model=base)`` (metrics to 1e-12 relative) and its
-ESDs are the eigenvalues of (W − W_base)ᵀ(W − W_base) (difference in float32, as stored) by LAPACK (1e-10 relative to λmax). The content hash covers
-the base: a rerun skips, a changed or another base is analysed again, a missing base or a shape mismatch is that
-model's error row naming both files while the other models go on.
+ESDs are the eigenvalues of (W − W_base)ᵀ(W − W_base) (difference in float32, as stored) by LAPACK (1e-10 relative
+to λmax). The content hash covers the base: a rerun skips, a changed or another base is analysed again, a missing
+base or a shape mismatch is that model's error row naming both files while the other models go on.
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 from safetensors.numpy import save_file
 
 import zooscope
-from test_scan import assert_same_store, layers_by_model, make_weights, models_table
+from test_scan import assert_same_store, copy_store, layers_by_model, make_weights, models_table
 from zooscope.cli import main
 from zooscope.engine import scan as scan_module
 from zooscope.engine.scan import ScanUsageError, scan
@@ -50,21 +49,14 @@ def zoo(tmp_path_factory):
     return root, store
 
 
-def _copy(store: Path, to: Path) -> Path:
-    import shutil
-
-    shutil.copytree(store, to)
-    return to
-
-
 def test_scan_with_base_equals_analyze_with_base_model(zoo):
     root, store = zoo
     base = root / "base.safetensors"
     layers = layers_by_model(store)
     models = models_table(store).set_index("model_id")
     with ZooStore.open(str(store)) as z:
-        esds = {(models_.loc[r["model_row"], "model_id"], r["name"]): z.esd(i)
-                for models_ in [z.models()] for i, r in z.layers().iterrows()}
+        model_ids = z.models()["model_id"]
+        esds = {(model_ids[r["model_row"]], r["name"]): z.esd(i) for i, r in z.layers().iterrows()}
     for i in (1, 2):
         ft = root / "ft" / f"ft{i}.safetensors"
         assert models.loc[f"ft{i}", "base_path"] == str(base.resolve())
@@ -95,7 +87,7 @@ def test_sharded_scan_with_base_equals_unsharded(zoo, tmp_path):
 
 def test_rerun_skips_and_a_changed_or_other_base_is_analysed_again(zoo, tmp_path, monkeypatch):
     root, store = zoo
-    store = _copy(store, tmp_path / "zoo.zarr")
+    store = copy_store(store, tmp_path / "zoo.zarr")
     calls = []
     monkeypatch.setattr(scan_module, "content_hash", lambda p: calls.append(p) or content_hash(p))
     report = scan([root / "ft"], store, base=root / "base.safetensors", progress=False)
@@ -105,8 +97,17 @@ def test_rerun_skips_and_a_changed_or_other_base_is_analysed_again(zoo, tmp_path
 
     other = tmp_path / "other_base.safetensors"  # the same files against another base: new results
     save_file(make_weights(5), str(other))
-    report = scan([root / "ft"], store, base=other, progress=False)
-    assert (report.n_ok, report.n_skipped) == (2, 0)
+    twin = tmp_path / "twin" / "ft1_copy.safetensors"  # byte-identical to ft1: the same result, its own row
+    twin.parent.mkdir()
+    twin.write_bytes((root / "ft" / "ft1.safetensors").read_bytes())
+    report = scan([root / "ft", twin], store, base=other, progress=False)
+    assert (report.n_ok, report.n_skipped) == (3, 0)
+    rows = models_table(store).set_index(["model_id", "version"])
+    assert rows.loc[("ft1_copy", 1), "content_hash"] == rows.loc[("ft1", 2), "content_hash"] \
+        != rows.loc[("ft1", 1), "content_hash"]
+    both = layers_by_model(store).query("model_id == 'ft1_copy' or (model_id == 'ft1' and version == 2)")
+    pd.testing.assert_frame_equal(*(g.drop(columns=["model_id", "version"]).reset_index(drop=True)
+                                    for _, g in both.groupby("model_id")))
     changed = tmp_path / "changed"  # a base file that changes in place: analysed again
     changed.mkdir()
     save_file(make_weights(0), str(changed / "base.safetensors"))
@@ -122,7 +123,7 @@ def test_rerun_skips_and_a_changed_or_other_base_is_analysed_again(zoo, tmp_path
     np.testing.assert_allclose(new.loc[theirs.index, "alpha"], theirs["alpha"], rtol=1e-12)
 
 
-def test_manifest_base_column_and_cli_flag(zoo, tmp_path, capsys):
+def test_manifest_base_column_and_cli_flag(zoo, tmp_path):
     root, _ = zoo
     manifest = root / "zoo.csv"
     pd.DataFrame({"path": ["ft/ft1.safetensors", "ft/ft2.safetensors"], "base": ["base.safetensors", ""],
@@ -153,7 +154,7 @@ def test_manifest_base_column_and_cli_flag(zoo, tmp_path, capsys):
     assert not (tmp_path / "x.zarr").exists()
 
 
-def test_missing_base_and_shape_mismatch_are_error_rows(zoo, tmp_path, capsys):
+def test_missing_base_and_shape_mismatch_are_error_rows(zoo, tmp_path):
     root, _ = zoo
     models_dir = tmp_path / "models"
     models_dir.mkdir()
@@ -169,6 +170,10 @@ def test_missing_base_and_shape_mismatch_are_error_rows(zoo, tmp_path, capsys):
     error = rows.loc["wide", "error"]
     assert str(models_dir / "wide.safetensors") in error and str(root / "base.safetensors") in error
     assert "(33,) differs from (32,)" in error
+    wide_only = [models_dir / "wide.safetensors"]
+    assert scan(wide_only, store, base=root / "base.safetensors", progress=False).n_skipped == 1
+    report = scan(wide_only, store, base=root / "base.safetensors", retry_failed=True, progress=False)
+    assert (report.n_error, report.n_skipped) == (1, 0)  # analysed again: the same error
     missing = tmp_path / "gone.safetensors"
     report = scan([models_dir / "good.safetensors"], store, base=missing, progress=False)
     assert (report.n_ok, report.n_error) == (0, 1)
@@ -211,7 +216,10 @@ def test_peft_adapters_merged_into_the_base(zoo, tmp_path):
         mine = layers[layers["model_id"] == f"task{i}"].set_index("name")
         np.testing.assert_allclose(mine.loc[theirs.index, METRICS].to_numpy(float),
                                    theirs[METRICS].to_numpy(float), rtol=1e-12)
-    # the adapter alone (no base) is another content: B·A·scale, analysed again
+    # the adapter directory is the model; alone (no base) it is another content, B·A·scale: analysed again
+    assert models.loc["task1", "path"] == str(tmp_path / "adapters" / "task1")
     report = scan([tmp_path / "adapters" / "task1"], store, peft=True, progress=False)
     assert report.n_ok == 1
-    assert os.path.isdir(models.loc["task1", "path"])
+    alone = models_table(store).query("model_id == 'task1' and version == 2").iloc[0]
+    assert alone["base_path"] == "" and alone["content_hash"] == derived_hash(
+        content_hash(tmp_path / "adapters" / "task1"), peft=True)
