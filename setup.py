@@ -70,6 +70,8 @@ setup(
             "onnx>=1.15",
             "gguf>=0.10",
             "keras>=3.0",
+            # no flax/jax (~110 MB of wheels): the Flax test files are written by the real Flax once and shipped
+            # in tests/data (tests/data/make_flax_fixtures.py)
         ],
     },
     entry_points={"console_scripts": ["zooscope=zooscope.cli:main"]},

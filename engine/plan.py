@@ -3,7 +3,9 @@
 A model whose content hash the store already holds is skipped. A model larger than ``shard_bytes`` on disk is
 split: by its safetensors/``.bin`` shard files when it has several (a file above the budget is split further),
 otherwise into contiguous groups of whole tensors (checkpoint key order) of at most ``shard_bytes`` each
-(a single tensor larger than the budget is a shard of its own). Each model or shard is a :class:`Part`.
+(a single tensor larger than the budget is a shard of its own). Each model or shard is a :class:`Part`. A model
+with a ``base`` (a fine-tune read as ``W − W_base``, or a LoRA adapter merged into its base: ``peft``) is split by
+the keys of the derived checkpoint (``pipelines.derived.open_derived``), and its parts read both files.
 
 ``pack`` groups parts into :class:`Task`s, the unit Dask schedules: small models are packed many to a task (up to
 ``batch_bytes`` read and ``batch_models`` parts), so that a zoo of 100k small models is hundreds of tasks whose
@@ -15,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
-from zooscope.pipelines.readers import CheckpointError, content_hash, model_files, open_checkpoint
+from zooscope.pipelines.derived import derived_hash, open_derived
+from zooscope.pipelines.readers import CheckpointError, content_hash, model_files
 
 #: Models above this many bytes on disk are split into shards of at most this many bytes (2 GiB).
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -26,7 +29,8 @@ DEFAULT_BATCH_MODELS = 2048
 
 
 class Source(Protocol):
-    """What ``plan`` needs of a model: where it is and what it is called (``readers.ModelSource`` fits)."""
+    """What ``plan`` needs of a model: where it is and what it is called (``readers.ModelSource`` fits); optional
+    ``base`` (path of its base model) and ``peft`` (a LoRA adapter directory), as ``engine.scan.ModelInput`` has."""
 
     path: str
     model_id: str
@@ -39,6 +43,8 @@ class Part:
     shard / n_shards: position of this part among its model's parts (0-based) and their number.
     nbytes: bytes of tensor data the part reads (file size for an unsplit model).
     wants_gpu: the part may use a GPU (its task asks for the ``GPU`` resource where workers offer one).
+    base, peft: read the part through ``pipelines.derived.open_derived(path, base, peft)`` (no base and not peft:
+        the checkpoint itself); ``content_hash`` then covers the base (``derived.derived_hash``).
     """
 
     model_id: str
@@ -49,6 +55,8 @@ class Part:
     n_shards: int
     nbytes: int
     wants_gpu: bool = False
+    base: str | None = None
+    peft: bool = False
 
 
 @dataclass(frozen=True)
@@ -112,9 +120,10 @@ def plan(
     """Parts for every source whose content hash is not in ``done_hashes``, in source order.
 
     ``hashes`` maps a source path to its content hash where the caller already knows it (else it is computed
-    with ``readers.content_hash``), ``sizes`` its bytes on disk (else ``disk_bytes``). Of several sources with the same content only the first is planned (the
-    store keeps one row per hash). A checkpoint that cannot be opened for splitting becomes one task, so that
-    its error is reported by its task like any other.
+    with ``readers.content_hash``, and ``derived.derived_hash`` for a source with a base), ``sizes`` its own files'
+    bytes on disk (else ``disk_bytes``). Of several sources with the same content only the first is planned (the
+    store keeps one row per hash). A checkpoint that cannot be opened for splitting becomes one task, so that its
+    error is reported by its task like any other.
     """
     budget = DEFAULT_SHARD_BYTES if shard_bytes is None else int(shard_bytes)
     if budget < 1:
@@ -122,17 +131,21 @@ def plan(
     seen = set(done_hashes)
     parts: list[Part] = []
     for source in sources:
-        digest = (hashes or {}).get(source.path) or content_hash(source.path)
+        base, peft = getattr(source, "base", None), getattr(source, "peft", False)
+        digest = (hashes or {}).get(source.path) or derived_hash(
+            content_hash(source.path), content_hash(base) if base is not None else None, peft)
         if digest in seen:
             continue
         seen.add(digest)
         size = sizes[source.path] if sizes is not None and source.path in sizes else disk_bytes(source.path)
-        groups = _shard_keys(source.path, budget) if size > budget else None
+        size += disk_bytes(base) if base is not None else 0
+        groups = _shard_keys(source.path, budget, base, peft) if size > budget else None
         if not groups or len(groups) == 1:
-            parts.append(Part(source.model_id, source.path, digest, None, 0, 1, size, wants_gpu))
+            parts.append(Part(source.model_id, source.path, digest, None, 0, 1, size, wants_gpu, base, peft))
             continue
         for i, (keys, nbytes) in enumerate(groups):
-            parts.append(Part(source.model_id, source.path, digest, tuple(keys), i, len(groups), nbytes, wants_gpu))
+            parts.append(Part(source.model_id, source.path, digest, tuple(keys), i, len(groups), nbytes, wants_gpu,
+                              base, peft))
     return parts
 
 
@@ -169,9 +182,10 @@ def split_keys(keys: Sequence[str], nbytes: Callable[[str], int], shard_of: Call
     return groups
 
 
-def _shard_keys(path: str, budget: int) -> list[tuple[list[str], int]] | None:
+def _shard_keys(path: str, budget: int, base: str | None = None,
+                peft: bool = False) -> list[tuple[list[str], int]] | None:
     try:
-        with open_checkpoint(path) as ckpt:
+        with open_derived(path, base=base, peft=peft) as ckpt:
             return split_keys(ckpt.keys(), ckpt.nbytes, ckpt.shard_of, budget)
     except CheckpointError:
         return None

@@ -32,18 +32,21 @@ EXIT_MARKER_ENV = "ZOOSCOPE_TEST_EXIT_MARKER"
 WORKER_WAIT_S = 600.0
 
 
-def run_task(parts: Sequence[tuple[str, Sequence[str] | None, str]], options: AnalysisOptions) -> BatchResult:
-    """The task body: analyse ``(path, keys, model_id)`` parts together (``pipelines.batch.analyze_batch``).
+def run_task(parts: Sequence[tuple[str, Sequence[str] | None, str, str | None, bool]],
+             options: AnalysisOptions) -> BatchResult:
+    """The task body: analyse ``(path, keys, model_id, base, peft)`` parts together
+    (``pipelines.batch.analyze_batch``; ``base``/``peft``: ``pipelines.derived.open_derived``).
 
     ``result.timings['wall']`` is the task's wall time in seconds. A batch of whole models comes back with its
     model summaries (``BatchResult.summaries``) and without the node-strength vectors (used here, not stored), so
     that the scanning process has less to receive and compute; a shard keeps them for the merge.
     """
-    for _, _, model_id in parts:
+    for _, _, model_id, _, _ in parts:
         _test_exit_hook(model_id)
     t0 = time.perf_counter()
-    batch = analyze_batch([(path, list(keys) if keys is not None else None) for path, keys, _ in parts], options)
-    if all(keys is None for _, keys, _ in parts):
+    batch = analyze_batch([(path, list(keys) if keys is not None else None, base, peft)
+                           for path, keys, _, base, peft in parts], options)
+    if all(keys is None for _, keys, _, _, _ in parts):
         batch.summaries = summary_columns(batch.result, batch.part_of_row, len(parts))
         batch.result.strengths = []
     batch.result.timings["wall"] = time.perf_counter() - t0
@@ -88,8 +91,8 @@ def execute(
             yield task, outcome
 
 
-def _task_args(task: Task) -> list[tuple[str, tuple[str, ...] | None, str]]:
-    return [(p.path, p.keys, p.model_id) for p in task.parts]
+def _task_args(task: Task) -> list[tuple[str, tuple[str, ...] | None, str, str | None, bool]]:
+    return [(p.path, p.keys, p.model_id, p.base, p.peft) for p in task.parts]
 
 
 def _in_process(tasks: Sequence[Task], options: AnalysisOptions) -> Iterator[tuple[Task, Any]]:

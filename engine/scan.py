@@ -5,6 +5,10 @@ analyses only what is new or changed; a changed file of a known ``model_id`` bec
 the old rows stay; a bad file already recorded with the same hash is not retried). Shards of a model are merged
 in layer order and the model is appended to the store as soon as its last shard finishes: this process is the
 store's only writer, so a crash loses at most the models in flight and a rerun picks up the rest.
+
+A model with a ``base`` (``--base``, a manifest ``base`` column) is analysed as ``W − W_base`` (with ``peft``: a
+LoRA adapter directory, merged into its base when it has one; ``pipelines.derived``); its content hash covers
+both files (``derived.derived_hash``) and its file stat both stats, so a changed base is analysed again.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -29,8 +33,9 @@ from zooscope.engine.run import execute, wants_gpu
 from zooscope.engine.store import ZooStore, check_column_names
 from zooscope.engine.tune import with_saved_table
 from zooscope.pipelines.analyze import AnalysisOptions, require_backends
+from zooscope.pipelines.derived import derived_hash
 from zooscope.pipelines.drift import drift_table, pair_checkpoints
-from zooscope.pipelines.readers import CheckpointError, content_hash, discover, model_files
+from zooscope.pipelines.readers import CheckpointError, adapter_files, content_hash, discover, model_files
 from zooscope.pipelines.result import BatchResult, ModelResult, merge_results
 from zooscope.pipelines.summary import SUMMARY_METRICS, summary_columns
 
@@ -49,7 +54,7 @@ HASH_INLINE_BYTES = 4 * 1024**2
 #: Model-row columns that scan writes itself; a manifest column may not reuse these names.
 RESERVED_COLUMNS = frozenset({
     "model_id", "path", "content_hash", "version", "status", "error", "n_layers", "n_params", "seconds",
-    "scanned_at", "file_stat", *SUMMARY_METRICS, *(f"robust_{m}" for m in SUMMARY_METRICS),
+    "scanned_at", "file_stat", "base_path", *SUMMARY_METRICS, *(f"robust_{m}" for m in SUMMARY_METRICS),
 })
 
 
@@ -81,11 +86,15 @@ class ScanReport:
 
 @dataclass(frozen=True)
 class ModelInput:
-    """One model to scan: absolute ``path``, its ``model_id`` and the manifest's metadata columns."""
+    """One model to scan: absolute ``path``, its ``model_id`` and the manifest's metadata columns; ``base``: the
+    absolute path of the model it is read against (``W − W_base``), ``peft``: ``path`` is a LoRA adapter
+    directory (``pipelines.derived.open_derived``)."""
 
     path: str
     model_id: str
     metadata: tuple[tuple[str, Any], ...] = ()
+    base: str | None = None
+    peft: bool = False
 
 
 def scan(
@@ -93,6 +102,8 @@ def scan(
     store: str | os.PathLike | None = None,
     *,
     manifest: str | os.PathLike | None = None,
+    base: str | os.PathLike | None = None,
+    peft: bool = False,
     options: AnalysisOptions = AnalysisOptions(),
     cluster: str = "auto",
     config: str | os.PathLike | None = None,
@@ -107,6 +118,11 @@ def scan(
     client: Any = None,
 ) -> ScanReport:
     """Analyse every new or changed checkpoint of ``paths`` and ``manifest`` into the store at ``store``.
+
+    base: a checkpoint of the same architecture: every model without its own manifest ``base`` is analysed as
+        ``W − W_base`` (WeightWatcher's ``base_model``); its path is stored in the ``base_path`` column.
+    peft: every model of ``paths`` is a LoRA adapter directory (a manifest row: its ``peft`` column), analysed as
+        ``B·A·scale``, or merged into its base (``W_base + B·A·scale``).
 
     cluster: a profile of ``cluster.yaml`` (``config``, else the packaged one) such as ``none`` (in-process),
         ``local``, ``local-cuda``, ``slurm``, ``address``; or ``auto``: ``local`` when there are at least
@@ -131,7 +147,9 @@ def scan(
         raise ScanUsageError("no store given: pass store=PATH (--store on the command line)")
     options = with_saved_table(options)
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    models = collect_inputs(paths, manifest)
+    models = collect_inputs(paths, manifest, peft=peft)
+    if base is not None:
+        models = [m if m.base is not None else replace(m, base=os.path.abspath(base)) for m in models]
     if not models:
         given = [*map(str, paths), *([str(manifest)] if manifest else [])]
         raise ScanUsageError(f"no checkpoints found in {', '.join(given) or '(no paths given)'}")
@@ -161,7 +179,7 @@ def scan(
         hashes, stats, failures = _hash_all(models, known, rehash)
         done = _stored_pairs(known, retry_failed)
         for model, message in failures:  # unreadable before any task: recorded now, with a path-derived hash
-            digest = "unreadable:" + hashlib.sha256(model.path.encode()).hexdigest()
+            digest = "unreadable:" + hashlib.sha256(_input_name(model).encode()).hexdigest()
             if (model.model_id, digest) in done:
                 report.n_skipped += 1
                 continue
@@ -249,22 +267,28 @@ def _drift_or_none(init_path: str, path: str, model_id: str, init_model_id: str,
         return None
 
 
-def collect_inputs(paths: Iterable[str | os.PathLike], manifest: str | os.PathLike | None = None) -> list[ModelInput]:
-    """The models named by ``paths`` (files, model directories, directories of checkpoints) and ``manifest``.
+def collect_inputs(paths: Iterable[str | os.PathLike], manifest: str | os.PathLike | None = None, *,
+                   peft: bool = False) -> list[ModelInput]:
+    """The models named by ``paths`` (files, model directories, directories of checkpoints; with ``peft``: LoRA
+    adapter directories, or directories holding them) and ``manifest``.
 
     A path that does not exist is kept as one model (it becomes an error row). Manifest CSV: ``path`` (relative
-    to the manifest's folder unless absolute), optional ``model_id`` (only for a path that is one model), and
-    any other columns, kept as model metadata. A path listed twice is scanned once (the manifest's listing,
-    else the first).
+    to the manifest's folder unless absolute), optional ``model_id`` (only for a path that is one model), optional
+    ``base`` (a base model, relative like ``path``; empty: none) and ``peft`` (true: ``path`` is a LoRA adapter
+    directory), and any other columns, kept as model metadata. A path listed twice is scanned once (the
+    manifest's listing, else the first); the manifest may not list one path with two bases.
     """
     found: dict[str, ModelInput] = {}
     if manifest is not None:
         for model in read_manifest(manifest):
-            found.setdefault(model.path, model)
+            other = found.setdefault(model.path, model)
+            if (other.base, other.peft) != (model.base, model.peft):
+                raise ScanUsageError(f"manifest {manifest} lists {model.path} twice with different base or peft; "
+                                     "scan the second pairing in another run (it becomes the model's next version)")
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     for given in paths:
-        for model in _expand(Path(given)):
+        for model in _expand(Path(given), peft):
             found.setdefault(model.path, model)
     first: dict[str, str] = {}
     for model in found.values():  # one model_id, two files: a second version would silently replace the first
@@ -285,7 +309,7 @@ def read_manifest(manifest: str | os.PathLike) -> list[ModelInput]:
         raise ScanUsageError(f"cannot read manifest {manifest}: {err}") from err
     if "path" not in table.columns:
         raise ScanUsageError(f"manifest {manifest} needs a 'path' column; it has {', '.join(map(str, table.columns))}")
-    meta_columns = [c for c in table.columns if c not in ("path", "model_id")]
+    meta_columns = [c for c in table.columns if c not in ("path", "model_id", "base", "peft")]
     clash = sorted(set(meta_columns) & RESERVED_COLUMNS)
     if clash:
         raise ScanUsageError(f"manifest {manifest}: columns {', '.join(clash)} are reserved for scan results; "
@@ -294,22 +318,43 @@ def read_manifest(manifest: str | os.PathLike) -> list[ModelInput]:
     for i, row in table.iterrows():
         if pd.isna(row["path"]) or not str(row["path"]).strip():
             raise ScanUsageError(f"manifest {manifest}, row {i + 2}: empty path")
-        path = manifest.parent / str(row["path"]).strip()
-        root = os.path.realpath(manifest.parent)
-        if os.path.commonpath([root, os.path.realpath(path)]) != root:
-            raise ScanUsageError(f"manifest {manifest}, row {i + 2}: {path} is outside the manifest's folder {root} "
-                                 "(a manifest names checkpoints in or below its own folder)")
+        path = _manifest_path(manifest, i, row["path"])
+        base = row.get("base")
+        base = None if base is None or pd.isna(base) or not str(base).strip() else \
+            os.path.abspath(_manifest_path(manifest, i, base))
+        peft = _manifest_flag(manifest, i, row.get("peft", False))
         metadata = tuple((c, _init_path(manifest, v) if c == "init" else _plain(v))
                          for c, v in ((c, row[c]) for c in meta_columns))
-        expanded = _expand(path)
+        expanded = [replace(m, base=base) for m in _expand(path, peft)]
         model_id = row.get("model_id")
         if model_id is not None and not pd.isna(model_id):
             if len(expanded) != 1:
                 raise ScanUsageError(f"manifest {manifest}, row {i + 2}: model_id {model_id!r} given for {path}, "
                                      f"which holds {len(expanded)} models")
-            expanded = [ModelInput(expanded[0].path, str(model_id))]
-        models += [ModelInput(m.path, m.model_id, metadata) for m in expanded]
+            expanded = [replace(expanded[0], model_id=str(model_id))]
+        models += [replace(m, metadata=metadata) for m in expanded]
     return models
+
+
+def _manifest_path(manifest: Path, i: int, value: Any) -> Path:
+    """A manifest cell naming a file, relative to the manifest's folder unless absolute, which it must lie in or
+    below (symbolic links resolved); ``i``: the table row (the file's line ``i + 2``)."""
+    path = manifest.parent / str(value).strip()
+    root = os.path.realpath(manifest.parent)
+    if os.path.commonpath([root, os.path.realpath(path)]) != root:
+        raise ScanUsageError(f"manifest {manifest}, row {i + 2}: {path} is outside the manifest's folder {root} "
+                             "(a manifest names checkpoints in or below its own folder)")
+    return path
+
+
+def _manifest_flag(manifest: Path, i: int, value: Any) -> bool:
+    """A manifest cell read as a yes/no flag: empty, 0, false, no -> False; 1, true, yes -> True."""
+    text = "" if pd.isna(value) else str(_plain(value)).strip().lower()
+    if text in ("", "0", "0.0", "false", "no"):
+        return False
+    if text in ("1", "1.0", "true", "yes"):
+        return True
+    raise ScanUsageError(f"manifest {manifest}, row {i + 2}: peft must be true or false, got {value!r}")
 
 
 def _init_path(manifest: Path, value: Any) -> Any:
@@ -342,14 +387,27 @@ def file_stat(path: str) -> str:
 
 
 def _stat_bytes(stat: str) -> int:
-    """The bytes on disk recorded in a ``file_stat`` string."""
+    """The bytes on disk of the model's own files, from its ``file_stat`` (or ``_input_stat``) string."""
     return int(stat.split(":")[1])
 
 
-def _expand(path: Path) -> list[ModelInput]:
+def _expand(path: Path, peft: bool = False) -> list[ModelInput]:
+    """The models at ``path`` (``readers.discover``); with ``peft``, the LoRA adapter directories at or below it."""
     if not path.exists():
-        return [ModelInput(os.path.abspath(path), path.stem or path.name)]
-    return [ModelInput(os.path.abspath(s.path), s.model_id) for s in discover([path])]
+        return [ModelInput(os.path.abspath(path), path.stem or path.name, peft=peft)]
+    if not peft:
+        return [ModelInput(os.path.abspath(s.path), s.model_id) for s in discover([path])]
+    if not path.is_dir() or adapter_files(path):  # one model (a file: an error row naming it)
+        return [ModelInput(os.path.abspath(path), path.resolve().name if path.is_dir() else path.stem, peft=True)]
+    found = []
+    for dirpath, dirnames, _ in os.walk(path):
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        for name in list(dirnames):
+            if adapter_files(Path(dirpath, name)):
+                found.append(ModelInput(os.path.abspath(Path(dirpath, name)),
+                                        Path(dirpath, name).relative_to(path).as_posix(), peft=True))
+                dirnames.remove(name)
+    return found
 
 
 def _plain(value: Any) -> Any:
@@ -357,11 +415,28 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+def _input_stat(model: ModelInput) -> str:
+    """``file_stat`` of a model, and for a model with a base also the base's stat and path (and ``peft``)."""
+    stat = file_stat(model.path) + (" peft" if model.peft else "")
+    if model.base is None:
+        return stat
+    try:
+        return f"{stat} base {file_stat(model.base)} {model.base}"
+    except (CheckpointError, OSError) as err:
+        raise CheckpointError(None, None, f"base model {err}") from err
+
+
+def _input_name(model: ModelInput) -> str:
+    """The path of a model, with its base's and ``peft`` when it has them: what an unreadable model's hash hashes."""
+    return model.path + (f"\0base {model.base}" if model.base is not None else "") + ("\0peft" if model.peft else "")
+
+
 def _hash_all(models: Sequence[ModelInput], known: pd.DataFrame,
               rehash: bool) -> tuple[dict[str, str], dict[str, str], list[tuple[ModelInput, str]]]:
-    """Content hashes by path (reusing the store's hash where path and file stat match), file stats by path,
-    and the models whose files cannot be read, with the message. Models under ``HASH_INLINE_BYTES`` are hashed
-    one after the other (a thread per small file costs more than its hash); bigger ones on a thread pool."""
+    """Content hashes by path (reusing the store's hash where path and file stat match; with a base: the
+    ``derived_hash`` of both files, each base hashed once), file stats by path, and the models whose files cannot
+    be read, with the message. Files under ``HASH_INLINE_BYTES`` are hashed one after the other (a thread per
+    small file costs more than its hash), bigger ones on a thread pool."""
     cached: dict[tuple[str, str], str] = {}
     if not rehash and len(known) and {"path", "file_stat", "content_hash"} <= set(known.columns):
         cached = {(p, s): h for p, s, h in zip(known["path"], known["file_stat"], known["content_hash"])
@@ -370,26 +445,34 @@ def _hash_all(models: Sequence[ModelInput], known: pd.DataFrame,
     failures: list[tuple[ModelInput, str]] = []
     for model in models:
         try:
-            stats[model.path] = file_stat(model.path)
+            stats[model.path] = _input_stat(model)
         except (CheckpointError, OSError) as err:
             failures.append((model, str(err)))
     hashes = {m.path: cached[(m.path, stats[m.path])] for m in models if (m.path, stats.get(m.path)) in cached}
     todo = [m for m in models if m.path in stats and m.path not in hashes]
-    small = [m for m in todo if _stat_bytes(stats[m.path]) < HASH_INLINE_BYTES]
-    large = [m for m in todo if _stat_bytes(stats[m.path]) >= HASH_INLINE_BYTES]
+    bases = list(dict.fromkeys(m.base for m in todo if m.base is not None))
+    small = {m.path for m in todo if _stat_bytes(stats[m.path]) < HASH_INLINE_BYTES}
 
-    def one(model: ModelInput) -> tuple[ModelInput, str | None, str]:
+    def one(path: str) -> tuple[str | None, str]:
         try:
-            return model, content_hash(model.path), ""
+            return content_hash(path), ""
         except (CheckpointError, OSError) as err:
-            return model, None, str(err)
+            return None, str(err)
 
     with ThreadPoolExecutor(max_workers=max(1, min(8, available_cores()))) as pool:  # hashlib releases the GIL
-        for model, digest, message in [*map(one, small), *pool.map(one, large)]:
+        base_hashes = dict(zip(bases, pool.map(one, bases)))
+        inline = {path: one(path) for path in small}
+        large = [m.path for m in todo if m.path not in small]
+        digests = {**inline, **dict(zip(large, pool.map(one, large)))}
+        for model in todo:
+            digest, message = digests[model.path]
+            base_digest, base_message = base_hashes.get(model.base, (None, ""))
             if digest is None:
                 failures.append((model, message))
+            elif base_message:
+                failures.append((model, f"base model {base_message}"))
             else:
-                hashes[model.path] = digest
+                hashes[model.path] = derived_hash(digest, base_digest, model.peft)
     return hashes, stats, failures
 
 
@@ -518,6 +601,8 @@ def _model_row(model: ModelInput, digest: str, stat: str, error: str) -> dict[st
         "seconds": math.nan,
         "scanned_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "file_stat": stat,
+        **({"base_path": model.base} if model.base is not None else {}),
+        **({"peft": True} if model.peft else {}),
         **dict(model.metadata),
     }
 

@@ -24,8 +24,9 @@ import pandas as pd
 from zooscope.kernels import esd as esd_kernels
 from zooscope.kernels.backends import BackendUnavailable
 from zooscope.kernels import powerlaw, spectral, weightstats
+from zooscope.pipelines.derived import open_derived
 from zooscope.pipelines.layers import LayerError, LayerInfo, layer_matrices, plan_layers
-from zooscope.pipelines.readers import Checkpoint, CheckpointError, open_checkpoint
+from zooscope.pipelines.readers import Checkpoint, CheckpointError
 from zooscope.pipelines.result import BatchResult, ModelResult, add_strength_correlation
 
 #: Bytes of weights (tensors plus their fp64 matrices) held before the pending buckets are solved (64 MiB: about
@@ -39,18 +40,21 @@ TRANSIENT_ERRORS = (MemoryError, BackendUnavailable)
 _FIT_COLUMNS = tuple(f.name for f in fields(powerlaw.PowerLawFit) if f.name != "status")
 
 
-def analyze_batch(sources: Sequence[tuple[Any, Sequence[str] | None]], options: Any, *,
+def analyze_batch(sources: Sequence[tuple[Any, ...]], options: Any, *,
                   memory_bytes: int = MEMORY_BYTES) -> BatchResult:
-    """Analyse every ``(source, keys)`` of ``sources`` together (``keys=None``: all tensors; else one shard).
+    """Analyse every ``(source, keys)`` or ``(source, keys, base, peft)`` of ``sources`` together (``keys=None``:
+    all tensors; else one shard).
 
-    ``source`` is anything ``readers.open_checkpoint`` takes (a path, an ``nn.Module``, a state dict);
-    ``options`` an ``analyze.AnalysisOptions``. Parts that fail to read get their ``CheckpointError`` in
-    ``BatchResult.errors`` and no rows.
+    ``source`` is anything ``readers.open_checkpoint`` takes (a path, an ``nn.Module``, a state dict); with
+    ``base``/``peft`` the part is read through ``derived.open_derived(source, base, peft)`` (``W − W_base``, a LoRA
+    update, or a LoRA adapter merged into ``base``). ``options`` an ``analyze.AnalysisOptions``. Parts that fail
+    to read (incl. a missing base or a shape mismatch) get their ``CheckpointError`` in ``BatchResult.errors`` and
+    no rows.
     """
     batch = _Batch(options, memory_bytes)
-    for part, (source, keys) in enumerate(sources):
+    for part, (source, keys, *derived) in enumerate(sources):
         try:
-            with open_checkpoint(source) as ckpt:
+            with open_derived(source, *derived) as ckpt:
                 batch.add(part, ckpt, keys)
         except CheckpointError as err:
             batch.fail(part, err)

@@ -5,6 +5,7 @@ tensor, so every analysis that takes a checkpoint takes these too. Keys are matc
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -14,11 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from zooscope.pipelines.readers import Checkpoint, CheckpointError, open_checkpoint
+from zooscope.pipelines.readers import ADAPTER_CONFIG, ADAPTER_FILES, Checkpoint, CheckpointError, open_checkpoint
 
 #: PEFT's saved LoRA keys: ``base_model.model.<name>.lora_A.weight`` (an adapter name may follow ``lora_A``).
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
-_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 class _Derived(Checkpoint):
@@ -80,7 +80,7 @@ class DeltaCheckpoint(_Derived):
 
 
 def _adapter_config(directory: Path) -> dict[str, Any]:
-    cfg_path = directory / "adapter_config.json"
+    cfg_path = directory / ADAPTER_CONFIG
     try:
         cfg = json.loads(cfg_path.read_text())
     except FileNotFoundError:
@@ -112,9 +112,9 @@ class LoraCheckpoint(_Derived):
     def __init__(self, directory: str | os.PathLike, base: Checkpoint | None = None):
         d = Path(directory)
         cfg = _adapter_config(d)
-        files = [d / f for f in _ADAPTER_FILES if (d / f).is_file()]
+        files = [d / f for f in ADAPTER_FILES if (d / f).is_file()]
         if not files:
-            raise CheckpointError(d, None, f"no {' or '.join(_ADAPTER_FILES)} next to adapter_config.json")
+            raise CheckpointError(d, None, f"no {' or '.join(ADAPTER_FILES)} next to {ADAPTER_CONFIG}")
         adapter = open_checkpoint(files[0])
         parts = [adapter] + ([base] if base is not None else [])
         super().__init__(str(d), "lora", parts, base.module_types() if base is not None else {})
@@ -236,3 +236,13 @@ def open_derived(path: Any, base: Any = None, peft: bool = False) -> Checkpoint:
         if base_ckpt is not None:
             base_ckpt.close()
         raise
+
+
+def derived_hash(model_hash: str, base_hash: str | None = None, peft: bool = False) -> str:
+    """The content hash of what ``open_derived(path, base, peft)`` reads, from the hashes of its files (sha256 hex):
+    ``model_hash`` itself for a plain checkpoint, else a hash of both hashes and the kind of derivation, so that
+    one file against two bases, or with and without ``peft``, are two contents."""
+    if base_hash is None and not peft:
+        return model_hash
+    kind = "lora" if peft else "delta"
+    return hashlib.sha256(f"zooscope-derived {kind} {model_hash} {base_hash or '-'}".encode()).hexdigest()

@@ -43,6 +43,9 @@ _BIN_SHARD = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")
 _ST_INDEX = "model.safetensors.index.json"
 _BIN_INDEX = "pytorch_model.bin.index.json"
 _HASH_BLOCK = 8 << 20
+#: A PEFT LoRA adapter directory: this config next to one of the weight files (``pipelines.derived``).
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 # safetensors dtype code -> (our dtype name, little-endian numpy storage dtype or None when unsupported)
 _ST_DTYPES: dict[str, tuple[str, str | None]] = {
@@ -735,9 +738,16 @@ def discover(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Mod
     return [ModelSource(p, mid if counts[mid] == 1 else p) for p, mid in sorted(renamed.items())]
 
 
+def adapter_files(directory: str | os.PathLike) -> list[Path] | None:
+    """``[adapter_config.json, adapter weights]`` of a PEFT LoRA adapter directory, else None."""
+    d = Path(directory)
+    weights = [d / f for f in ADAPTER_FILES if (d / f).is_file()]
+    return [d / ADAPTER_CONFIG, weights[0]] if weights and (d / ADAPTER_CONFIG).is_file() else None
+
+
 def model_files(path: str | os.PathLike) -> list[Path]:
-    """The files a model consists of: the file itself (with an ONNX model's external-data files), or an HF
-    directory's index json and shards, by name."""
+    """The files a model consists of: the file itself (with an ONNX model's external-data files), an HF
+    directory's index json and shards, by name, or a LoRA adapter directory's config and weights."""
     p = Path(path)
     if not p.is_dir():
         _require_regular(p)
@@ -745,6 +755,8 @@ def model_files(path: str | os.PathLike) -> list[Path]:
         extra = _format_module(suffix).external_files(p) if suffix == ".onnx" else []
         return [p, *sorted(set(extra) - {p}, key=lambda f: f.name)]
     layout = hf_layout(p)
+    if layout is None and adapter_files(p):
+        return adapter_files(p)
     if layout is None:
         raise CheckpointError(p, None, "no such file or model directory")
     _, shards, index = layout

@@ -1,6 +1,13 @@
-"""Flax msgpack checkpoints, written by flax.serialization itself when Flax is installed (else by msgpack with
-flax's ndarray encoding, ext type 1 = packb((shape, dtype name, bytes))), against the arrays written and against
-zooscope.analyze of the equivalent torch model. Weights compared exactly; metrics to 1e-6 relative."""
+"""Flax msgpack checkpoints against the arrays written and against zooscope.analyze of the equivalent torch model.
+Weights compared exactly; metrics to 1e-6 relative.
+
+The files: written by the real ``flax.serialization.to_bytes`` (JAX arrays, chunked) and shipped in ``tests/data``
+with the numpy-written reference arrays (``tests/data/make_flax_fixtures.py``, flax 0.12.8 / jax 0.10.2: rerun it
+to check a newer Flax), so they are tested without Flax; and written here by msgpack with flax's ndarray encoding
+(ext type 1 = packb((shape, dtype name, bytes))).
+"""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,14 +22,28 @@ METRICS = ["alpha", "D", "xmin", "lambda_max", "log_norm", "log_spectral_norm", 
            "entropy", "num_evals", "rf", "N", "M"]
 
 
+DATA = Path(__file__).parent / "data"
+
+
+def _reference(group: str) -> dict:
+    """The tree ``group`` (``state`` or ``bf16``) of ``flax_state.npz`` (numpy-written), nested again; 0-d arrays
+    become Python ints as in the tree Flax serialised."""
+    tree: dict = {}
+    with np.load(DATA / "flax_state.npz") as npz:
+        for key in npz.files:
+            head, *path = key.split("/")
+            if head != group:
+                continue
+            node = tree
+            for name in path[:-1]:
+                node = node.setdefault(name, {})
+            value = npz[key]
+            node[path[-1]] = int(value) if value.ndim == 0 else value
+    return tree
+
+
 def _state() -> dict:
-    rng = np.random.default_rng(0)
-    heavy = lambda *shape: (rng.standard_t(3, shape) / np.sqrt(shape[-2])).astype(np.float32)  # noqa: E731
-    return {"params": {"Dense_0": {"kernel": heavy(64, 48), "bias": np.zeros(48, np.float32)},
-                       "Conv_0": {"kernel": heavy(3, 3, 8, 24), "bias": np.zeros(24, np.float32)},
-                       "Embed_0": {"embedding": heavy(300, 32).astype(np.float16)},
-                       "attn": {"query": {"kernel": heavy(32, 4, 8)}}},
-            "step": 3, "opt_state": {"0": {"mu": {"Dense_0": {"kernel": np.ones((64, 48), np.float32)}}}}}
+    return _reference("state")
 
 
 def _spec_bytes(state) -> bytes:
@@ -34,16 +55,12 @@ def _spec_bytes(state) -> bytes:
 
 
 @pytest.fixture(params=["flax", "msgpack"])
-def written(request, tmp_path, monkeypatch):
+def written(request, tmp_path):
     state = _state()
-    if request.param == "flax":
-        serialization = pytest.importorskip("flax.serialization")
-        monkeypatch.setattr(serialization, "MAX_CHUNK_SIZE", 4096)  # the Dense kernel is split into chunks
-        data = serialization.to_bytes(state)
-    else:
-        data = _spec_bytes(state)
+    if request.param == "flax":  # Flax's own bytes (kernels stored as chunked arrays), shipped
+        return DATA / "flax_state.msgpack", state
     path = tmp_path / "ckpt.msgpack"
-    path.write_bytes(data)
+    path.write_bytes(_spec_bytes(state))
     return path, state
 
 
@@ -89,3 +106,13 @@ def test_bad_msgpack_files(tmp_path):
     (tmp_path / "list.msgpack").write_bytes(msgpack.packb([1, 2, 3]))
     with pytest.raises(CheckpointError, match="list.msgpack.*root is not a map"):
         open_checkpoint(tmp_path / "list.msgpack")
+
+
+def test_bfloat16_written_by_jax():
+    """A bfloat16 JAX array as Flax stores it (dtype name ``bfloat16``): read widened to float32, exactly."""
+    kernel = _reference("bf16")["params"]["Dense_0"]["kernel"]
+    with open_checkpoint(DATA / "flax_bf16.msgpack") as ckpt:
+        assert ckpt.keys() == ["params.Dense_0.weight"] and ckpt.dtype("params.Dense_0.weight") == "bfloat16"
+        np.testing.assert_array_equal(ckpt.read("params.Dense_0.weight"), kernel.T)
+    assert kernel.dtype == np.float32 and np.array_equal(kernel.view(np.uint32) & 0xFFFF, np.zeros_like(
+        kernel, np.uint32))  # the reference holds bfloat16 values

@@ -15,6 +15,10 @@ EXAMPLES = """examples:
       one worker per GPU; a model above 1 GiB is split into shards analysed in parallel
   zooscope scan /nightly/ckpts --store nightly.zarr --cluster slurm --config my-cluster.yaml
       only new or changed checkpoints are analysed; a changed file becomes the model's next version
+  zooscope scan finetunes/ --base pretrained.safetensors --store ft.zarr
+      each fine-tune analysed as W - W_base (WeightWatcher's base_model); a manifest 'base' column sets it per model
+  zooscope scan adapters/ --peft --base pretrained/ --store lora.zarr
+      every LoRA adapter directory under adapters/, merged into the base (without --base: B·A·scale alone)
 
 --cluster auto (the default) runs in-process for small jobs (fewer than 2 tasks or under 256 MiB to read, or a
 1-core machine) and on the local profile otherwise: one worker process per core, of which one per GPU owns that
@@ -49,7 +53,13 @@ def register(subparsers: Any) -> None:
                         help="checkpoint file, model directory, or directory of checkpoints")
     parser.add_argument("--store", required=True, help="Zarr store to create or append to")
     parser.add_argument("--manifest", metavar="CSV", help="CSV with a 'path' column (relative to the CSV), "
-                        "optional 'model_id', and metadata columns kept on the model rows")
+                        "optional 'model_id', 'base' and 'peft' (see --base, --peft), and metadata columns kept "
+                        "on the model rows")
+    parser.add_argument("--base", metavar="PATH", help="base model of every model (without a manifest 'base'): "
+                        "analyse W - W_base per layer; stored in the 'base_path' column")
+    parser.add_argument("--peft", action="store_true", help="the PATHs are LoRA adapter directories "
+                        "(adapter_config.json + adapter_model.*), or folders holding them: analyse B·A·scale, "
+                        "or with --base the merged W_base + B·A·scale")
     run_group = parser.add_argument_group("where it runs")
     run_group.add_argument("--cluster", default="auto", metavar="PROFILE",
                            help="auto (default), none, local, local-cuda, slurm, address, or another profile "
@@ -146,7 +156,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"zooscope scan: error: {err}", file=sys.stderr)
         return 2
     try:
-        report = scan(args.paths, args.store, manifest=args.manifest, options=options, cluster=args.cluster,
+        report = scan(args.paths, args.store, manifest=args.manifest, base=args.base, peft=args.peft,
+                      options=options, cluster=args.cluster,
                       config=args.config, workers=args.workers, shard_bytes=args.shard_bytes,
                       batch_bytes=args.batch_bytes, batch_models=args.batch_models,
                       retry_failed=args.retry_failed, rehash=args.rehash, commit_seconds=args.commit_seconds,
