@@ -163,7 +163,8 @@ def local_worker_specs(fields: dict[str, Any], workers: int | None, gpus: list[s
     ``cores`` and the GPU count) counts all worker processes; the profile's ``gpus`` (``auto`` = every visible GPU,
     or a number, 0 = none) how many of them own a GPU: ``gpu-<i>`` with ``CUDA_VISIBLE_DEVICES=<that GPU>`` and
     ``resources={"GPU": 1}``. The rest are ``cpu-<i>`` with ``CUDA_VISIBLE_DEVICES=""``: no GPU library in them
-    can reach a device.
+    can reach a device. Each worker's Numba kernels use its share of the cores (``NUMBA_NUM_THREADS``), so that
+    the workers' parallel loops do not oversubscribe the machine.
     """
     wanted = fields.get("gpus", "auto")
     if wanted in (None, "auto"):
@@ -182,10 +183,11 @@ def local_worker_specs(fields: dict[str, Any], workers: int | None, gpus: list[s
         from distributed.worker_memory import parse_memory_limit
 
         memory = parse_memory_limit("auto", 1, total, logger=logging.getLogger("distributed.worker_memory"))
+    numba = {"NUMBA_NUM_THREADS": str(max(1, cores // total))}
     specs = {f"gpu-{i}": {"nthreads": threads, "memory_limit": memory, "resources": {"GPU": 1},
-                          "env": {"CUDA_VISIBLE_DEVICES": gpus[i]}} for i in range(n_gpu)}
+                          "env": {"CUDA_VISIBLE_DEVICES": gpus[i], **numba}} for i in range(n_gpu)}
     specs.update({f"cpu-{i}": {"nthreads": threads, "memory_limit": memory, "resources": {},
-                               "env": {"CUDA_VISIBLE_DEVICES": ""}} for i in range(total - n_gpu)})
+                               "env": {"CUDA_VISIBLE_DEVICES": "", **numba}} for i in range(total - n_gpu)})
     return specs
 
 

@@ -30,6 +30,9 @@ def test_local_layout_without_gpu_is_cpu_workers_that_see_no_gpu():
     specs = local_worker_specs(LOCAL, None, gpus=[], cores=4)
     assert _layout(specs) == {f"cpu-{i}": (0, "") for i in range(4)}
     assert {s["nthreads"] for s in specs.values()} == {1}
+    # each worker's Numba loops get its share of the cores
+    assert {s["env"]["NUMBA_NUM_THREADS"] for s in specs.values()} == {"1"}
+    assert {s["env"]["NUMBA_NUM_THREADS"] for s in local_worker_specs(LOCAL, 2, gpus=[], cores=16).values()} == {"8"}
     assert {parse_bytes(s["memory_limit"]) for s in specs.values()} == {parse_bytes("1GiB")}
     from distributed.system import MEMORY_LIMIT  # memory_limit auto: the system's memory split like LocalCluster's
 
