@@ -160,3 +160,13 @@ def test_strength_correlation_rows_equal_scipy_row_by_row():
         else:
             assert got[r] == pytest.approx(stats.pearsonr(a[r], b[r])[0], rel=1e-12)
     assert np.isnan(ws.strength_correlation_rows(a[:, :1], b[:, :1])).all()
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 2304])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_quantile_rows_equal_numpy_bit_for_bit(n, dtype):
+    """Sorted in the stored dtype, interpolated in fp64: numpy's quantiles of the fp64 values, exactly."""
+    x = np.random.default_rng(n).standard_t(3, size=(4, n)).astype(dtype)
+    x[0, : n // 2] = x[0, 0]  # ties
+    q = (0.0, *ws.QUANTILES, 1.0)
+    np.testing.assert_array_equal(ws.quantile_rows(x, q), np.quantile(x.astype(np.float64), q, axis=1))
