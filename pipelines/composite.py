@@ -5,8 +5,8 @@
 ``W[:, :, 0, 0]``; a pair whose sizes do not chain (``B``'s input size is not ``A``'s output size) is skipped.
 With ``sparsify`` (WeightWatcher's default) a random 0/1 matrix ``S`` of side ``h`` (the shared size) sits between
 them, ``X = B·S·A / (‖A‖·‖B‖ + √‖S‖_F)``, to mimic the ReLU between the layers. The ESD of such a layer is the
-*singular values* of ``X`` (WeightWatcher: "for intra-layer fits, we need the singular values of X"), the largest
-``n_keep`` of them (the second layer's eigenvalue count, WeightWatcher's ``num_components``).
+*singular values* of ``X`` (WeightWatcher: "for intra-layer fits, we need the singular values of X"), at most the
+second layer's ``M·rf`` largest (WeightWatcher's ``num_components``; for a dense second layer the product's rank).
 
 ``stacked``: every analysed layer's matrix (kernel positions side by side), each standardised as
 ``(W − median(W)) / MAD(W)`` (MAD per column, as ``scipy.stats.median_abs_deviation`` computes by default),
