@@ -129,7 +129,8 @@ def scan(
         ``AUTO_LOCAL_TASKS`` tasks and ``AUTO_LOCAL_BYTES`` bytes to read on a machine with ≥ 2 cores, else
         ``none`` (so a small zoo or a rerun with nothing new starts no cluster). ``client``: an existing
         ``distributed.Client`` to use instead (``cluster`` is then ignored).
-    shard_bytes: models larger than this (bytes on disk) are split into shards (default 2 GiB).
+    shard_bytes: models larger than this (bytes on disk) are split into shards (default 2 GiB; never with
+        ``options.intra``/``stacked``, whose rows span the whole model).
     batch_bytes, batch_models: smaller models are analysed many to a task, up to this many bytes read and models
         (``engine.plan.pack``; on a cluster the batches shrink so that each worker gets about four tasks).
     rehash: hash every file even when its size and mtime match what the store recorded for that path.
@@ -156,6 +157,11 @@ def scan(
     for name, value in (("shard_bytes", shard_bytes), ("batch_bytes", batch_bytes), ("batch_models", batch_models)):
         if value is not None and not value >= 1:
             raise ScanUsageError(f"{name} must be a positive number, got {value!r}")
+    if options.intra or options.stacked:  # their rows span every tensor of a model: models are never split
+        if shard_bytes is not None:
+            raise ScanUsageError("shard_bytes cannot be combined with intra/stacked: their layers span every tensor "
+                                 "of a model, which is therefore analysed whole")
+        shard_bytes = sys.maxsize
     if client is None and cluster != "auto":
         get_profile(cluster, config)  # a bad profile fails before the store is touched
     if client is None and cluster in ("auto", "none", "local"):  # this machine runs it: its backends must exist

@@ -80,6 +80,14 @@ class AnalysisOptions:
     seed: seeds every random draw: randomize (draws depend on seed, layer_id, slice) and bootstrap (on seed and
         the layer's eigenvalues only), so a rerun with the same seed gives the same p-values and intervals.
     layers: restrict to these layer names (key prefixes); empty means all.
+    intra: WeightWatcher's ``intra``: instead of the layers, one row per pair of consecutive analysed layers whose
+        sizes chain, ``X = B·A/(‖A‖‖B‖)`` (first kernel position of a convolution), named ``"a X b"``, with the
+        singular values of ``X`` as its ESD (``pipelines.composite``). ``sparsify`` (WeightWatcher's default
+        True, only with ``intra``): a random 0/1 matrix between the two, drawn from ``(seed, layer ids)``.
+    stacked: WeightWatcher's ``stacked``: instead of the layers, one row ``"stacked"`` (``layer_type
+        "stacked"``) for all of them standardised and stacked into one matrix. With ``ww_quirks`` it keeps only
+        as many eigenvalues as the first layer has, as WeightWatcher 0.7.7 does.
+    ``intra`` and ``stacked`` span every layer of a model: ``zooscope scan`` does not shard models for them.
     """
 
     min_evals: int | None = None
@@ -109,6 +117,9 @@ class AnalysisOptions:
     hist_bins: int = 64
     seed: int = 0
     layers: tuple[str, ...] = ()
+    intra: bool = False
+    sparsify: bool = True
+    stacked: bool = False
 
     def __post_init__(self) -> None:
         _one_of("ww_version", self.ww_version, WW_VERSIONS)
@@ -116,7 +127,8 @@ class AnalysisOptions:
         _one_of("precision", self.precision, esd_kernels.PRECISIONS)
         _one_of("fit_backend", self.fit_backend, powerlaw.BACKENDS)
         _one_of("pl_mode", self.pl_mode, powerlaw.MODES)
-        for name in ("pool", "conv2d_norm", "ww_quirks", "mp_fit", "randomize", "detX", "weightstats"):
+        for name in ("pool", "conv2d_norm", "ww_quirks", "mp_fit", "randomize", "detX", "weightstats", "intra",
+                     "sparsify", "stacked"):
             _flag(name, getattr(self, name))
         _integer("max_evals", self.max_evals, 1)
         _integer("max_N", self.max_N, 1)
@@ -158,6 +170,12 @@ class AnalysisOptions:
                              "are fp64-only)")
         if self.fix_fingers and self.max_fingers < 1:
             raise ValueError(f"max_fingers must be at least 1, got {self.max_fingers}")
+        if self.intra and self.stacked:
+            raise ValueError("intra=True and stacked=True cannot be combined (WeightWatcher silently runs stacked "
+                             "with intra's singular values)")
+        if self.randomize and (self.intra or self.stacked):
+            raise ValueError("randomize=True cannot be combined with intra=True or stacked=True (WeightWatcher "
+                             "refuses intra with randomize)")
         if self.pl_mode != "powerlaw" and (self.xmax == "force" or self.fit != "PL"):
             raise ValueError("xmax='force' and fit='TPL'/'E_TPL' need pl_mode='powerlaw' (WeightWatcher's "
                              "pl_package='powerlaw'), as in WeightWatcher")
@@ -177,6 +195,11 @@ class AnalysisOptions:
             del params["max_fingers"], params["finger_thresh"]  # no effect: stores made before them stay valid
         if self.tolerance == esd_kernels.WEAK_RANK_TOLERANCE:
             del params["tolerance"]  # the default: stores made before it stay valid
+        if not self.intra:
+            del params["sparsify"]  # inert without intra
+        for name in ("intra", "stacked"):
+            if not params[name]:
+                del params[name]  # off: stores made before these options stay valid
         params["layers"] = list(self.layers)
         return params
 
@@ -254,7 +277,8 @@ def to_weightwatcher_frame(layers: pd.DataFrame, esd: list[np.ndarray] | None = 
     ``status="error"`` are dropped (WeightWatcher would have crashed on them). WeightWatcher's aliases are added
     (``num_traps`` = ``rand_num_spikes``, ``num_ERG_spikes`` = ``detX_num``, ``ERG_gap`` = ``detX_num −
     num_pl_spikes``); with the ``options`` of the analysis, fit columns appear only for the option that makes
-    WeightWatcher report them (``num_fingers``/``raw_alpha``: ``clip_xmax``; ``Lambda``: a TPL fit).
+    WeightWatcher report them (``num_fingers``/``raw_alpha``: ``clip_xmax``; ``Lambda``: a TPL fit; ``Xflag``:
+    ``intra``).
     """
     if failed_as_minus_one:
         esd_of = None if esd is None else (lambda row: esd[layers.index.get_loc(row.name)])
@@ -271,6 +295,9 @@ def to_weightwatcher_frame(layers: pd.DataFrame, esd: list[np.ndarray] | None = 
         frame["ERG_gap"] = frame["detX_num"] - frame["num_pl_spikes"]
     fit_columns = [c for c, field, value in _FIT_OPTION_COLUMNS
                    if c in frame and (options is None or getattr(options, field) == value)]
+    if options is not None and options.intra:
+        frame["Xflag"] = True  # WeightWatcher's mark of an intra row
+        fit_columns.append("Xflag")
     columns = ["layer_id", "name"] + sorted(
         [c for c in _WW_COLUMNS if c in frame] + [c for c in _OPTIONAL_WW_COLUMNS if c in frame] + fit_columns
     )

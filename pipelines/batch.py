@@ -24,8 +24,9 @@ import pandas as pd
 from zooscope.kernels import esd as esd_kernels
 from zooscope.kernels.backends import BackendUnavailable
 from zooscope.kernels import powerlaw, spectral, weightstats
+from zooscope.pipelines import composite
 from zooscope.pipelines.derived import open_derived
-from zooscope.pipelines.layers import LayerError, LayerInfo, layer_matrices, plan_layers
+from zooscope.pipelines.layers import LayerError, LayerInfo, check_weights, layer_matrices, plan_layers
 from zooscope.pipelines.readers import Checkpoint, CheckpointError
 from zooscope.pipelines.result import BatchResult, ModelResult, add_strength_correlation
 
@@ -135,7 +136,7 @@ class _Batch:
         self.errors: dict[int, CheckpointError] = {}
         self.n_params: dict[int, int] = {}
         self.layers: list[tuple[int, LayerInfo, str]] = []  # per layer read: (rows, info, error message or "")
-        self.pending: list[tuple[list[int], LayerInfo, np.ndarray, list[np.ndarray] | None]] = []
+        self.pending: list[tuple[list[int], LayerInfo, np.ndarray, list[np.ndarray] | None, tuple | None]] = []
         self.pending_bytes = 0
         self.timings = {"read": 0.0, "esd": 0.0, "fit": 0.0, "stats": 0.0}
 
@@ -149,28 +150,91 @@ class _Batch:
         infos = [info for info in plan_layers(ckpt, min_evals=options.min_evals, max_evals=options.max_evals,
                                               max_N=options.max_N, pool=options.pool, only=wanted)
                  if info.skip_reason is None and (not options.layers or info.name in options.layers)]
+        if options.intra or options.stacked:
+            self._add_composite(part, ckpt, infos)
+            return
         for info in infos:
-            t0 = time.perf_counter()
-            tensor = ckpt.read(info.key)
-            self.timings["read"] += time.perf_counter() - t0
-            n_rows = 1 if options.pool else info.n_slices
-            rows = list(range(len(self.part_of_row), len(self.part_of_row) + n_rows))
-            self.part_of_row += [part] * n_rows
-            self.esd += [_EMPTY] * n_rows
+            tensor = self._read(ckpt, info)
             try:
-                stacks = layer_matrices(tensor, info, pool=options.pool, conv2d_norm=options.conv2d_norm,
-                                        source=ckpt.path)
+                stacks, error = layer_matrices(tensor, info, pool=options.pool, conv2d_norm=options.conv2d_norm,
+                                               source=ckpt.path), None
             except LayerError as err:
-                self.status += ["error"] * n_rows
-                self.layers.append((n_rows, info, str(err)))
-                stacks = None
-            else:
-                self.status += ["ok"] * n_rows
-                self.layers.append((n_rows, info, ""))
-            self.pending.append((rows, info, tensor, stacks))
-            self.pending_bytes += tensor.nbytes + sum(s.nbytes for s in stacks or ())
-            if self.pending_bytes >= self.memory_bytes:
-                self._solve_pending()
+                stacks, error = None, err
+            self._queue(part, info, tensor, stacks, error, 1 if options.pool else info.n_slices)
+
+    def _read(self, ckpt: Checkpoint, info: LayerInfo) -> np.ndarray:
+        t0 = time.perf_counter()
+        tensor = ckpt.read(info.key)
+        self.timings["read"] += time.perf_counter() - t0
+        return tensor
+
+    def _queue(self, part: int, info: LayerInfo, tensor: np.ndarray, stacks: list[np.ndarray] | None,
+               error: LayerError | None, n_rows: int, spectrum: tuple[bool, int | None] | None = None) -> None:
+        """Add the rows of one layer (``n_rows``: 1, or one per slice) and queue its matrix ``stacks`` (None with an
+        ``error``). ``spectrum`` (composite rows): ``(singular, keep)``: the ESD is the singular values instead
+        of the eigenvalues, and/or only the ``keep`` largest."""
+        rows = list(range(len(self.part_of_row), len(self.part_of_row) + n_rows))
+        self.part_of_row += [part] * n_rows
+        self.esd += [_EMPTY] * n_rows
+        self.status += ["ok" if error is None else "error"] * n_rows
+        self.layers.append((n_rows, info, "" if error is None else str(error)))
+        self.pending.append((rows, info, tensor, stacks, spectrum))
+        self.pending_bytes += tensor.nbytes + sum(s.nbytes for s in stacks or ())
+        if self.pending_bytes >= self.memory_bytes:
+            self._solve_pending()
+
+    def _add_composite(self, part: int, ckpt: Checkpoint, infos: list[LayerInfo]) -> None:
+        """Queue the composite rows of one part (``pipelines.composite``): with ``intra`` one per pair of
+        consecutive layers that chain, with ``stacked`` one for all layers. A layer with NaN/Inf weights makes
+        the rows it is part of error rows."""
+        options = self.options
+        prev: tuple[LayerInfo, np.ndarray, LayerError | None] | None = None
+        blocks, errors = [], []
+        for info in infos:
+            tensor = self._read(ckpt, info)
+            try:
+                check_weights(tensor, info, ckpt.path)
+                error = None
+            except LayerError as err:
+                error = err
+            if options.stacked:
+                blocks.append(composite.stacked_block(tensor, info))
+                errors.append(error)
+                continue
+            first = composite.first_matrix(tensor, info, ww_layout=options.ww_quirks)
+            if prev is not None:
+                self._queue_intra(part, prev, (info, first, error))
+            prev = (info, first, error)
+        if options.stacked and blocks:
+            names = [info.name for info in infos]
+            error = next((e for e in errors if e is not None), None)
+            if error is None:
+                try:
+                    X = composite.stacked_matrix(blocks, names, ckpt.path)
+                except LayerError as err:
+                    error = err
+            if error is not None:
+                X = np.empty(composite.stacked_shape(blocks))
+            keep = infos[0].num_evals if options.ww_quirks and infos[0].num_evals < min(X.shape) else None
+            stacked = composite.composite_info(0, composite.STACKED_NAME, "stacked", X, 1)
+            self._queue(part, stacked, X, None if error else [X[None]], error, 1,
+                        None if keep is None else (False, keep))
+
+    def _queue_intra(self, part: int, prev: tuple, cur: tuple) -> None:
+        """Queue the intra row of two consecutive layers ``(info, first_matrix, error)``, if they chain."""
+        options = self.options
+        (a_info, A, a_error), (b_info, B, b_error) = prev, cur
+        seed = (options.seed, a_info.layer_id, b_info.layer_id) if options.sparsify else None
+        X = composite.intra_matrix(A, B, mask_seed=seed, ww_align=options.ww_quirks)
+        if X is None:
+            return
+        if len(b_info.shape) > 2 and options.conv2d_norm:  # WeightWatcher's Conv2D rescale of the (second) layer
+            X = X * np.sqrt(0.5)
+        info = composite.composite_info(b_info.layer_id, a_info.name + composite.INTRA_SEPARATOR + b_info.name,
+                                        b_info.layer_type, X, b_info.rf)
+        error = a_error or b_error
+        tall = np.ascontiguousarray(X if X.shape[0] >= X.shape[1] else X.T)
+        self._queue(part, info, X, None if error else [tall[None]], error, 1, (True, b_info.num_evals))
 
     def fail(self, part: int, err: CheckpointError) -> None:
         """Record a part that could not be read; its queued layers are dropped."""
@@ -190,7 +254,7 @@ class _Batch:
         t0 = time.perf_counter()
         bins = self.options.hist_bins
         groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, (_, info, tensor, _) in enumerate(pending):
+        for i, (_, info, tensor, _, _) in enumerate(pending):
             groups[(tensor.shape, info.layer_type)].append(i)
         for (_, layer_type), members in groups.items():
             tensors = [pending[i][2] for i in members]
@@ -219,14 +283,14 @@ class _Batch:
     def _eigenvalues(self, pending) -> None:
         """One eigenvalue call per (N, M) bucket of every stack pending, then the per-row ESD columns."""
         options = self.options
-        buckets: dict[tuple[int, int], list[tuple[int, np.ndarray, dict[str, int]]]] = defaultdict(list)
-        for rows, info, _, stacks in pending:
+        buckets: dict[tuple[int, int], list[tuple[int, np.ndarray, dict[str, int], tuple | None]]] = defaultdict(list)
+        for rows, info, _, stacks, spectrum in pending:
             for k, (row, stack) in enumerate(zip(rows, stacks or ())):  # k: the slice, in per-slice mode
                 ids = {"layer_id": info.layer_id, "N": info.N, "M": info.M, **({} if options.pool else {"slice_id": k})}
-                buckets[stack.shape[1:]].append((row, stack, ids))
+                buckets[stack.shape[1:]].append((row, stack, ids, spectrum))
         for (n, m), members in buckets.items():
             t0 = time.perf_counter()
-            stacks = [s for _, s, _ in members]
+            stacks = [s for _, s, _, _ in members]
             big = np.concatenate(stacks) if len(stacks) > 1 else stacks[0]
             backend = esd_kernels.resolve_backend(big.shape[0], n, m, options.precision, options.esd_table) \
                 if options.esd_backend == "auto" else options.esd_backend
@@ -234,11 +298,13 @@ class _Batch:
             del big
             self.timings["esd"] += time.perf_counter() - t0
             starts = np.cumsum([0] + [s.shape[0] for s in stacks])
-            by_depth: dict[int, list[int]] = defaultdict(list)  # rows with the same number of slices
+            by_depth: dict[tuple, list[int]] = defaultdict(list)  # rows with the same number of slices and spectrum
             for j, stack in enumerate(stacks):
-                by_depth[stack.shape[0]].append(j)
-            for depth, js in by_depth.items():
+                by_depth[stack.shape[0], members[j][3]].append(j)
+            for (depth, spectrum), js in by_depth.items():
                 per_slice = evals[(starts[js][:, None] + np.arange(depth)).ravel()].reshape(len(js), depth, -1)
+                if spectrum is not None:
+                    per_slice = _composite_spectrum(per_slice, *spectrum)
                 rows = [members[j][0] for j in js]
                 for name, values in esd_kernels.singular_value_stats_rows(
                         per_slice, n, ww_sv_min=options.ww_quirks, weak_rank_tolerance=options.tolerance).items():
@@ -350,6 +416,13 @@ _EMPTY = np.zeros(0)
 #: WeightWatcher reports it, ``slice_id`` per slice and ``error``); ``_TEXT``: those that are strings.
 _IDENTITY = ("layer_id", "name", "layer_type", "N", "M")
 _TEXT = ("name", "layer_type")
+
+
+def _composite_spectrum(evals: np.ndarray, singular: bool, keep: int | None) -> np.ndarray:
+    """A composite row's ESD from its eigenvalues ``(R, B, M)``: their square roots (the singular values) when
+    ``singular``, only the ``keep`` largest when given (sorted ascending along the last axis)."""
+    values = np.sqrt(np.maximum(evals, 0.0)) if singular else evals
+    return np.sort(values, axis=-1)[..., -keep:] if keep is not None else values
 
 
 def _route(routes: list[str], backend: str) -> str:

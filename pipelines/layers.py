@@ -169,6 +169,17 @@ def _filter_reason(N: int, M: int, rf: int, *, min_evals: int, max_evals: int, m
     return None
 
 
+def check_weights(W: np.ndarray, info: LayerInfo, source: str = "") -> None:
+    """Raise :class:`LayerError` naming ``source`` and the tensor when ``W`` is not 2-4-D or has NaN/Inf values."""
+    if W.ndim not in (2, 3, 4):
+        raise LayerError(source, info.key, f"cannot make matrices from a {W.ndim}-D tensor")
+    bad = ~np.isfinite(W)
+    if bad.any():
+        n_nan = int(np.isnan(W).sum())
+        raise LayerError(source, info.key, f"layer '{info.name}' has {n_nan} NaN and {int(bad.sum()) - n_nan} "
+                                           "Inf values")
+
+
 def layer_matrices(W: np.ndarray, info: LayerInfo, *, pool: bool = True, conv2d_norm: bool = True,
                    source: str = "") -> list[np.ndarray]:
     """The matrix stacks of one weight tensor, each ``(B, N, M)`` with N >= M and C-ordered.
@@ -184,13 +195,7 @@ def layer_matrices(W: np.ndarray, info: LayerInfo, *, pool: bool = True, conv2d_
     """
     if tuple(W.shape) != tuple(info.shape):
         raise LayerError(source, info.key, f"shape {tuple(W.shape)} does not match the planned {info.shape}")
-    if W.ndim not in (2, 3, 4):
-        raise LayerError(source, info.key, f"cannot make matrices from a {W.ndim}-D tensor")
-    bad = ~np.isfinite(W)
-    if bad.any():
-        n_nan = int(np.isnan(W).sum())
-        raise LayerError(source, info.key, f"layer '{info.name}' has {n_nan} NaN and {int(bad.sum()) - n_nan} "
-                                           "Inf values")
+    check_weights(W, info, source)
     if W.ndim == 2:  # one C-ordered copy at most (none for a C-ordered tall matrix)
         return [np.ascontiguousarray(W if W.shape[0] >= W.shape[1] else W.T)[None]]
     stack = np.moveaxis(W.reshape(W.shape[0], W.shape[1], -1), 2, 0)  # (rf, out, in), s = i*kw + j

@@ -144,3 +144,36 @@ def esd_linear_plot(evals: np.ndarray, *, xmin: float, title: str, bulk: tuple[f
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
     return fig
+
+
+def _log_gaps(evals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(index, log10 gap)`` of the gaps between consecutive sorted eigenvalues; zero gaps (repeated eigenvalues,
+    log10 = −inf) are left out."""
+    with np.errstate(divide="ignore"):
+        logs = np.log10(np.diff(np.sort(np.asarray(evals, dtype=np.float64))))
+    index = np.flatnonzero(np.isfinite(logs))
+    return index, logs[index]
+
+
+def eigenvalue_gaps_plot(evals: np.ndarray, *, xmin: float, title: str) -> Figure:
+    """log10 of the gaps ``λ[i+1] − λ[i]`` against ``i`` (all eigenvalues, ascending), with the index of ``xmin``
+    (``searchsorted``, left) marked: WeightWatcher's ``deltas`` figure ``deltaEs``."""
+    fig, ax = _figure(6.0, 3.8)
+    x, logs = _log_gaps(evals)
+    ax.scatter(x, logs, color="#1f77b4", marker=".")
+    if np.isfinite(xmin):
+        ax.axvline(np.searchsorted(np.sort(evals), xmin, side="left"), color="#d62728", label="λ xmin")
+        ax.legend(fontsize=8, loc="best")
+    ax.set(xlabel="index i of the ascending eigenvalues", ylabel="log10 Δλ", title=f"Log Delta Es for {title}")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def level_stats_plot(evals: np.ndarray, *, title: str) -> Figure:
+    """Density histogram (100 bins) of the log10 eigenvalue gaps: WeightWatcher's ``deltas`` figure
+    ``level-stats``."""
+    fig, ax = _figure(6.0, 3.8)
+    ax.hist(_log_gaps(evals)[1], bins=100, density=True, color="#1f77b4")
+    ax.set(xlabel="log10 Δλ", ylabel="density", title=f"Log Level Statistics for {title}")
+    ax.grid(alpha=0.3)
+    return fig

@@ -26,8 +26,8 @@ _WW_OPTION_NAMES = {
 #: WeightWatcher ``analyze()`` arguments zooscope does not implement, accepted at the value that means what zooscope
 #: does (WeightWatcher's default); any other value raises.
 _WW_DEFAULT_ONLY = {
-    "conv2d_fft": False, "fft": False, "deltas": False, "intra": False,
-    "vectors": False, "channels": None, "stacked": False, "inverse": False,
+    "conv2d_fft": False, "fft": False,
+    "vectors": False, "channels": None, "inverse": False,
 }
 #: WeightWatcher 0.7.7 arguments it ignores, and why: zooscope ignores them too, with a warning.
 _WW_IGNORED = {
@@ -35,8 +35,6 @@ _WW_IGNORED = {
     "max_size": "WeightWatcher 0.7.7 ignores it: use max_evals",
     "glorot_fix": "WeightWatcher 0.7.7 never applies it (analyze() stores it as 'glorot_fit', a key nothing reads)",
 }
-#: WeightWatcher arguments that only matter with an option refused above (``sparsify``: intra).
-_WW_INERT = ("sparsify",)
 #: WeightWatcher's default ``savefig`` folder.
 _WW_SAVEDIR = "ww-img"
 #: the columns of a model with no analysable layer (an empty frame, not a KeyError)
@@ -76,8 +74,6 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
             if value != _WW_DEFAULT_ONLY[key]:
                 raise ValueError(f"WeightWatcher's {key}={value!r} is not implemented by zooscope.analyze; "
                                  f"only {key}={_WW_DEFAULT_ONLY[key]!r} (WeightWatcher's default) is accepted")
-        elif key in _WW_INERT:
-            pass
         elif key in _WW_IGNORED:
             if value not in (None, False):
                 warnings.warn(f"{key}={value!r} is ignored: {_WW_IGNORED[key]}", UserWarning, stacklevel=4)
@@ -86,14 +82,14 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
         elif key in fields:
             options[key] = value
         else:
-            known = fields | set(_WW_OPTION_NAMES) | set(_WW_DEFAULT_ONLY) | set(_WW_INERT) | set(_WW_IGNORED) | {
-                "svd_method", "pl_package", "fit", "ERG", "ww2x", "plot", "savefig", "base_model", "peft"}
+            known = fields | set(_WW_OPTION_NAMES) | set(_WW_DEFAULT_ONLY) | set(_WW_IGNORED) | {
+                "svd_method", "pl_package", "fit", "ERG", "ww2x", "plot", "savefig", "deltas", "base_model", "peft"}
             raise TypeError(f"analyze() got an unknown option {key!r}; known: {sorted(known)}")
     return AnalysisOptions(**options)
 
 
 def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_model: Any = None, peft: bool = False,
-            plot: bool = False, savefig: str | bool = _WW_SAVEDIR, **options: Any):
+            plot: bool = False, savefig: str | bool = _WW_SAVEDIR, deltas: bool = False, **options: Any):
     """Analyse one model and return one row per layer matrix with WeightWatcher 0.7's column names.
 
     model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz, .keras/.h5, .onnx, .gguf,
@@ -111,14 +107,19 @@ def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_mod
         ``base_model``, the merged ``W_base + B·A·scale`` (``pipelines.derived.open_derived``).
     plot, savefig: write WeightWatcher's per-layer ESD figures ``ww.layer{layer_id}.esd.png`` (log-log, power-law
         fit, xmin) and ``.esd2.png`` (lin-lin, xmin, MP bulk with ``mp_fit``) into the folder ``savefig``.
+    deltas: with ``plot``, also WeightWatcher's eigenvalue-spacing figures ``.deltaEs.png`` (log10 of the gaps
+        between consecutive eigenvalues, xmin marked) and ``.level-stats.png`` (their histogram).
+    intra, sparsify, stacked: WeightWatcher's composite layers (``AnalysisOptions``): with ``intra`` the rows are
+        pairs of consecutive layers named ``"a X b"`` (``layer_id`` of ``b``), with ``stacked`` one row
+        ``"stacked"`` (``layer_id`` 0).
     With ``esd_backend="auto"`` (the default) the routing table saved by ``zooscope bench svd --tune`` is used.
     """
     return _analyze(model, ww_compat=ww_compat, start_ids=start_ids, base_model=base_model, peft=peft, plot=plot,
-                    savefig=savefig, **options)[1]
+                    savefig=savefig, deltas=deltas, **options)[1]
 
 
 def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_model: Any = None, peft: bool = False,
-             plot: bool = False, savefig: str | bool = _WW_SAVEDIR, **options: Any):
+             plot: bool = False, savefig: str | bool = _WW_SAVEDIR, deltas: bool = False, **options: Any):
     """``analyze`` returning ``(ModelResult, WeightWatcher-style frame)``: the result keeps the ESDs."""
     from zooscope.engine.tune import with_saved_table
     from zooscope.pipelines.analyze import analyze_checkpoint, require_backends, to_weightwatcher_frame
@@ -130,29 +131,36 @@ def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_mo
     require_backends(opts)
     if plot and not savefig:
         raise ValueError("plot=True writes PNG files (zooscope shows no windows): give savefig=DIR, not savefig=False")
+    if deltas and not plot:
+        raise ValueError("deltas=True draws WeightWatcher's eigenvalue-spacing figures: it needs plot=True")
     if peft not in (True, False):
         raise ValueError(f"peft must be True or False, got {peft!r}")
     with open_derived(model, base=base_model, peft=peft) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
     layers = result.layers if len(result.layers) else result.layers.reindex(columns=_EMPTY_LAYER_COLUMNS)
     frame = to_weightwatcher_frame(layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
-    _weightwatcher_layer_ids(model, frame, start_ids)
+    _weightwatcher_layer_ids(model, frame, start_ids, opts)
     if plot:
         from zooscope.pipelines.layer_figures import save_layer_figures
 
         kept = [i for i, status in enumerate(result.layers.get("status", [])) if status != "error"]  # frame's rows
-        save_layer_figures(frame, [result.esd[i] for i in kept], savefig)
+        save_layer_figures(frame, [result.esd[i] for i in kept], savefig, deltas=deltas)
     return result, frame
 
 
-def _weightwatcher_layer_ids(model: Any, frame, start_ids: int) -> None:
-    """Renumber ``frame["layer_id"]`` as WeightWatcher does: ``named_modules()`` order for an ``nn.Module``, then
-    shifted by ``start_ids``."""
+def _weightwatcher_layer_ids(model: Any, frame, start_ids: int, opts=None) -> None:
+    """Renumber ``frame["layer_id"]`` as WeightWatcher does: ``named_modules()`` order for an ``nn.Module`` (an
+    intra row ``"a X b"`` takes ``b``'s), then shifted by ``start_ids``; the stacked row keeps 0."""
+    if opts is not None and opts.stacked:
+        return
     if hasattr(model, "named_modules"):
+        from zooscope.pipelines.composite import INTRA_SEPARATOR
+
+        names = frame["name"].str.split(INTRA_SEPARATOR).str[-1] if opts is not None and opts.intra else frame["name"]
         module_ids = {name: i for i, (name, _) in enumerate(model.named_modules())}
-        others = dict.fromkeys(n for n in frame["name"] if n not in module_ids)  # e.g. attn.in_proj (no module)
+        others = dict.fromkeys(n for n in names if n not in module_ids)  # e.g. attn.in_proj (no module)
         module_ids.update((n, len(module_ids) + i) for i, n in enumerate(others))
-        frame["layer_id"] = frame["name"].map(module_ids).astype(int)
+        frame["layer_id"] = names.map(module_ids).astype(int)
     frame["layer_id"] += start_ids
 
 

@@ -39,6 +39,9 @@ OPTION_FLAGS = {
     "randomize": "randomize",
     "detx": "detX",
     "seed": "seed",
+    "intra": "intra",
+    "sparsify": "sparsify",
+    "stacked": "stacked",
 }
 
 
@@ -116,6 +119,14 @@ def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
     analysis.add_argument("--randomize", action="store_true", help="compare with randomized weights")
     analysis.add_argument("--detx", action="store_true", help="detX columns")
     analysis.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    analysis.add_argument("--intra", action="store_true",
+                          help="one row per pair of consecutive layers, their normalised product (WeightWatcher's "
+                               "intra; models are not sharded)")
+    analysis.add_argument("--no-sparsify", dest="sparsify", action="store_false",
+                          help="with --intra: no random 0/1 matrix between the two layers")
+    analysis.add_argument("--stacked", action="store_true",
+                          help="one row for all layers standardised and stacked into one matrix (WeightWatcher's "
+                               "stacked; models are not sharded)")
 
 
 def option_values(args: argparse.Namespace) -> dict[str, Any]:
