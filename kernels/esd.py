@@ -326,6 +326,21 @@ def singular_value_stats_rows(evals: np.ndarray, n: int, *, ww_sv_min: bool = Fa
     }
 
 
+def inverse_eigenvalues(evals: np.ndarray, *, ww_alternating: bool = False) -> np.ndarray:
+    """1/λ of R layers' per-slice eigenvalues ``evals`` (R, B, M) fp64 (WeightWatcher's ``inverse=True``).
+
+    ``ww_alternating``: WeightWatcher 0.7.7's bug, which inverts its running pooled ESD after appending each slice,
+    so slice b of B is inverted B − b times: only the slices with B − b odd (the last, third last, ...) end up
+    inverted. λ = 0 gives +inf.
+    """
+    out = np.array(evals, dtype=np.float64)
+    depth = out.shape[1]
+    flip = (depth - np.arange(depth)) % 2 == 1 if ww_alternating else np.ones(depth, bool)
+    with np.errstate(divide="ignore"):
+        out[:, flip] = 1.0 / out[:, flip]
+    return out
+
+
 def _check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got {precision!r}")

@@ -25,6 +25,10 @@ from zooscope.pipelines.summary import weightwatcher_rows
 WW_VERSIONS = ("0.7.5", "0.7.7")
 #: WeightWatcher's ``max_fingers`` and ``finger_thresh`` defaults.
 _FINGER_DEFAULTS = (10, 1.0)
+#: ``AnalysisOptions.channels`` values (WeightWatcher's names): kernel axes first (Keras) or last (PyTorch).
+CHANNELS = ("first", "last")
+#: Options that change the analysed matrices or ESD, at their defaults (left out of the store parameters there).
+_TRANSFORM_DEFAULTS = {"conv2d_fft": False, "fft": False, "channels": None, "inverse": False}
 
 
 #: ``AnalysisOptions`` fields that change speed, not results: not store parameters.
@@ -88,6 +92,15 @@ class AnalysisOptions:
         "stacked"``) for all of them standardised and stacked into one matrix. With ``ww_quirks`` it keeps only
         as many eigenvalues as the first layer has, as WeightWatcher 0.7.7 does.
     ``intra`` and ``stacked`` span every layer of a model: ``zooscope scan`` does not shard models for them.
+    conv2d_fft: WeightWatcher's ``conv2d_fft``: a Conv2D layer's ESD is the min(kh, kw)·N·M largest eigenvalues
+        of the real parts of its kernels' 2-D FFTs on a 32 x 32 grid (``layers.layer_matrices``); needs ``pool``.
+    fft: WeightWatcher's experimental ``fft``: every matrix (dense, or Conv2D slice) is replaced by the real part
+        of its 2-D FFT, and pooled Conv2D layers are filtered on ``M`` instead of ``M*rf``.
+    channels: how 3-D/4-D kernels are stored in files without a layout of their own (safetensors, torch, npz,
+        state dicts): None or ``"last"`` PyTorch's ``(out, in, kh, kw)``, ``"first"`` Keras' ``(kh, kw, in, out)``
+        (and ``(k, in, out)``), transposed when read (``derived.with_channels``).
+    inverse: WeightWatcher's ``inverse``: the ESD is 1/λ (singular-value columns stay those of W; a layer with
+        rank loss is an error row). With ``ww_quirks`` only the slices WeightWatcher inverts are inverted.
     """
 
     min_evals: int | None = None
@@ -120,6 +133,10 @@ class AnalysisOptions:
     intra: bool = False
     sparsify: bool = True
     stacked: bool = False
+    conv2d_fft: bool = False
+    fft: bool = False
+    channels: str | None = None
+    inverse: bool = False
 
     def __post_init__(self) -> None:
         _one_of("ww_version", self.ww_version, WW_VERSIONS)
@@ -128,8 +145,15 @@ class AnalysisOptions:
         _one_of("fit_backend", self.fit_backend, powerlaw.BACKENDS)
         _one_of("pl_mode", self.pl_mode, powerlaw.MODES)
         for name in ("pool", "conv2d_norm", "ww_quirks", "mp_fit", "randomize", "detX", "weightstats", "intra",
-                     "sparsify", "stacked"):
+                     "sparsify", "stacked", "conv2d_fft", "fft", "inverse"):
             _flag(name, getattr(self, name))
+        if self.channels is not None:
+            _one_of("channels", self.channels, CHANNELS)
+        if self.conv2d_fft and not self.pool:
+            raise ValueError("conv2d_fft=True needs pool=True, as in WeightWatcher")
+        if self.conv2d_fft and self.randomize:
+            raise ValueError("conv2d_fft=True cannot be combined with randomize=True in zooscope (WeightWatcher "
+                             "shuffles the whole out x in x 32 x 32 FFT array; not implemented)")
         _integer("max_evals", self.max_evals, 1)
         _integer("max_N", self.max_N, 1)
         _integer("bootstrap", self.bootstrap, 0)
@@ -176,6 +200,9 @@ class AnalysisOptions:
         if self.randomize and (self.intra or self.stacked):
             raise ValueError("randomize=True cannot be combined with intra=True or stacked=True (WeightWatcher "
                              "refuses intra with randomize)")
+        if (self.conv2d_fft or self.fft) and (self.intra or self.stacked):
+            raise ValueError("conv2d_fft=True and fft=True cannot be combined with intra=True or stacked=True "
+                             "(WeightWatcher refuses intra with conv2d_fft; the other combinations are not implemented)")
         if self.pl_mode != "powerlaw" and (self.xmax == "force" or self.fit != "PL"):
             raise ValueError("xmax='force' and fit='TPL'/'E_TPL' need pl_mode='powerlaw' (WeightWatcher's "
                              "pl_package='powerlaw'), as in WeightWatcher")
@@ -200,6 +227,9 @@ class AnalysisOptions:
         for name in ("intra", "stacked"):
             if not params[name]:
                 del params[name]  # off: stores made before these options stay valid
+        for name, default in _TRANSFORM_DEFAULTS.items():
+            if params[name] == default:
+                del params[name]  # the default: stores made before these options stay valid
         params["layers"] = list(self.layers)
         return params
 

@@ -25,7 +25,7 @@ from zooscope.kernels import esd as esd_kernels
 from zooscope.kernels.backends import BackendUnavailable
 from zooscope.kernels import powerlaw, spectral, weightstats
 from zooscope.pipelines import composite
-from zooscope.pipelines.derived import open_derived
+from zooscope.pipelines.derived import open_derived, with_channels
 from zooscope.pipelines.layers import LayerError, LayerInfo, check_weights, layer_matrices, plan_layers
 from zooscope.pipelines.readers import Checkpoint, CheckpointError
 from zooscope.pipelines.result import BatchResult, ModelResult, add_strength_correlation
@@ -135,6 +135,8 @@ class _Batch:
         self.status: list[str] = []
         self.errors: dict[int, CheckpointError] = {}
         self.n_params: dict[int, int] = {}
+        self.source_of_part: dict[int, str] = {}
+        self.row_errors: dict[int, str] = {}  # rows made errors after their eigenvalues (inverse of a singular layer)
         self.layers: list[tuple[int, LayerInfo, str]] = []  # per layer read: (rows, info, error message or "")
         self.pending: list[tuple[list[int], LayerInfo, np.ndarray, list[np.ndarray] | None, tuple | None]] = []
         self.pending_bytes = 0
@@ -145,10 +147,13 @@ class _Batch:
     def add(self, part: int, ckpt: Checkpoint, keys: Sequence[str] | None) -> None:
         """Read the layers of one part and queue them (solving queued buckets when over the memory budget)."""
         options = self.options
+        ckpt = with_channels(ckpt, options.channels)
+        self.source_of_part[part] = ckpt.path
         wanted = set(keys) if keys is not None else None
         self.n_params[part] = sum(int(np.prod(ckpt.shape(k))) for k in ckpt.keys() if wanted is None or k in wanted)
         infos = [info for info in plan_layers(ckpt, min_evals=options.min_evals, max_evals=options.max_evals,
-                                              max_N=options.max_N, pool=options.pool, only=wanted)
+                                              max_N=options.max_N, pool=options.pool, only=wanted,
+                                              conv2d_fft=options.conv2d_fft, fft=options.fft)
                  if info.skip_reason is None and (not options.layers or info.name in options.layers)]
         if options.intra or options.stacked:
             self._add_composite(part, ckpt, infos)
@@ -157,7 +162,7 @@ class _Batch:
             tensor = self._read(ckpt, info)
             try:
                 stacks, error = layer_matrices(tensor, info, pool=options.pool, conv2d_norm=options.conv2d_norm,
-                                               source=ckpt.path), None
+                                               fft=options.fft, source=ckpt.path), None
             except LayerError as err:
                 stacks, error = None, err
             self._queue(part, info, tensor, stacks, error, 1 if options.pool else info.n_slices)
@@ -283,6 +288,7 @@ class _Batch:
     def _eigenvalues(self, pending) -> None:
         """One eigenvalue call per (N, M) bucket of every stack pending, then the per-row ESD columns."""
         options = self.options
+        info_of = {row: info for rows, info, _, _, _ in pending for row in rows}
         buckets: dict[tuple[int, int], list[tuple[int, np.ndarray, dict[str, int], tuple | None]]] = defaultdict(list)
         for rows, info, _, stacks, spectrum in pending:
             for k, (row, stack) in enumerate(zip(rows, stacks or ())):  # k: the slice, in per-slice mode
@@ -298,27 +304,51 @@ class _Batch:
             del big
             self.timings["esd"] += time.perf_counter() - t0
             starts = np.cumsum([0] + [s.shape[0] for s in stacks])
-            by_depth: dict[tuple, list[int]] = defaultdict(list)  # rows with the same number of slices and spectrum
+            # rows with the same number of slices and spectrum (and, for conv2d_fft, the same ESD length and N)
+            by_depth: dict[tuple, list[int]] = defaultdict(list)
             for j, stack in enumerate(stacks):
-                by_depth[stack.shape[0], members[j][3]].append(j)
-            for (depth, spectrum), js in by_depth.items():
+                info = info_of[members[j][0]]
+                by_depth[stack.shape[0], members[j][3], None if info.kept is None else (info.kept, info.N)].append(j)
+            for (depth, spectrum, fft_layer), js in by_depth.items():
                 per_slice = evals[(starts[js][:, None] + np.arange(depth)).ravel()].reshape(len(js), depth, -1)
                 if spectrum is not None:
                     per_slice = _composite_spectrum(per_slice, *spectrum)
                 rows = [members[j][0] for j in js]
-                for name, values in esd_kernels.singular_value_stats_rows(
-                        per_slice, n, ww_sv_min=options.ww_quirks, weak_rank_tolerance=options.tolerance).items():
+                stats_n = n
+                if fft_layer is not None:  # the largest eigenvalues of all FFT matrices, as one matrix of side N
+                    kept, stats_n = fft_layer
+                    per_slice = _composite_spectrum(per_slice.reshape(len(js), 1, -1), False, kept)
+                stats = esd_kernels.singular_value_stats_rows(per_slice, stats_n, ww_sv_min=options.ww_quirks,
+                                                              weak_rank_tolerance=options.tolerance)
+                if options.inverse:
+                    per_slice = esd_kernels.inverse_eigenvalues(per_slice, ww_alternating=options.ww_quirks)
+                    stats["weak_rank_loss"] = np.count_nonzero(
+                        per_slice.reshape(len(js), -1) < options.tolerance, axis=1).astype(np.int64)
+                for name, values in stats.items():
                     self.columns.put(name, rows, values)
                 self.columns.put("esd_backend", rows, np.array([_route(routes[starts[j]:starts[j] + depth], backend)
                                                                 for j in js], dtype=object))
-                self.columns.put("num_evals", rows, np.int64(depth * per_slice.shape[2]))
+                self.columns.put("num_evals", rows, np.int64(per_slice.shape[1] * per_slice.shape[2]))
                 sorted_esd = np.sort(per_slice.reshape(len(js), -1), axis=1)
-                for row, j, esd in zip(rows, js, sorted_esd):
-                    self.esd[row] = esd
-                    self.ok_rows.append(row)
+                singular = stats["rank_loss"] > 0 if options.inverse else np.zeros(len(js), bool)
+                for row, esd, bad, lost in zip(rows, sorted_esd, singular, stats["rank_loss"]):
+                    if bad:
+                        self._singular_inverse(row, info_of[row], int(lost), esd.size)
+                    else:
+                        self.esd[row] = esd
+                        self.ok_rows.append(row)
                 if options.randomize:  # needs the matrices: done while they are in memory
-                    self.columns.put_dicts(rows, [_randomize(members[j][1], self.esd[r], members[j][2], backend,
-                                                             options) for r, j in zip(rows, js)])
+                    kept_js = [(r, j) for r, j, bad in zip(rows, js, singular) if not bad]
+                    self.columns.put_dicts([r for r, _ in kept_js], [
+                        _randomize(members[j][1], self.esd[r], members[j][2], backend, options) for r, j in kept_js])
+
+    def _singular_inverse(self, row: int, info: LayerInfo, lost: int, size: int) -> None:
+        """Make ``row`` an error row: with ``inverse=True`` a layer with rank loss has no inverse ESD."""
+        err = LayerError(self.source_of_part[self.part_of_row[row]], info.key,
+                         f"inverse=True: layer '{info.name}' is singular ({lost} of {size} singular values at "
+                         "rounding level, below sv_max·N·eps), so its inverse ESD is not defined")
+        self.status[row] = "error"
+        self.row_errors[row] = str(err)
 
     # -- finishing -------------------------------------------------------------------------------------------
 
@@ -385,7 +415,10 @@ class _Batch:
         self.columns.put("rf", rows, np.repeat([info.rf for _, info, _ in self.layers], counts))
         if not self.options.pool:
             self.columns.put("slice_id", rows, rows - np.repeat(np.cumsum(counts) - counts, counts))
-        self.columns.put("error", rows, np.repeat(np.array([e for _, _, e in self.layers], dtype=object), counts))
+        errors = np.repeat(np.array([e for _, _, e in self.layers], dtype=object), counts)
+        for row, message in self.row_errors.items():
+            errors[row] = message
+        self.columns.put("error", rows, errors)
 
     def _gather(self, name: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         blocks = self.columns.blocks[name]
@@ -420,7 +453,8 @@ _TEXT = ("name", "layer_type")
 
 def _composite_spectrum(evals: np.ndarray, singular: bool, keep: int | None) -> np.ndarray:
     """A composite row's ESD from its eigenvalues ``(R, B, M)``: their square roots (the singular values) when
-    ``singular``, only the ``keep`` largest when given (sorted ascending along the last axis)."""
+    ``singular``, only the ``keep`` largest when given (sorted ascending along the last axis; a ``conv2d_fft``
+    layer's FFT matrices are pooled into one slice first)."""
     values = np.sqrt(np.maximum(evals, 0.0)) if singular else evals
     return np.sort(values, axis=-1)[..., -keep:] if keep is not None else values
 
@@ -451,4 +485,7 @@ def _randomize(stack: np.ndarray, evals: np.ndarray, row: dict[str, Any], backen
     rng = np.random.default_rng([options.seed, row["layer_id"], row.get("slice_id", 0)])
     rand_evals = spectral.randomized_eigenvalues(stack, rng=rng, backend=backend)
     rand_single = spectral.randomized_eigenvalues(stack, rng=rng, backend=backend, replicas=1)
+    if options.inverse:  # WeightWatcher inverts the randomized ESD once (no alternation)
+        with np.errstate(divide="ignore"):
+            rand_evals, rand_single = np.sort(1.0 / rand_evals), np.sort(1.0 / rand_single)
     return spectral.randomize_metrics(evals, rand_evals, rand_single, n=row["N"], m=row["M"])

@@ -1,7 +1,9 @@
-"""Checkpoints derived from others: a fine-tune minus its base, and LoRA adapters (alone or merged).
+"""Checkpoints derived from others: a fine-tune minus its base, LoRA adapters (alone or merged), and Keras-layout
+kernels turned into PyTorch's.
 
 ``open_derived(path, base=..., peft=...)`` returns a :class:`Checkpoint` whose ``read(key)`` gives the derived
 tensor, so every analysis that takes a checkpoint takes these too. Keys are matched by name.
+``with_channels(ckpt, channels)`` applies WeightWatcher's ``channels`` option (``KernelLayoutCheckpoint``).
 """
 from __future__ import annotations
 
@@ -15,10 +17,15 @@ from typing import Any
 
 import numpy as np
 
+from zooscope.pipelines.flax_reader import _KERNEL_AXES
 from zooscope.pipelines.readers import ADAPTER_CONFIG, ADAPTER_FILES, Checkpoint, CheckpointError, open_checkpoint
 
 #: PEFT's saved LoRA keys: ``base_model.model.<name>.lora_A.weight`` (an adapter name may follow ``lora_A``).
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<name>.+)\.lora_(?P<ab>[AB])(?:\.[\w-]+)?\.weight$")
+#: Formats whose readers know how their files store kernels (and return PyTorch's layout): WeightWatcher's
+#: ``channels`` of each, 'first' = (kh, kw, in, out), 'last' = (out, in, kh, kw). Other formats (safetensors,
+#: torch, npz, dict) store whatever was saved.
+NATIVE_CHANNELS = {"module": "last", "onnx": "last", "gguf": "last", "keras": "first", "flax": "first"}
 
 
 class _Derived(Checkpoint):
@@ -246,3 +253,57 @@ def derived_hash(model_hash: str, base_hash: str | None = None, peft: bool = Fal
         return model_hash
     kind = "lora" if peft else "delta"
     return hashlib.sha256(f"zooscope-derived {kind} {model_hash} {base_hash or '-'}".encode()).hexdigest()
+class KernelLayoutCheckpoint(_Derived):
+    """``ckpt`` with every 3-D/4-D tensor read as a Keras-layout kernel, ``(k, in, out)`` / ``(kh, kw, in, out)``,
+    and returned in PyTorch's ``(out, in, k)`` / ``(out, in, kh, kw)`` (WeightWatcher's ``channels='first'``)."""
+
+    def __init__(self, ckpt: Checkpoint):
+        super().__init__(ckpt.path, ckpt.format, [ckpt], ckpt.module_types())
+        self.inner = ckpt
+
+    def _axes(self, key: str) -> tuple[int, ...] | None:
+        rank = len(self.inner.shape(key))
+        return _KERNEL_AXES[rank] if rank in (3, 4) else None
+
+    def keys(self) -> list[str]:
+        return self.inner.keys()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        shape, axes = tuple(self.inner.shape(key)), self._axes(key)
+        return tuple(shape[a] for a in axes) if axes else shape
+
+    def dtype(self, key: str) -> str:
+        return self.inner.dtype(key)
+
+    def nbytes(self, key: str) -> int:
+        return self.inner.nbytes(key)
+
+    def shard_of(self, key: str) -> str:
+        return self.inner.shard_of(key)
+
+    def read(self, key: str) -> np.ndarray:
+        w, axes = self.inner.read(key), self._axes(key)
+        return np.ascontiguousarray(w.transpose(axes)) if axes else w
+
+
+def _stored_format(ckpt: Checkpoint) -> str:
+    """The format whose layout a checkpoint's tensors have (a delta's model's, a merged adapter's base's)."""
+    if isinstance(ckpt, DeltaCheckpoint):
+        return _stored_format(ckpt.model)
+    if isinstance(ckpt, LoraCheckpoint) and ckpt.base is not None:
+        return _stored_format(ckpt.base)
+    return ckpt.format
+
+
+def with_channels(ckpt: Checkpoint, channels: str | None) -> Checkpoint:
+    """``ckpt`` read with WeightWatcher's ``channels``: None and ``'last'`` as stored; ``'first'`` transposes the
+    Keras-layout kernels of formats without a layout of their own (``KernelLayoutCheckpoint``). For a format whose
+    reader knows its layout (``NATIVE_CHANNELS``: already returned in PyTorch's) the value must be that layout,
+    else :class:`CheckpointError`."""
+    if channels is None:
+        return ckpt
+    native = NATIVE_CHANNELS.get(_stored_format(ckpt))
+    if native is not None and channels != native:
+        raise CheckpointError(ckpt.path, None, f"channels={channels!r} contradicts the {_stored_format(ckpt)} "
+                                               f"format, whose kernels are stored channels={native!r}")
+    return KernelLayoutCheckpoint(ckpt) if channels == "first" and native is None else ckpt

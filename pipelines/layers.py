@@ -5,8 +5,8 @@ Which tensors: a key whose last component is ``weight``, ends in ``_weight`` (``
 the source is an ``nn.Module``): 2-D -> ``dense`` (``conv1d`` for Hugging Face ``Conv1D``, ``embedding`` for
 ``Embedding`` modules or, without module classes, for embedding-like names), 3-D -> ``conv1d`` cut into ``k``
 slices, 4-D -> ``conv2d`` cut into ``kh*kw`` slices ``W[:, :, i, j]`` (PyTorch layout). ``N``/``M`` are the larger/
-smaller side of one slice, ``rf`` the number of kernel positions. See docs/DIFFERENCES.md for every deviation
-from WeightWatcher.
+smaller side of one slice, ``rf`` the number of kernel positions. WeightWatcher's ``conv2d_fft`` and ``fft``
+transform the matrices (``layer_matrices``). See docs/DIFFERENCES.md for every deviation from WeightWatcher.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ MIN_EVALS_077 = 8  # WeightWatcher 0.7.7 default: pass min_evals=MIN_EVALS_077 t
 EMBEDDING_NAME = re.compile(r"(^|\.)(\w*embed\w*|wte|wpe|shared)$")
 #: Stored dtypes (``Checkpoint.dtype``) of the tensors that are analysed.
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
+#: Side of WeightWatcher's ``conv2d_fft`` grid: each (out, in) kernel is zero-padded to 32 x 32 before its FFT.
+FFT_GRID = 32
 
 
 class LayerError(CheckpointError):
@@ -38,7 +40,9 @@ class LayerInfo:
     layer_id: position of ``key`` among all the checkpoint's keys. name: ``key`` without ``.weight``/``_weight``.
     layer_type: dense | conv1d | conv2d | embedding (``unknown`` for tensors skipped for their rank). shape: the tensor's shape. N >= M: sides of one matrix
     slice. rf: kernel positions (kh*kw for conv2d, k for a 3-D conv1d, else 1). n_slices: matrices per tensor
-    (= rf). skip_reason: why the layer is not analysed, None when it is.
+    (= rf). skip_reason: why the layer is not analysed, None when it is. kept: ``conv2d_fft`` layers only: the
+    layer's ESD is the ``kept`` = min(kh, kw)·N·M largest eigenvalues of its ``n_slices`` = out·in FFT matrices
+    (32 x 32), and ``rf`` is 1, as WeightWatcher reports them.
     """
 
     layer_id: int
@@ -51,11 +55,12 @@ class LayerInfo:
     rf: int
     n_slices: int
     skip_reason: str | None = None
+    kept: int | None = None
 
     @property
     def num_evals(self) -> int:
-        """Eigenvalues of the pooled layer: M * rf."""
-        return self.M * self.rf
+        """Eigenvalues of the pooled layer: M * rf (``kept`` for ``conv2d_fft``)."""
+        return self.M * self.rf if self.kept is None else self.kept
 
 
 def is_weight_key(key: str) -> bool:
@@ -119,6 +124,8 @@ def plan_layers(
     conv1d_slices: bool = True,
     all_arrays: bool | None = None,
     only: Collection[str] | None = None,
+    conv2d_fft: bool = False,
+    fft: bool = False,
 ) -> list[LayerInfo]:
     """The weight tensors of a checkpoint with their matrix shapes and skip reasons, from shapes only.
 
@@ -127,7 +134,9 @@ def plan_layers(
     ``[min_evals, max_evals]`` or ``N > max_N`` skip the layer. ``conv1d_slices=False`` skips 3-D Conv1d weights
     as WeightWatcher does. ``all_arrays`` (default: True for ``.npz`` sources) takes every rank >= 2 array, not
     only ``weight`` keys. Non-float tensors are skipped. Tensors that are not weights (biases, buffers) are left
-    out; weights that are not analysed come back with ``skip_reason`` set.
+    out; weights that are not analysed come back with ``skip_reason`` set. As WeightWatcher 0.7.7:
+    ``conv2d_fft`` plans Conv2D layers as FFT matrices (``LayerInfo.kept``) filtered by ``N`` only, and ``fft``
+    counts a pooled Conv2D layer's eigenvalues as ``M`` (not ``M*rf``) for the filters.
     """
     if min_evals >= max_evals:
         raise ValueError(f"min_evals={min_evals} must be below max_evals={max_evals}")
@@ -148,21 +157,28 @@ def plan_layers(
             continue
         layer_type, reason = _classify(key, len(shape), module_types)
         N, M, rf = _sides(shape)
+        n_slices, kept = rf, None
+        if conv2d_fft and layer_type == "conv2d":
+            n_slices, kept, rf = shape[0] * shape[1], min(shape[2:]) * shape[0] * shape[1], 1
         if reason is None and is_ckpt and ckpt_or_shapes.dtype(key) not in FLOAT_DTYPES:
             reason = f"non-float dtype {ckpt_or_shapes.dtype(key)}"
         if reason is None and len(shape) == 3 and not conv1d_slices:
             reason = "3-D Conv1d weight (conv1d_slices=False, as WeightWatcher)"
         if reason is None:
-            reason = _filter_reason(N, M, rf, min_evals=min_evals, max_evals=max_evals, max_N=max_N, pool=pool)
-        plan.append(LayerInfo(layer_id, layer_name(key), key, layer_type or "unknown", shape, N, M, rf, rf, reason))
+            evals, what = (None, "") if kept is not None else (M, "M") if not pool else \
+                (M, "M (fft=True)") if fft else (M * rf, "M*rf")
+            reason = _filter_reason(N, evals, what, min_evals=min_evals, max_evals=max_evals, max_N=max_N)
+        plan.append(LayerInfo(layer_id, layer_name(key), key, layer_type or "unknown", shape, N, M, rf, n_slices,
+                              reason, kept))
     return plan
 
 
-def _filter_reason(N: int, M: int, rf: int, *, min_evals: int, max_evals: int, max_N: int, pool: bool) -> str | None:
-    evals, what = (M * rf, "M*rf") if pool else (M, "M")
-    if evals < min_evals:
+def _filter_reason(N: int, evals: int | None, what: str, *, min_evals: int, max_evals: int,
+                   max_N: int) -> str | None:
+    """Why a layer with ``evals`` eigenvalues (None: not checked) and side ``N`` is skipped, or None."""
+    if evals is not None and evals < min_evals:
         return f"{what}={evals} < min_evals={min_evals}"
-    if evals > max_evals:
+    if evals is not None and evals > max_evals:
         return f"{what}={evals} > max_evals={max_evals}"
     if N > max_N:
         return f"N={N} > max_N={max_N}"
@@ -181,7 +197,7 @@ def check_weights(W: np.ndarray, info: LayerInfo, source: str = "") -> None:
 
 
 def layer_matrices(W: np.ndarray, info: LayerInfo, *, pool: bool = True, conv2d_norm: bool = True,
-                   source: str = "") -> list[np.ndarray]:
+                   fft: bool = False, source: str = "") -> list[np.ndarray]:
     """The matrix stacks of one weight tensor, each ``(B, N, M)`` with N >= M and C-ordered.
 
     A 2-D layer keeps its stored float dtype (``kernels.esd.eigenvalues`` widens it to fp64: on the device for
@@ -192,16 +208,35 @@ def layer_matrices(W: np.ndarray, info: LayerInfo, *, pool: bool = True, conv2d_
     (kernel) tensors are multiplied by ``1/sqrt(2)`` pooled and by ``sqrt(rf/2)`` per slice (eigenvalues x1/2,
     x rf/2; spec §3.4); 2-D layers are never rescaled. NaN/Inf raise :class:`LayerError` naming ``source`` (the
     file) and the tensor.
+
+    WeightWatcher's transforms, in fp64: a ``conv2d_fft`` layer (``info.kept`` set) is one ``(out·in, 32, 32)``
+    stack, the real part of each kernel's 2-D FFT on a 32 x 32 grid (``FFT_GRID``), x ``1/sqrt(2)`` with
+    ``conv2d_norm``; ``fft`` replaces every matrix by the real part of its 2-D FFT (after the rescale).
     """
     if tuple(W.shape) != tuple(info.shape):
         raise LayerError(source, info.key, f"shape {tuple(W.shape)} does not match the planned {info.shape}")
     check_weights(W, info, source)
+    if info.kept is not None:
+        return [_conv2d_fft_stack(W, conv2d_norm=conv2d_norm, fft=fft)]
     if W.ndim == 2:  # one C-ordered copy at most (none for a C-ordered tall matrix)
-        return [np.ascontiguousarray(W if W.shape[0] >= W.shape[1] else W.T)[None]]
-    stack = np.moveaxis(W.reshape(W.shape[0], W.shape[1], -1), 2, 0)  # (rf, out, in), s = i*kw + j
-    if stack.shape[1] < stack.shape[2]:
-        stack = stack.transpose(0, 2, 1)
-    scale = (np.sqrt(0.5) if pool else np.sqrt(info.rf / 2)) if conv2d_norm else 1.0
-    # one pass: widened to fp64, rescaled and made C-ordered (never a view of W)
-    stack = np.multiply(stack, scale, out=np.empty(stack.shape), dtype=np.float64)
-    return [stack] if pool else [stack[s: s + 1] for s in range(stack.shape[0])]
+        stacks = [np.ascontiguousarray(W if W.shape[0] >= W.shape[1] else W.T)[None]]
+    else:
+        stack = np.moveaxis(W.reshape(W.shape[0], W.shape[1], -1), 2, 0)  # (rf, out, in), s = i*kw + j
+        if stack.shape[1] < stack.shape[2]:
+            stack = stack.transpose(0, 2, 1)
+        scale = (np.sqrt(0.5) if pool else np.sqrt(info.rf / 2)) if conv2d_norm else 1.0
+        # one pass: widened to fp64, rescaled and made C-ordered (never a view of W)
+        stack = np.multiply(stack, scale, out=np.empty(stack.shape), dtype=np.float64)
+        stacks = [stack] if pool else [stack[s: s + 1] for s in range(stack.shape[0])]
+    return [np.fft.fft2(s.astype(np.float64, copy=False)).real.copy() for s in stacks] if fft else stacks
+
+
+def _conv2d_fft_stack(W: np.ndarray, *, conv2d_norm: bool, fft: bool) -> np.ndarray:
+    """WeightWatcher's ``get_conv2d_fft`` matrices of a ``(out, in, kh, kw)`` kernel: ``(out·in, 32, 32)`` fp64, the
+    real part of ``fft2`` of each zero-padded ``(kh, kw)`` kernel (applied twice with ``fft``), x 1/sqrt(2) with
+    ``conv2d_norm`` (its pooled Conv2D rescale)."""
+    coefs = np.fft.fft2(W.astype(np.float64, copy=False), s=(FFT_GRID, FFT_GRID), axes=(2, 3))
+    if fft:
+        coefs = np.fft.fft2(coefs)
+    stack = coefs.real.reshape(-1, FFT_GRID, FFT_GRID)
+    return stack * np.sqrt(0.5) if conv2d_norm else np.ascontiguousarray(stack)

@@ -26,8 +26,7 @@ _WW_OPTION_NAMES = {
 #: WeightWatcher ``analyze()`` arguments zooscope does not implement, accepted at the value that means what zooscope
 #: does (WeightWatcher's default); any other value raises.
 _WW_DEFAULT_ONLY = {
-    "conv2d_fft": False, "fft": False,
-    "vectors": False, "channels": None, "inverse": False,
+    "vectors": False,
 }
 #: WeightWatcher 0.7.7 arguments it ignores, and why: zooscope ignores them too, with a warning.
 _WW_IGNORED = {
@@ -170,11 +169,12 @@ def describe(model: Any, *, start_ids: int = 0, **options: Any):
     Only shapes and dtypes are read (safetensors/GGUF/ONNX/Keras headers), so a sharded 70B checkpoint takes
     seconds. One row per weight tensor, analysed or not: ``layer_id, name, layer_type, shape, N, M, Q`` (N/M),
     ``rf`` (kernel positions), ``num_evals`` (M·rf), ``n_slices``, ``skip_reason`` ("" when analysed). Options:
-    those of ``analyze`` that choose layers (``min_evals``, ``max_evals``, ``max_N``, ``pool``, ``ww_version``,
-    ``layers``); the others are checked and ignored.
+    those of ``analyze`` that choose layers or shape them (``min_evals``, ``max_evals``, ``max_N``, ``pool``,
+    ``ww_version``, ``layers``, ``conv2d_fft``, ``fft``, ``channels``); the others are checked and ignored.
     """
     import pandas as pd
 
+    from zooscope.pipelines.derived import with_channels
     from zooscope.pipelines.layers import plan_layers
     from zooscope.pipelines.readers import open_checkpoint
 
@@ -182,8 +182,8 @@ def describe(model: Any, *, start_ids: int = 0, **options: Any):
         raise ValueError(f"start_ids must be >= 0, got {start_ids}")
     opts = _options_from_kwargs(options)
     with open_checkpoint(model) as ckpt:
-        plan = plan_layers(ckpt, min_evals=opts.min_evals, max_evals=opts.max_evals, max_N=opts.max_N,
-                           pool=opts.pool)
+        plan = plan_layers(with_channels(ckpt, opts.channels), min_evals=opts.min_evals, max_evals=opts.max_evals,
+                           max_N=opts.max_N, pool=opts.pool, conv2d_fft=opts.conv2d_fft, fft=opts.fft)
     rows = [{"layer_id": info.layer_id, "name": info.name, "layer_type": info.layer_type, "shape": info.shape,
              "N": info.N, "M": info.M, "Q": info.N / info.M, "rf": info.rf, "num_evals": info.num_evals,
              "n_slices": info.n_slices, "skip_reason": info.skip_reason or ""}

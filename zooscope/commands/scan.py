@@ -42,6 +42,10 @@ OPTION_FLAGS = {
     "intra": "intra",
     "sparsify": "sparsify",
     "stacked": "stacked",
+    "conv2d_fft": "conv2d_fft",
+    "fft": "fft",
+    "channels": "channels",
+    "inverse": "inverse",
 }
 
 
@@ -127,6 +131,13 @@ def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
     analysis.add_argument("--stacked", action="store_true",
                           help="one row for all layers standardised and stacked into one matrix (WeightWatcher's "
                                "stacked; models are not sharded)")
+    analysis.add_argument("--conv2d-fft", action="store_true",
+                          help="Conv2D layers as the real parts of their kernels' 2-D FFTs (32 x 32 grid)")
+    analysis.add_argument("--fft", action="store_true", help="every matrix replaced by the real part of its 2-D FFT")
+    analysis.add_argument("--channels", choices=("first", "last"),
+                          help="kernel layout of files without one of their own (safetensors, .pt, .npz): "
+                               "first = Keras (kh, kw, in, out), last = PyTorch (out, in, kh, kw), the default")
+    analysis.add_argument("--inverse", action="store_true", help="analyse the inverse ESD (1/eigenvalue)")
 
 
 def option_values(args: argparse.Namespace) -> dict[str, Any]:
