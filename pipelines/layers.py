@@ -27,6 +27,8 @@ EMBEDDING_NAME = re.compile(r"(^|\.)(\w*embed\w*|wte|wpe|shared)$")
 FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
 #: Side of WeightWatcher's ``conv2d_fft`` grid: each (out, in) kernel is zero-padded to 32 x 32 before its FFT.
 FFT_GRID = 32
+#: Kernels transformed at once by ``conv2d_fft`` (bounds its complex temporaries to 64 MiB).
+_FFT_CHUNK = 4096
 
 
 class LayerError(CheckpointError):
@@ -234,9 +236,14 @@ def layer_matrices(W: np.ndarray, info: LayerInfo, *, pool: bool = True, conv2d_
 def _conv2d_fft_stack(W: np.ndarray, *, conv2d_norm: bool, fft: bool) -> np.ndarray:
     """WeightWatcher's ``get_conv2d_fft`` matrices of a ``(out, in, kh, kw)`` kernel: ``(out·in, 32, 32)`` fp64, the
     real part of ``fft2`` of each zero-padded ``(kh, kw)`` kernel (applied twice with ``fft``), x 1/sqrt(2) with
-    ``conv2d_norm`` (its pooled Conv2D rescale)."""
-    coefs = np.fft.fft2(W.astype(np.float64, copy=False), s=(FFT_GRID, FFT_GRID), axes=(2, 3))
-    if fft:
-        coefs = np.fft.fft2(coefs)
-    stack = coefs.real.reshape(-1, FFT_GRID, FFT_GRID)
-    return stack * np.sqrt(0.5) if conv2d_norm else np.ascontiguousarray(stack)
+    ``conv2d_norm`` (its pooled Conv2D rescale). The complex coefficients are made ``_FFT_CHUNK`` kernels at a time."""
+    kernels = W.reshape(-1, *W.shape[2:])
+    out = np.empty((kernels.shape[0], FFT_GRID, FFT_GRID))
+    scale = np.sqrt(0.5) if conv2d_norm else 1.0
+    for start in range(0, kernels.shape[0], _FFT_CHUNK):
+        part = kernels[start:start + _FFT_CHUNK].astype(np.float64, copy=False)
+        coefs = np.fft.fft2(part, s=(FFT_GRID, FFT_GRID))
+        if fft:
+            coefs = np.fft.fft2(coefs)
+        np.multiply(coefs.real, scale, out=out[start:start + _FFT_CHUNK])
+    return out
