@@ -98,7 +98,8 @@ class AnalysisOptions:
         of its 2-D FFT, and pooled Conv2D layers are filtered on ``M`` instead of ``M*rf``.
     channels: how 3-D/4-D kernels are stored in files without a layout of their own (safetensors, torch, npz,
         state dicts): None or ``"last"`` PyTorch's ``(out, in, kh, kw)``, ``"first"`` Keras' ``(kh, kw, in, out)``
-        (and ``(k, in, out)``), transposed when read (``derived.with_channels``).
+        (and ``(k, in, out)``), transposed when read; for other formats it must name their own layout
+        (``derived.with_channels``).
     inverse: WeightWatcher's ``inverse``: the ESD is 1/λ (singular-value columns stay those of W; a layer with
         rank loss is an error row). With ``ww_quirks`` only the slices WeightWatcher inverts are inverted.
     """
