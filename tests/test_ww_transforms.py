@@ -197,6 +197,10 @@ def test_channels_first_reads_keras_layout_kernels(conv_state, tmp_path):
         reference.set_index("name").loc["0", ["N", "M"]])  # without the option a Keras kernel is misread
     last = zooscope.analyze(conv_state, channels="last", min_evals=8)
     pd.testing.assert_frame_equal(last, zooscope.analyze(conv_state, min_evals=8))
+    half = tmp_path / "half.npz"  # a Keras-layout base: W - W/2 read through the delta checkpoint
+    np.savez(half, **{k: v / 2 for k, v in _keras_layout(conv_state).items()})
+    delta = zooscope.analyze(str(path), base_model=str(half), channels="first", min_evals=8)
+    np.testing.assert_allclose(delta["lambda_max"], reference["lambda_max"] / 4, rtol=1e-12)
     described = zooscope.describe(str(path), channels="first", min_evals=8).set_index("name")
     assert described.loc["0", "shape"] == (3, 3, 7, 7) and described.loc["1", "shape"] == (20, 12, 5)
 
