@@ -225,3 +225,27 @@ def test_real_minilm_directory_matches_weightwatcher(ww):
             row["N"], row["M"], row["rf"], row["num_evals"]), name
     assert ours["embeddings.word_embeddings"].layer_type == "embedding"  # WeightWatcher: dense (a label only)
     assert ours["encoder.layer.0.attention.self.query"].layer_type == "dense"
+
+
+def test_small_channel_large_kernel_conv_sliced_as_weightwatcher(ww):
+    """Conv2d(3, 3, 7): Cout + Cin < kh + kw, where WeightWatcher's shape guess says "channels first". It follows
+    the framework's layout all the same (the guess only logs a warning): 49 slices of 3x3, as zooscope."""
+    from weightwatcher.constants import CHANNELS
+    from weightwatcher.weightwatcher import WWLayer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 7))
+    ref = ww.WeightWatcher(model=model).describe(min_evals=1).iloc[0]
+    ours = _one({k: tuple(v.shape) for k, v in model.state_dict().items()}, "0.weight", min_evals=1)
+    assert (ours.N, ours.M, ours.rf, ours.num_evals) == (ref["N"], ref["M"], ref["rf"], ref["num_evals"]) == \
+        (3, 3, 49, 147)
+    W = model[0].weight.detach().numpy().astype(np.float64)
+    stack = layer_matrices(W, ours, conv2d_norm=False)[0]
+
+    class _Layer:  # conv2D_Wmats reads nothing of its layer but channel_str (Keras needs TensorFlow)
+        channel_str = WWLayer.channel_str
+
+    for tensor, channels in ((W, CHANNELS.LAST), (W.transpose(2, 3, 1, 0), CHANNELS.FIRST)):  # PyTorch, Keras
+        mats, N, M, rf = WWLayer.conv2D_Wmats(_Layer(), tensor, channels=channels)
+        assert (len(mats), N, M, rf) == (49, 3, 3, 49)
+        np.testing.assert_array_equal(np.stack([m if channels == CHANNELS.LAST else m.T for m in mats]), stack)
