@@ -67,6 +67,15 @@ def analyze_batch(sources: Sequence[tuple[Any, ...]], options: Any, *,
     return batch.finish(len(sources))
 
 
+def analysed_layers(ckpt: Checkpoint, options: Any, keys: Sequence[str] | None = None) -> list[LayerInfo]:
+    """The layers of ``ckpt`` (already ``with_channels``; only ``keys`` when given) that ``options`` analyse."""
+    return [info for info in plan_layers(ckpt, min_evals=options.min_evals, max_evals=options.max_evals,
+                                         max_N=options.max_N, pool=options.pool,
+                                         only=set(keys) if keys is not None else None,
+                                         conv2d_fft=options.conv2d_fft, fft=options.fft)
+            if info.skip_reason is None and (not options.layers or info.name in options.layers)]
+
+
 def analyze_one(ckpt: Checkpoint, options: Any, keys: Sequence[str] | None = None) -> ModelResult:
     """Analyse one open checkpoint (``keys``: one shard); a ``CheckpointError`` propagates."""
     batch = _Batch(options, MEMORY_BYTES)
@@ -151,10 +160,7 @@ class _Batch:
         self.source_of_part[part] = ckpt.path
         wanted = set(keys) if keys is not None else None
         self.n_params[part] = sum(int(np.prod(ckpt.shape(k))) for k in ckpt.keys() if wanted is None or k in wanted)
-        infos = [info for info in plan_layers(ckpt, min_evals=options.min_evals, max_evals=options.max_evals,
-                                              max_N=options.max_N, pool=options.pool, only=wanted,
-                                              conv2d_fft=options.conv2d_fft, fft=options.fft)
-                 if info.skip_reason is None and (not options.layers or info.name in options.layers)]
+        infos = analysed_layers(ckpt, options, keys)
         if options.intra or options.stacked:
             self._add_composite(part, ckpt, infos)
             return

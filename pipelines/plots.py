@@ -177,3 +177,45 @@ def level_stats_plot(evals: np.ndarray, *, title: str) -> Figure:
     ax.set(xlabel="log10 Δλ", ylabel="density", title=f"Log Level Statistics for {title}")
     ax.grid(alpha=0.3)
     return fig
+
+
+#: WeightWatcher's panel labels of the eigenvector metrics (``pipelines.vectors.METRICS``).
+VECTOR_LABELS = {"vec_entropy": "Vector Entropies", "loc_ratio": "Localization Ratios",
+                 "part_ratio": "Participation Ratios"}
+
+
+def vector_metrics_plot(metrics: Mapping[str, np.ndarray], evals: np.ndarray, n_bulk: int, *, title: str) -> Figure:
+    """One panel per eigenvector metric and one of the eigenvalues, each against the eigenvector's index in
+    ascending eigenvalue order, with the last bulk index (``n_bulk − 1``, when there is a bulk) marked as xmin:
+    WeightWatcher's ``vectors`` figure ``vector_metrics``. ``metrics[name]`` and ``evals`` share that order."""
+    fig = Figure(figsize=(8, 12))
+    axes = fig.subplots(len(VECTOR_LABELS) + 1, sharex=True)
+    panels = [(VECTOR_LABELS[name], metrics[name]) for name in VECTOR_LABELS] + [("Eigenvalues", evals)]
+    for ax, (label, values) in zip(axes, panels):
+        ax.scatter(np.arange(len(values)), values, marker=".")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if n_bulk > 0:
+            ax.axvline(n_bulk - 1, color="r", label="xmin")
+            ax.legend(fontsize=8, loc="best")
+    axes[-1].set_xlabel("eigenvector index (ascending eigenvalue)")
+    fig.suptitle(f"Vector Localization Metrics for {title}")
+    fig.subplots_adjust(left=0.12, right=0.97, bottom=0.05, top=0.95, hspace=0.08)
+    return fig
+
+
+def vector_histograms_plot(metrics: Mapping[str, np.ndarray], n_bulk: int, *, title: str) -> Figure:
+    """Per eigenvector metric, its density histograms (100 bins each) over the bulk (the first ``n_bulk``
+    eigenvectors in ascending eigenvalue order) and over the tail: WeightWatcher's ``vector_histograms`` (drawn as
+    filled steps: one patch per histogram instead of 100 bars)."""
+    fig = Figure(figsize=(6.4, 4.8))
+    for ax, name in zip(fig.subplots(len(VECTOR_LABELS)), VECTOR_LABELS):
+        for part, values, color in (("bulk", metrics[name][:n_bulk], "blue"),
+                                    ("tail", metrics[name][n_bulk:], "purple")):
+            if len(values):
+                ax.hist(values, bins=100, color=color, alpha=0.5, label=part, density=True, histtype="stepfilled")
+        ax.set_ylabel(VECTOR_LABELS[name])
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(f"Vector Bulk/Tail Metrics for {title}")
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.06, top=0.91, hspace=0.25)
+    return fig

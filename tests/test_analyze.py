@@ -64,9 +64,7 @@ def test_options_validate_and_follow_the_weightwatcher_version():
         AnalysisOptions(min_evals=20000)
     with pytest.raises(TypeError, match="unknown option 'glorot_fx'"):
         zooscope.analyze(_mlp(), glorot_fx=True)
-    with pytest.raises(ValueError, match="vectors=True"):  # WeightWatcher's, not done here (no eigenvectors)
-        zooscope.analyze(_mlp(), vectors=True)
-    # at WeightWatcher's defaults its unimplemented options mean what zooscope does; ERG and ww2x are aliases
+    # WeightWatcher's defaults (vectors=False, plot=False, ...) change nothing; ERG and ww2x are aliases
     plain = zooscope.analyze(_mlp(), detX=True)
     same = zooscope.analyze(_mlp(), ERG=True, glorot_fix=False, plot=False, vectors=False, tolerance=1e-6,
                             savefig="ww-img", sparsify=True)

@@ -33,10 +33,3 @@ def test_ignored_options_warn_and_match_weightwatcher():
     assert list(ours["longname"]) == list(theirs["longname"]) == ["0", "2"]  # 20 evals < min_size kept
     for column in ("alpha", "D", "xmin", "lambda_max"):
         np.testing.assert_allclose(ours[column].to_numpy(float), theirs[column].to_numpy(float), rtol=1e-6)
-
-
-def test_vectors_is_refused_with_the_reason():
-    model = torch.nn.Sequential(torch.nn.Linear(30, 20))
-    with pytest.raises(ValueError, match="eigenvalues only"):
-        zooscope.analyze(model, vectors=True)
-    zooscope.analyze(model, vectors=False, min_evals=10)  # WeightWatcher's default is accepted

@@ -23,11 +23,6 @@ _WW_OPTION_NAMES = {
     "fix_fingers": "fix_fingers", "max_fingers": "max_fingers", "finger_thresh": "finger_thresh", "xmax": "xmax",
     "xmin_max": "xmin_max",
 }
-#: WeightWatcher ``analyze()`` arguments zooscope does not implement, accepted at the value that means what zooscope
-#: does (WeightWatcher's default); any other value raises.
-_WW_DEFAULT_ONLY = {
-    "vectors": False,
-}
 #: WeightWatcher 0.7.7 arguments it ignores, and why: zooscope ignores them too, with a warning.
 _WW_IGNORED = {
     "min_size": "WeightWatcher 0.7.7 ignores it: use min_evals",
@@ -66,13 +61,6 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
         elif key in ("ERG", "ww2x"):  # WeightWatcher's aliases: ERG=True is detX=True, ww2x=True is pool=False
             if value:
                 options["detX" if key == "ERG" else "pool"] = key == "ERG"
-        elif key in _WW_DEFAULT_ONLY:
-            if key == "vectors" and value:
-                raise ValueError("WeightWatcher's vectors=True plots eigenvectors; zooscope computes eigenvalues only "
-                                 "(no singular vectors), so it is not available")
-            if value != _WW_DEFAULT_ONLY[key]:
-                raise ValueError(f"WeightWatcher's {key}={value!r} is not implemented by zooscope.analyze; "
-                                 f"only {key}={_WW_DEFAULT_ONLY[key]!r} (WeightWatcher's default) is accepted")
         elif key in _WW_IGNORED:
             if value not in (None, False):
                 warnings.warn(f"{key}={value!r} is ignored: {_WW_IGNORED[key]}", UserWarning, stacklevel=4)
@@ -81,14 +69,16 @@ def _options_from_kwargs(kwargs: dict[str, Any]):
         elif key in fields:
             options[key] = value
         else:
-            known = fields | set(_WW_OPTION_NAMES) | set(_WW_DEFAULT_ONLY) | set(_WW_IGNORED) | {
-                "svd_method", "pl_package", "fit", "ERG", "ww2x", "plot", "savefig", "deltas", "base_model", "peft"}
+            known = fields | set(_WW_OPTION_NAMES) | set(_WW_IGNORED) | {
+                "svd_method", "pl_package", "fit", "ERG", "ww2x", "plot", "savefig", "deltas", "vectors",
+                "base_model", "peft"}
             raise TypeError(f"analyze() got an unknown option {key!r}; known: {sorted(known)}")
     return AnalysisOptions(**options)
 
 
 def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_model: Any = None, peft: bool = False,
-            plot: bool = False, savefig: str | bool = _WW_SAVEDIR, deltas: bool = False, **options: Any):
+            plot: bool = False, savefig: str | bool = _WW_SAVEDIR, deltas: bool = False, vectors: bool = False,
+            **options: Any):
     """Analyse one model and return one row per layer matrix with WeightWatcher 0.7's column names.
 
     model: a checkpoint path (safetensors, HF directory, .pt/.pth/.bin, .npz, .keras/.h5, .onnx, .gguf,
@@ -108,17 +98,23 @@ def analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_mod
         fit, xmin) and ``.esd2.png`` (lin-lin, xmin, MP bulk with ``mp_fit``) into the folder ``savefig``.
     deltas: with ``plot``, also WeightWatcher's eigenvalue-spacing figures ``.deltaEs.png`` (log10 of the gaps
         between consecutive eigenvalues, xmin marked) and ``.level-stats.png`` (their histogram).
+    vectors: WeightWatcher's eigenvector localization metrics (``pipelines.vectors``): the columns
+        ``{bulk,tail}_{mean,var}_{vec_entropy,loc_ratio,part_ratio}`` (mean and variance of each metric over the
+        eigenvectors below / from ``xmin``), and with ``plot`` the figures ``ww.layer{layer_id}.vector_metrics.png``
+        (each metric and the eigenvalue, ordered by eigenvalue) and ``.vector_histograms.png`` (bulk and tail
+        histograms). Not with ``intra``, ``stacked``, ``inverse`` or ``conv2d_fft``.
     intra, sparsify, stacked: WeightWatcher's composite layers (``AnalysisOptions``): with ``intra`` the rows are
         pairs of consecutive layers named ``"a X b"`` (``layer_id`` of ``b``), with ``stacked`` one row
         ``"stacked"`` (``layer_id`` 0).
     With ``esd_backend="auto"`` (the default) the routing table saved by ``zooscope bench svd --tune`` is used.
     """
     return _analyze(model, ww_compat=ww_compat, start_ids=start_ids, base_model=base_model, peft=peft, plot=plot,
-                    savefig=savefig, deltas=deltas, **options)[1]
+                    savefig=savefig, deltas=deltas, vectors=vectors, **options)[1]
 
 
 def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_model: Any = None, peft: bool = False,
-             plot: bool = False, savefig: str | bool = _WW_SAVEDIR, deltas: bool = False, **options: Any):
+             plot: bool = False, savefig: str | bool = _WW_SAVEDIR, deltas: bool = False, vectors: bool = False,
+             **options: Any):
     """``analyze`` returning ``(ModelResult, WeightWatcher-style frame)``: the result keeps the ESDs."""
     from zooscope.engine.tune import with_saved_table
     from zooscope.pipelines.analyze import analyze_checkpoint, require_backends, to_weightwatcher_frame
@@ -134,16 +130,33 @@ def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_mo
         raise ValueError("deltas=True draws WeightWatcher's eigenvalue-spacing figures: it needs plot=True")
     if peft not in (True, False):
         raise ValueError(f"peft must be True or False, got {peft!r}")
+    if vectors not in (True, False):
+        raise ValueError(f"vectors must be True or False, got {vectors!r}")
+    if vectors and (opts.intra or opts.stacked or opts.inverse or opts.conv2d_fft):
+        raise ValueError("vectors=True works on the layers' own matrices: not with intra, stacked, inverse or "
+                         "conv2d_fft (WeightWatcher 0.7.7 refuses intra and inverse, and crashes on conv2d_fft)")
     with open_derived(model, base=base_model, peft=peft) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
+        kept = [i for i, status in enumerate(result.layers.get("status", [])) if status != "error"]  # frame's rows
+        if vectors:
+            from zooscope.pipelines.vectors import layer_vectors
+
+            rows = result.layers.loc[kept]
+            slices = rows["slice_id"].astype(int) if "slice_id" in rows else [None] * len(kept)
+            layer_vecs = layer_vectors(ckpt, opts, list(zip(rows["name"], slices)))
+    esds = [result.esd[i] for i in kept]
     layers = result.layers if len(result.layers) else result.layers.reindex(columns=_EMPTY_LAYER_COLUMNS)
     frame = to_weightwatcher_frame(layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
     _weightwatcher_layer_ids(model, frame, start_ids, opts)
+    if vectors:
+        from zooscope.pipelines.vectors import vector_columns
+
+        frame = frame.join(vector_columns(layer_vecs, esds, frame["xmin"].to_numpy(float)))
+        frame = frame[["layer_id", "name"] + sorted(frame.columns.drop(["layer_id", "name"]))]
     if plot:
         from zooscope.pipelines.layer_figures import save_layer_figures
 
-        kept = [i for i, status in enumerate(result.layers.get("status", [])) if status != "error"]  # frame's rows
-        save_layer_figures(frame, [result.esd[i] for i in kept], savefig, deltas=deltas)
+        save_layer_figures(frame, esds, savefig, deltas=deltas, vectors=layer_vecs if vectors else None)
     return result, frame
 
 
