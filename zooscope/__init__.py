@@ -135,10 +135,11 @@ def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_mo
     if vectors and (opts.intra or opts.stacked or opts.inverse or opts.conv2d_fft):
         raise ValueError("vectors=True works on the layers' own matrices: not with intra, stacked, inverse or "
                          "conv2d_fft (WeightWatcher 0.7.7 refuses intra and inverse, and crashes on conv2d_fft)")
+    layer_vecs = None
     with open_derived(model, base=base_model, peft=peft) as ckpt:
         result = analyze_checkpoint(ckpt, opts)
         kept = [i for i, status in enumerate(result.layers.get("status", [])) if status != "error"]  # frame's rows
-        if vectors:
+        if vectors and kept:
             from zooscope.pipelines.vectors import layer_vectors
 
             rows = result.layers.loc[kept]
@@ -148,7 +149,7 @@ def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_mo
     layers = result.layers if len(result.layers) else result.layers.reindex(columns=_EMPTY_LAYER_COLUMNS)
     frame = to_weightwatcher_frame(layers, result.esd, failed_as_minus_one=ww_compat, options=opts)
     _weightwatcher_layer_ids(model, frame, start_ids, opts)
-    if vectors:
+    if layer_vecs is not None:
         from zooscope.pipelines.vectors import vector_columns
 
         frame = frame.join(vector_columns(layer_vecs, esds, frame["xmin"].to_numpy(float)))
@@ -156,7 +157,7 @@ def _analyze(model: Any, *, ww_compat: bool = False, start_ids: int = 0, base_mo
     if plot:
         from zooscope.pipelines.layer_figures import save_layer_figures
 
-        save_layer_figures(frame, esds, savefig, deltas=deltas, vectors=layer_vecs if vectors else None)
+        save_layer_figures(frame, esds, savefig, deltas=deltas, vectors=layer_vecs)
     return result, frame
 
 
