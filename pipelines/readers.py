@@ -4,7 +4,7 @@ Sources: a ``.safetensors`` file (header parsed here, each tensor read with one 
 directory (``model.safetensors.index.json`` / ``model[-0000k-of-0000n].safetensors`` /
 ``pytorch_model[-0000k-of-0000n].bin`` with ``pytorch_model.bin.index.json`` when present; shards opened on first
 use), a PyTorch state-dict file ``.pt/.pth/.bin`` (``torch.load(weights_only=True)``, memory-mapped when the file
-is a zip archive), ``.npz``, and in memory a ``torch.nn.Module`` or a dict of tensors/arrays. Keras
+is a zip archive; read without torch, lazily, by ``torch_file`` when it holds a plain state dict), ``.npz``, and in memory a ``torch.nn.Module`` or a dict of tensors/arrays. Keras
 (``.keras``/``.h5``), ONNX (``.onnx``), GGUF (``.gguf``) and Flax (``.msgpack``) files are read by their own
 modules (``FORMAT_READERS``), each needing an optional extra.
 
@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from zooscope.pipelines import torch_file
 
 #: Formats read by their own modules (``pipelines/<module>.py``, each an optional extra): suffix -> (module, opener).
 FORMAT_READERS = {
@@ -180,6 +182,13 @@ def _numpy_out(arr: np.ndarray) -> np.ndarray:
                       copy=False)
 
 
+def _from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """A tensor read as stored (bfloat16 as its uint16 bit patterns) -> what ``read`` returns."""
+    if dtype == "bfloat16":  # bfloat16 is the upper half of a float32: exact widening
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return _numpy_out(raw)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # shards: one file (or one in-memory mapping) holding some of a model's tensors
 
@@ -272,9 +281,7 @@ class _SafetensorsShard:
             raise CheckpointError(self.path, key, f"read failed: {exc.strerror or exc}") from exc
         if got != end - start:
             raise CheckpointError(self.path, key, f"truncated file: read {got} of {end - start} bytes")
-        if code == "BF16":  # bfloat16 is the upper half of a float32: exact widening
-            return (out.astype(np.uint32) << 16).view(np.float32)
-        return _numpy_out(out)
+        return _from_storage(out, name)
 
     def close(self) -> None:
         pass
@@ -288,13 +295,15 @@ def _flatten_tensors(obj: Any, path: str, prefix: str = "", depth: int = 0) -> I
                                   f"dicts nested more than {MAX_NESTING} levels deep: not a state dict")
         for k, v in obj.items():
             yield from _flatten_tensors(v, path, f"{prefix}{k}.", depth + 1)
-    elif isinstance(obj, np.ndarray) or _is_torch_tensor(obj):
+    elif isinstance(obj, (np.ndarray, torch_file.StoredTensor)) or _is_torch_tensor(obj):
         yield prefix[:-1], obj
 
 
 def _unwrap(obj: Any) -> Any:
     """The state dict inside a training checkpoint dict (its ``STATE_DICT_KEYS`` entry, e.g. ``model_state_dict``)."""
-    while isinstance(obj, Mapping):
+    seen = set()
+    while isinstance(obj, Mapping) and id(obj) not in seen:  # a pickle can make a dict its own "state_dict"
+        seen.add(id(obj))
         inner = next((obj[k] for k in STATE_DICT_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             return obj
@@ -312,7 +321,8 @@ def _torch_dtype_name(t: Any) -> str:
 
 
 class _MappingShard:
-    """Tensors/arrays held in a mapping (an in-memory source or a loaded torch file)."""
+    """Tensors/arrays held in a mapping (an in-memory source, a loaded torch file, or the ``StoredTensor`` records of
+    a torch file, each read on demand)."""
 
     def __init__(self, path: str, tensors: Mapping[str, Any], copy: bool):
         self.path = path
@@ -329,6 +339,8 @@ class _MappingShard:
         t = self._tensors[key]
         if isinstance(t, np.ndarray):
             return _Meta(tuple(t.shape), t.dtype.name, int(t.nbytes))
+        if isinstance(t, torch_file.StoredTensor):
+            return _Meta(t.shape, t.dtype, t.nbytes)
         return _Meta(tuple(t.shape), _torch_dtype_name(t), t.numel() * t.element_size())
 
     def read(self, key: str) -> np.ndarray:
@@ -338,6 +350,12 @@ class _MappingShard:
         if isinstance(t, np.ndarray):
             out = _numpy_out(t)
             return out.copy() if self._copy and out is t else out
+        if isinstance(t, torch_file.StoredTensor):
+            try:
+                return _from_storage(t.read(self.path), dtype)
+            except (OSError, EOFError) as exc:
+                raise CheckpointError(self.path, key, f"read failed: {getattr(exc, 'strerror', None) or exc}") \
+                    from exc
         t = t.detach().cpu()
         if t.is_sparse:
             t = t.to_dense()
@@ -366,9 +384,9 @@ def _torch_load_error(exc: Exception) -> str:
 
 
 def _load_torch_file(path: Path, loaded_as: str) -> _MappingShard:
-    """A torch state-dict file; memory-mapped for zip archives, fully loaded for the legacy format."""
-    import torch
-
+    """A torch state-dict file: a plain state dict is read by ``torch_file`` (torch is not imported, tensors are
+    read one at a time); anything else by ``torch.load(weights_only=True)``, memory-mapped for zip archives, fully
+    loaded for the legacy format."""
     p = str(path)
     _require_regular(p)
     try:
@@ -382,18 +400,48 @@ def _load_torch_file(path: Path, loaded_as: str) -> _MappingShard:
     if not is_zip and not magic.startswith(_PICKLE_PROTO):
         raise CheckpointError(p, None, f"not a torch checkpoint: neither a zip archive nor a pickle "
                                        f"(starts with {magic!r})")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=is_zip)
-    except RecursionError as exc:
-        raise CheckpointError(p, None, f"cannot load as a torch {loaded_as}: objects nested too deeply") from exc
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        raise CheckpointError(p, None, f"cannot load as a torch {loaded_as}: {_torch_load_error(exc)}") from exc
-    if isinstance(obj, torch.nn.Module) or not isinstance(obj, Mapping):
-        raise CheckpointError(p, None, f"expected a state dict, found {type(obj).__name__}")
+    obj = _load_torch_fast(p, loaded_as)
+    if obj is None:
+        obj = _torch_load(p, loaded_as, mmap=is_zip)
+    if not isinstance(obj, Mapping):
+        kind = "Tensor" if isinstance(obj, torch_file.StoredTensor) else type(obj).__name__
+        raise CheckpointError(p, None, f"expected a state dict, found {kind}")
     shard = _MappingShard(p, obj, copy=False)
     if not shard.keys():
         raise CheckpointError(p, None, "no tensors found in the state dict")
     return shard
+
+
+def _load_torch_fast(p: str, loaded_as: str) -> Any:
+    """The object of a torch file with ``StoredTensor`` leaves, or None when ``torch.load`` must read it (a global
+    torch may allow, an unusual record, a pickle ``torch_file`` cannot read: torch then decides, with its own
+    message)."""
+    try:
+        return torch_file.load(p)
+    except torch_file.Refused as exc:
+        raise CheckpointError(p, None, f"refused to unpickle (nothing was run): {short_repr(str(exc), 200)[1:-1]} "
+                                       "is not an allowed global (weights_only)") from exc
+    except torch_file.Corrupt as exc:
+        raise CheckpointError(p, None, f"cannot load as a torch {loaded_as}: {exc}") from exc
+    except OSError as exc:
+        raise CheckpointError(p, None, f"cannot read: {exc.strerror or exc}") from exc
+    except Exception:  # NotHandled, or a pickle error: torch.load(weights_only=True) gives its verdict
+        return None
+
+
+def _torch_load(p: str, loaded_as: str, mmap: bool) -> Any:
+    """``torch.load(p, weights_only=True)``; an nn.Module or a failure is a ``CheckpointError``."""
+    import torch
+
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+    except RecursionError as exc:
+        raise CheckpointError(p, None, f"cannot load as a torch {loaded_as}: objects nested too deeply") from exc
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        raise CheckpointError(p, None, f"cannot load as a torch {loaded_as}: {_torch_load_error(exc)}") from exc
+    if isinstance(obj, torch.nn.Module):
+        raise CheckpointError(p, None, f"expected a state dict, found {type(obj).__name__}")
+    return obj
 
 
 class _NpzShard:
