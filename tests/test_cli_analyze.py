@@ -67,3 +67,18 @@ def test_one_model_options_reach_the_analysis(tmp_path, capsys):
     assert len(written) == 10 and list(written["slice_id"]) == [*range(9), 0]  # 9 kernel positions + the dense
     np.testing.assert_allclose(written["alpha"], expected["alpha"], rtol=1e-12)
     np.testing.assert_array_equal(written["num_fingers"], expected["num_fingers"])
+
+
+
+def test_cold_start_imports_only_the_command_it_runs(checkpoint):
+    """A fresh `zooscope analyze FILE` imports its own command module (and the one whose options it shares) only,
+    and neither torch nor dask."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom zooscope.cli import main\ncode = main(['analyze', sys.argv[1]])\n"
+              "commands = sorted(m for m in sys.modules if m.startswith('zooscope.commands.') and '._' not in m)\n"
+              "print('RESULT', code, commands, sorted(m for m in ('torch', 'dask') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", script, str(checkpoint)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "RESULT 0 ['zooscope.commands.analyze', 'zooscope.commands.scan'] []" in out
