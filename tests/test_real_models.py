@@ -61,3 +61,21 @@ def test_real_checkpoint_matches_weightwatcher(case):
         assert ours.loc["embeddings.position_embeddings", "layer_type"] == "embedding"
     else:
         assert ours.loc["_conv_stem", "rf"] == 9 and ours.loc["_conv_stem", "layer_type"] == "conv2d"
+
+
+def test_real_torch_file_reads_bitwise_as_torch_load():
+    """EfficientNet-Lite0's .pth (torch's legacy layout) is read without torch, every tensor as torch.load has it."""
+    torch = pytest.importorskip("torch")
+    from zooscope.pipelines import torch_file
+    from zooscope.pipelines.readers import open_checkpoint
+
+    package, relative, _ = CASES["effnet0"]
+    path = _package_file(package, relative)
+    assert isinstance(next(iter(torch_file.load(str(path)).values())), torch_file.StoredTensor)  # not the fallback
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    with open_checkpoint(path) as ckpt:
+        assert ckpt.keys() == list(state)
+        for key, t in state.items():
+            got = ckpt.read(key)
+            assert got.shape == tuple(t.shape) and got.dtype == t.numpy().dtype, key
+            assert got.tobytes() == t.numpy().tobytes(), key
