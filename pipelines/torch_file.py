@@ -20,6 +20,7 @@ storages. The pickle is read by :class:`_Unpickler`, which resolves only the glo
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import pickle
@@ -63,10 +64,14 @@ class Corrupt(Exception):
 
 
 class _Frozen:
-    """Refuses the pickle ``BUILD`` opcode, which would set attributes of the records made here."""
+    """A record of this module: the pickle ``BUILD`` opcode, which would set its attributes past the checks, is
+    refused; pickling one (``copy``, Dask) rebuilds it from its fields instead."""
 
     def __setstate__(self, state):
         raise pickle.UnpicklingError(f"BUILD on a {type(self).__name__} record")
+
+    def __reduce__(self):
+        return type(self), tuple(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 @dataclass(frozen=True, eq=False)

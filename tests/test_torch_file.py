@@ -181,6 +181,31 @@ def test_corrupt_records_are_clear_errors(tmp_path):
         open_checkpoint(cut)
 
 
+def test_records_refuse_build_but_pickle_by_their_fields(tmp_path):
+    """The pickle BUILD opcode cannot set a record's fields past the checks (torch then decides); copying works."""
+    import copy
+    import pickle
+
+    path = tmp_path / "built.pt"
+    torch.save({"w": torch.randn(4, 5)}, path)
+    record = torch_file.load(str(path))["w"]
+    evil = tmp_path / "evil_build.pt"
+    # after the tensor's REDUCE: BUILD with {'offset': 10**9} (EMPTY_DICT, SHORT_BINUNICODE, INT, SETITEM, BUILD)
+    build = b"}\x8c\x06offsetJ\x00\xca\x9a;sb"
+    _rewrite_record(path, evil, lambda name, data: _with_build(data, build) if name.endswith("data.pkl") else data)
+    with pytest.raises(pickle.UnpicklingError, match="BUILD on a StoredTensor record"):
+        torch_file.load(str(evil))
+    for clone in (pickle.loads(pickle.dumps(record)), copy.deepcopy(record)):
+        assert (clone.shape, clone.strides, clone.offset) == (record.shape, record.strides, record.offset)
+        assert clone.read(str(path)).tobytes() == record.read(str(path)).tobytes()
+
+
+def _with_build(data: bytes, build: bytes) -> bytes:
+    """data.pkl with ``build`` inserted after the REDUCE that calls _rebuild_tensor_v2 (the pickle's last 'R')."""
+    at = data.rindex(b"R")
+    return data[:at + 1] + build + data[at + 1:]
+
+
 def test_view_beyond_its_storage_is_refused(tmp_path):
     """A tensor record whose strides reach past its storage (a hand-made pickle) is an error, not a wild read."""
     path = tmp_path / "reach.pt"
