@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 
 from zooscope.pipelines.layers import LayerError, LayerInfo
 
@@ -102,6 +101,8 @@ def stacked_matrix(blocks: list[np.ndarray], names: list[str], source: str = "")
     standardised by ``(W − median) / MAD`` per column, zero-padded on the right to the widest, stacked vertically,
     transposed if wider than tall. A constant column (MAD 0) raises ``LayerError`` naming ``source`` and the layer
     (WeightWatcher divides by zero)."""
+    from scipy import stats  # here, not at import: scipy.stats costs half a second of every cold start
+
     width = max(b.shape[1] for b in blocks)
     padded = []
     for name, block in zip(names, blocks):

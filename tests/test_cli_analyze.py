@@ -72,13 +72,13 @@ def test_one_model_options_reach_the_analysis(tmp_path, capsys):
 
 def test_cold_start_imports_only_the_command_it_runs(checkpoint):
     """A fresh `zooscope analyze FILE` imports its own command module (and the one whose options it shares) only,
-    and neither torch nor dask."""
+    and neither torch, dask nor scipy.stats (half a second each or more)."""
     import subprocess
     import sys
 
     script = ("import sys\nfrom zooscope.cli import main\ncode = main(['analyze', sys.argv[1]])\n"
               "commands = sorted(m for m in sys.modules if m.startswith('zooscope.commands.') and '._' not in m)\n"
-              "print('RESULT', code, commands, sorted(m for m in ('torch', 'dask') if m in sys.modules))\n")
+              "print('RESULT', code, commands, sorted(m for m in ('torch', 'dask', 'scipy.stats') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", script, str(checkpoint)], capture_output=True, text=True,
                          check=True).stdout
     assert "RESULT 0 ['zooscope.commands.analyze', 'zooscope.commands.scan'] []" in out
