@@ -356,7 +356,7 @@ class _MappingShard:
             except (OSError, EOFError) as exc:
                 raise CheckpointError(self.path, key, f"read failed: {getattr(exc, 'strerror', None) or exc}") \
                     from exc
-        t = t.detach().cpu()
+        t = t.detach().cpu().resolve_neg()  # a negative view (its neg bit) has no numpy() of its own
         if t.is_sparse:
             t = t.to_dense()
         if dtype in ("float16", "bfloat16"):

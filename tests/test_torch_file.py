@@ -121,6 +121,12 @@ def test_what_the_fast_path_does_not_handle_goes_to_torch(tmp_path):
         torch_file.load(str(path))
     with open_checkpoint(path) as ckpt:
         assert ckpt.read("w").tobytes() == w.numpy().tobytes()
+    negative = tmp_path / "negative_view.pt"  # a tensor whose neg bit is set: torch's metadata, not ours
+    torch.save({"w": torch._neg_view(w)}, negative)
+    with pytest.raises(torch_file.NotHandled, match="neg"):
+        torch_file.load(str(negative))
+    with open_checkpoint(negative) as ckpt:
+        assert ckpt.read("w").tobytes() == (-w).numpy().tobytes()
 
 
 class Note:
