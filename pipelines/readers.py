@@ -3,10 +3,11 @@
 Sources: a ``.safetensors`` file (header parsed here, each tensor read with one seek + read), a Hugging Face
 directory (``model.safetensors.index.json`` / ``model[-0000k-of-0000n].safetensors`` /
 ``pytorch_model[-0000k-of-0000n].bin`` with ``pytorch_model.bin.index.json`` when present; shards opened on first
-use), a PyTorch state-dict file ``.pt/.pth/.bin`` (``torch.load(weights_only=True)``, memory-mapped when the file
-is a zip archive; read without torch, lazily, by ``torch_file`` when it holds a plain state dict), ``.npz``, and in memory a ``torch.nn.Module`` or a dict of tensors/arrays. Keras
-(``.keras``/``.h5``), ONNX (``.onnx``), GGUF (``.gguf``) and Flax (``.msgpack``) files are read by their own
-modules (``FORMAT_READERS``), each needing an optional extra.
+use), a PyTorch state-dict file ``.pt/.pth/.bin`` (a plain state dict read without torch, one tensor at a time, by
+``torch_file``; anything else by ``torch.load(weights_only=True)``, memory-mapped when the file is a zip archive),
+``.npz``, and in memory a ``torch.nn.Module`` or a dict of tensors/arrays. Keras (``.keras``/``.h5``), ONNX
+(``.onnx``), GGUF (``.gguf``) and Flax (``.msgpack``) files are read by their own modules (``FORMAT_READERS``), each
+needing an optional extra.
 
 ``read`` returns float16/bfloat16 tensors as float32 arrays and float32/float64/integer tensors unchanged; bool,
 complex and float8 tensors are refused with a :class:`CheckpointError`. Every problem with the input (missing,

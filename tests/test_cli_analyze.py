@@ -78,7 +78,8 @@ def test_cold_start_imports_only_the_command_it_runs(checkpoint):
 
     script = ("import sys\nfrom zooscope.cli import main\ncode = main(['analyze', sys.argv[1]])\n"
               "commands = sorted(m for m in sys.modules if m.startswith('zooscope.commands.') and '._' not in m)\n"
-              "print('RESULT', code, commands, sorted(m for m in ('torch', 'dask', 'scipy.stats') if m in sys.modules))\n")
+              "heavy = sorted(m for m in ('torch', 'dask', 'scipy.stats') if m in sys.modules)\n"
+              "print('RESULT', code, commands, heavy)\n")
     out = subprocess.run([sys.executable, "-c", script, str(checkpoint)], capture_output=True, text=True,
                          check=True).stdout
     assert "RESULT 0 ['zooscope.commands.analyze', 'zooscope.commands.scan'] []" in out
