@@ -217,7 +217,9 @@ def conditional_quantiles(wi: np.ndarray, wf: np.ndarray, bins: int = 50,
 
 def drift_stats(wi: np.ndarray, wf: np.ndarray, *, seed: int = 0) -> dict[str, float]:
     """All distance-from-init statistics of one set of pairs: ``rmsd, a0, a1, b0, b1, b2, sigma_at_0, c_opt,
-    c_opt_resolution`` (weight units; slopes dimensionless). Non-finite pairs are dropped."""
+    c_opt_resolution`` (weight units; slopes dimensionless). Non-finite pairs are dropped.
+
+    The one-pair reference of ``drift_stats_many`` (which gives the same numbers for stacks of pairs)."""
     x, y = _pairs(wi, wf)
     order = np.argsort(x, kind="stable")
     xs, ys = x[order], y[order]
@@ -226,3 +228,208 @@ def drift_stats(wi: np.ndarray, wf: np.ndarray, *, seed: int = 0) -> dict[str, f
     c_opt, res = peak_slope(x, y, seed=seed)
     return {"rmsd": rmsd(x, y), "a0": a[0], "a1": a[1], "b0": b[0], "b1": b[1], "b2": b[2],
             "sigma_at_0": _sigma(a, b, 0.0), "c_opt": c_opt, "c_opt_resolution": res}
+
+
+# ---- many pairs of one size at once ------------------------------------------------------------------------------
+
+#: Keys of ``drift_stats`` and ``drift_stats_many``, in order.
+STATS = ("rmsd", "a0", "a1", "b0", "b1", "b2", "sigma_at_0", "c_opt", "c_opt_resolution")
+#: ``drift_stats_many`` solves a fit by its normal equations when their column-scaled matrix has at most this
+#: condition number (errors ≲ 1e-13 of the coefficients' scale), else it falls back to ``Polynomial.fit``.
+FIT_MAX_COND = 1e6
+
+
+def drift_stats_many(wi: np.ndarray, wf: np.ndarray, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """``drift_stats`` of every row of ``wi``, ``wf`` (P, n): the same keys, each an array (P,).
+
+    Rows are independent and get ``drift_stats``'s numbers: c_opt and its resolution bit for bit (the same
+    residuals, bins, smoothing and argmax, many rows and slopes per call), rmsd bit for bit; the cumulative-sum
+    fits solve their normal equations in ``Polynomial.fit``'s scaled variable instead of an SVD least squares
+    (≲ 1e-13 of each fit's coefficient scale apart). Rows with non-finite values, or fewer than 3 pairs, go
+    through ``drift_stats`` itself.
+    """
+    x = np.asarray(wi, dtype=np.float64)
+    y = np.asarray(wf, dtype=np.float64)
+    if x.ndim != 2 or x.shape != y.shape:
+        raise ValueError(f"drift_stats_many: w_i and w_f must be (P, n) arrays of one shape, got "
+                         f"{np.shape(wi)} and {np.shape(wf)}")
+    out = {key: np.full(x.shape[0], np.nan) for key in STATS}
+    fast = np.isfinite(x).all(axis=1) & np.isfinite(y).all(axis=1) & (x.shape[1] >= 3)
+    for p in np.flatnonzero(~fast):
+        for key, value in drift_stats(x[p], y[p], seed=seed).items():
+            out[key][p] = value
+    if not fast.any():
+        return out
+    x, y = np.ascontiguousarray(x[fast]), np.ascontiguousarray(y[fast])
+    d = y - x
+    rms = np.array([np.sqrt(np.dot(row, row) / row.size) for row in d])
+    del d
+    order = np.argsort(x, axis=1, kind="stable")
+    xs, ys = np.take_along_axis(x, order, axis=1), np.take_along_axis(y, order, axis=1)
+    a = _fit_sorted_many(xs, ys, 2)
+    b = _fit_sorted_many(xs, ys * ys, 3)
+    del xs, ys, order
+    c_opt, res = peak_slope_many(x, y, seed=seed)
+    var = b[:, 0] + b[:, 1] * 0.0 + b[:, 2] * 0.0 * 0.0 - (a[:, 0] + a[:, 1] * 0.0) ** 2  # _sigma(a, b, 0.0)
+    with np.errstate(invalid="ignore"):
+        sigma = np.where(var >= 0, np.sqrt(np.where(var >= 0, var, 0.0)), np.nan)
+    for key, value in zip(STATS, (rms, a[:, 0], a[:, 1], b[:, 0], b[:, 1], b[:, 2], sigma, c_opt, res)):
+        out[key][fast] = value
+    return out
+
+
+def _fit_sorted_many(xs: np.ndarray, vs: np.ndarray, degree: int) -> np.ndarray:
+    """``_fit_sorted`` of every row of ``xs``, ``vs`` (P, n), rows sorted by ``xs``: coefficients (P, degree).
+
+    The cumulative sum at each distinct w_i (the last of a tie group) is fitted in ``Polynomial.fit``'s variable
+    t = off + scl·w_i ∈ [−1, 1] by the normal equations of the column-scaled Vandermonde matrix (pairwise-summed
+    moments; condition number ≲ 30 for spread-out w_i), then differentiated and expanded in w_i. Rows whose
+    scaled normal matrix is worse conditioned than ``FIT_MAX_COND`` are fitted by ``_fit_sorted``.
+    """
+    n_rows, n = xs.shape
+    keep = np.ones(xs.shape, dtype=bool)
+    keep[:, :-1] = xs[:, 1:] != xs[:, :-1]
+    m = keep.sum(axis=1)
+    coef = np.full((n_rows, degree), np.nan)
+    ok = m >= degree + 1
+    if not ok.any():
+        return coef
+    xs, vs, keep = xs[ok], vs[ok], keep[ok]
+    lo, hi = xs[:, 0], xs[:, -1]
+    F = np.cumsum(vs, axis=1) * (hi - lo)[:, None] / n
+    oldlen = hi - lo  # numpy.polynomial.polyutils.mapparms(domain, window=[-1, 1])
+    off = (hi * -1.0 - lo * 1.0) / oldlen
+    scl = 2.0 / oldlen
+    t = off[:, None] + scl[:, None] * xs
+    w = keep.astype(np.float64)
+    moments = np.empty((t.shape[0], 2 * degree + 1))
+    rhs = np.empty((t.shape[0], degree + 1))
+    power = w
+    for k in range(2 * degree + 1):
+        moments[:, k] = power.sum(axis=1)
+        if k <= degree:
+            rhs[:, k] = (power * F).sum(axis=1)
+        power = power * t
+    idx = np.arange(degree + 1)
+    G = moments[:, idx[:, None] + idx[None, :]]
+    norm = np.sqrt(moments[:, 2 * idx])
+    Gs = G / (norm[:, :, None] * norm[:, None, :])
+    good = np.linalg.cond(Gs) <= FIT_MAX_COND
+    c = np.linalg.solve(Gs[good], (rhs[good] / norm[good])[..., None])[..., 0] / norm[good]
+    o, s = off[good], scl[good]
+    if degree == 2:  # d/dw of c0 + c1 t + c2 t², t = o + s·w
+        deriv = np.stack([s * (c[:, 1] + 2 * c[:, 2] * o), 2 * c[:, 2] * s * s], axis=1)
+    elif degree == 3:
+        deriv = np.stack([s * (c[:, 1] + 2 * c[:, 2] * o + 3 * c[:, 3] * o * o),
+                          s * s * (2 * c[:, 2] + 6 * c[:, 3] * o), 3 * c[:, 3] * s * s * s], axis=1)
+    else:
+        raise ValueError(f"_fit_sorted_many: degree must be 2 or 3, got {degree}")
+    rows = np.flatnonzero(ok)
+    coef[rows[good]] = deriv
+    for r, xr, vr in zip(rows[~good], xs[~good], vs[~good]):
+        coef[r] = _fit_sorted(xr, vr, degree)
+    return coef
+
+
+def peak_slope_many(x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``peak_slope`` (default grid, refinements and bandwidth) of every row of ``x``, ``y`` (P, n), finite fp64,
+    n ≥ 3: ``(c_opt (P,), resolution (P,))``, equal to ``peak_slope``'s bit for bit.
+
+    Rows of one size draw the same seeded subsamples, so every step is one call over all rows and slopes: the
+    quartiles and standard deviations of the bandwidth rule, the residual ranges and histograms
+    (``drift_numba``), and the Gaussian smoothing of all histograms of one bin step at once.
+    """
+    n = x.shape[1]
+    grid = C_GRID
+    step = float(np.min(np.diff(np.sort(grid))))
+    h = _bandwidth_many(x, y, grid, np.random.default_rng(seed))
+    fallback = np.maximum(np.maximum(np.ptp(y, axis=1), np.ptp(x, axis=1)), 1e-12) * 1e-3
+    h = np.where(h <= 0, fallback, h)
+    sub = (np.random.default_rng(seed).choice(n, COARSE_MAX_PAIRS, replace=False)
+           if n > COARSE_MAX_PAIRS else slice(None))
+    xc, yc = np.ascontiguousarray(x[:, sub]), np.ascontiguousarray(y[:, sub])
+    cs = np.broadcast_to(grid, (x.shape[0], grid.size))
+    c = cs[0][np.argmax(_peak_densities_many(xc, yc, cs, h), axis=1)]
+    del xc, yc
+    for _ in range(2):
+        cs = np.linspace(c - step, c + step, 21, axis=-1)
+        c = np.take_along_axis(cs, np.argmax(_peak_densities_many(x, y, cs, h), axis=1)[:, None], axis=1)[:, 0]
+        step /= 10
+    span = np.ptp(x, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        res = np.where(span > 0, np.maximum(step, h / span), np.nan)
+    return c, res
+
+
+def _scales_many(x: np.ndarray, y: np.ndarray, cs: np.ndarray) -> np.ndarray:
+    """``_scales`` of row p of ``x``, ``y`` (P, n) at its slopes ``cs[p]`` ((P, K)): (P, K), equal bit for bit."""
+    out = np.empty(cs.shape)
+    chunk = max(1, BLOCK_ELEMENTS // (cs.shape[1] * x.shape[1]))
+    for start in range(0, x.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        r = y[rows, None, :] - cs[rows, :, None] * x[rows, None, :]
+        q25, q75 = np.quantile(r, (0.25, 0.75), axis=-1)
+        std = r.std(axis=-1)
+        robust = np.minimum(std, (q75 - q25) / 1.349)
+        out[rows] = np.where(robust > 0, robust, std)
+    return out
+
+
+def _bandwidth_many(x: np.ndarray, y: np.ndarray, grid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``_bandwidth`` of every row of ``x``, ``y`` (P, n) (one size, so one set of seeded subsamples): (P,)."""
+    n = x.shape[1]
+    if n > 100_000:
+        idx = rng.choice(n, 100_000, replace=False)
+        x, y = x[:, idx], y[:, idx]
+    cs = np.broadcast_to(grid, (x.shape[0], grid.size))
+    if x.shape[1] > SCALE_PAIRS:
+        sub = rng.choice(x.shape[1], SCALE_PAIRS, replace=False)
+        cs = grid[np.argmin(_scales_many(x[:, sub], y[:, sub], cs), axis=1)][:, None]
+    s = _scales_many(x, y, cs).min(axis=1)
+    return np.where(s > 0, 0.9 * s * n ** -0.2, 0.0)
+
+
+def _peak_densities_many(x: np.ndarray, y: np.ndarray, cs: np.ndarray, h: np.ndarray, upsample: int = 4
+                         ) -> np.ndarray:
+    """``_peak_densities`` of row p of ``x``, ``y`` (P, n) at its slopes ``cs[p]`` ((P, K)) with its bandwidth
+    ``h[p]``: (P, K), equal bit for bit.
+
+    The bin step of each block of ``_residual_blocks`` slopes is the reference's; histograms of one smoothing
+    width (h / step: 4 unless ``MAX_BINS`` binds) are smoothed together, padded with empty bins to the longest
+    (the filter's ``constant`` mode pads with the same zeros) and their maxima taken over their own bins.
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    from zooscope.kernels import drift_numba
+
+    n_rows, n = x.shape
+    cs = np.ascontiguousarray(cs, dtype=np.float64)
+    lo, hi = drift_numba.residual_ranges(x, y, cs)
+    span = hi - lo
+    starts = np.arange(0, cs.shape[1], max(1, BLOCK_ELEMENTS // max(n, MAX_BINS)))
+    widest = np.maximum.reduceat(span, starts, axis=1)
+    block_width = np.maximum((h / upsample)[:, None], widest / MAX_BINS)
+    block_bins = np.ceil(widest / block_width).astype(np.intp) + 1
+    repeat = np.diff(np.r_[starts, cs.shape[1]])
+    width = np.repeat(block_width, repeat, axis=1).ravel()
+    n_bins = np.repeat(block_bins, repeat, axis=1).ravel()
+    sigma = (h[:, None] / np.repeat(block_width, repeat, axis=1)).ravel()
+    rows = np.repeat(np.arange(n_rows), cs.shape[1])
+    peaks = np.empty(rows.size)
+    order = np.lexsort((n_bins, sigma))
+    bounds = np.flatnonzero(np.diff(sigma[order]) != 0) + 1
+    for group in np.split(order, bounds):
+        g_sigma = float(sigma[group[0]])
+        start = 0
+        while start < group.size:  # items sorted by bins: a chunk holds ≤ BLOCK_ELEMENTS bins (at least one item)
+            stop = start + max(1, int(np.searchsorted(n_bins[group[start:]] * np.arange(1, group.size - start + 1),
+                                                      BLOCK_ELEMENTS, side="right")))
+            items = group[start:stop]
+            nb = int(n_bins[items].max())
+            counts = drift_numba.residual_counts(x, y, rows[items], cs.ravel()[items], lo.ravel()[items],
+                                                 width[items], nb)
+            smooth = gaussian_filter1d(counts, sigma=g_sigma, axis=1, mode="constant", truncate=4.0)
+            smooth[np.arange(nb)[None, :] >= n_bins[items][:, None]] = -np.inf
+            peaks[items] = smooth.max(axis=1) / (n * width[items])
+            start = stop
+    return np.where(span.ravel() > 0, peaks, np.inf).reshape(cs.shape)
