@@ -349,11 +349,11 @@ def peak_slope_many(x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> tuple[np.
            if n > COARSE_MAX_PAIRS else slice(None))
     xc, yc = np.ascontiguousarray(x[:, sub]), np.ascontiguousarray(y[:, sub])
     cs = np.broadcast_to(grid, (x.shape[0], grid.size))
-    c = cs[0][np.argmax(_peak_densities_many(xc, yc, cs, h), axis=1)]
+    c = cs[0][_best_slopes_many(xc, yc, cs, h)]
     del xc, yc
     for _ in range(2):
         cs = np.linspace(c - step, c + step, 21, axis=-1)
-        c = np.take_along_axis(cs, np.argmax(_peak_densities_many(x, y, cs, h), axis=1)[:, None], axis=1)[:, 0]
+        c = np.take_along_axis(cs, _best_slopes_many(x, y, cs, h)[:, None], axis=1)[:, 0]
         step /= 10
     span = np.ptp(x, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -361,18 +361,52 @@ def peak_slope_many(x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> tuple[np.
     return c, res
 
 
-def _scales_many(x: np.ndarray, y: np.ndarray, cs: np.ndarray) -> np.ndarray:
-    """``_scales`` of row p of ``x``, ``y`` (P, n) at its slopes ``cs[p]`` ((P, K)): (P, K), equal bit for bit."""
-    out = np.empty(cs.shape)
-    chunk = max(1, BLOCK_ELEMENTS // (cs.shape[1] * x.shape[1]))
-    for start in range(0, x.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        r = y[rows, None, :] - cs[rows, :, None] * x[rows, None, :]
+def _scale_items(x: np.ndarray, y: np.ndarray, rows: np.ndarray, cs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale, robust)`` of the residuals ``y[rows[i]] − cs[i]·x[rows[i]]`` per item i: ``_scales``' value and
+    min(std, IQR/1.349) before its zero-IQR fallback, bit for bit (the same numpy reductions per residual row)."""
+    scale, robust = np.empty(rows.size), np.empty(rows.size)
+    chunk = max(1, BLOCK_ELEMENTS // x.shape[1])
+    for start in range(0, rows.size, chunk):
+        sel = slice(start, start + chunk)
+        r = y[rows[sel]] - cs[sel, None] * x[rows[sel]]
         q25, q75 = np.quantile(r, (0.25, 0.75), axis=-1)
         std = r.std(axis=-1)
-        robust = np.minimum(std, (q75 - q25) / 1.349)
-        out[rows] = np.where(robust > 0, robust, std)
-    return out
+        robust[sel] = np.minimum(std, (q75 - q25) / 1.349)
+        scale[sel] = np.where(robust[sel] > 0, robust[sel], std)
+    return scale, robust
+
+
+def _min_scale_many(x: np.ndarray, y: np.ndarray, grid: np.ndarray, stride: int = 4
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """``(first argmin, min)`` over the slopes ``grid`` (K,) of ``_scales(x[p], y[p], grid)``, per row p of ``x``,
+    ``y`` (P, n): (P,) each, equal to the reference's.
+
+    Every ``stride``-th slope is measured first. Moving c by Δ moves every residual by at most |Δ|·max|w_i|, so
+    the quartiles by as much and the IQR by twice that, and the std by at most |Δ|·std(w_i): the robust scale at
+    c' is at least robust(c) − L·|c − c'| with L = max(std(w_i), 2·max|w_i|/1.349), and a slope's scale is at least
+    its robust scale. Slopes whose bound (less a 1e-9 relative margin for rounding) exceeds the best measured scale
+    cannot be the minimum nor tie it; the others are measured too.
+    """
+    n_rows = x.shape[0]
+    lipschitz = np.maximum(x.std(axis=1), 2 * np.abs(x).max(axis=1) / 1.349)
+    scale = np.full((n_rows, grid.size), np.inf)
+    robust = np.full((n_rows, grid.size), np.nan)
+    first = np.zeros((n_rows, grid.size), dtype=bool)
+    first[:, ::stride] = True
+    first[:, -1] = True
+    for todo in (first, None):
+        if todo is None:
+            best = scale.min(axis=1)
+            seen = np.isfinite(scale)
+            dist = np.abs(grid[:, None] - grid[None, :])  # (K, K): |c_k − c_j|
+            reach = lipschitz[:, None, None] * dist[None]
+            lower = robust[:, None, :] - reach - 1e-9 * (np.abs(robust[:, None, :]) + reach)
+            lower = np.where(seen[:, None, :], lower, -np.inf).max(axis=2)
+            todo = ~seen & (lower <= best[:, None])
+        rows, ks = np.nonzero(todo)
+        scale[rows, ks], robust[rows, ks] = _scale_items(x, y, rows, grid[ks])
+    k = np.argmin(scale, axis=1)
+    return k, scale[np.arange(n_rows), k]
 
 
 def _bandwidth_many(x: np.ndarray, y: np.ndarray, grid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -381,55 +415,92 @@ def _bandwidth_many(x: np.ndarray, y: np.ndarray, grid: np.ndarray, rng: np.rand
     if n > 100_000:
         idx = rng.choice(n, 100_000, replace=False)
         x, y = x[:, idx], y[:, idx]
-    cs = np.broadcast_to(grid, (x.shape[0], grid.size))
     if x.shape[1] > SCALE_PAIRS:
         sub = rng.choice(x.shape[1], SCALE_PAIRS, replace=False)
-        cs = grid[np.argmin(_scales_many(x[:, sub], y[:, sub], cs), axis=1)][:, None]
-    s = _scales_many(x, y, cs).min(axis=1)
+        k, _ = _min_scale_many(np.ascontiguousarray(x[:, sub]), np.ascontiguousarray(y[:, sub]), grid)
+        s, _ = _scale_items(x, y, np.arange(x.shape[0]), grid[k])
+    else:
+        _, s = _min_scale_many(x, y, grid)
     return np.where(s > 0, 0.9 * s * n ** -0.2, 0.0)
 
 
-def _peak_densities_many(x: np.ndarray, y: np.ndarray, cs: np.ndarray, h: np.ndarray, upsample: int = 4
-                         ) -> np.ndarray:
-    """``_peak_densities`` of row p of ``x``, ``y`` (P, n) at its slopes ``cs[p]`` ((P, K)) with its bandwidth
-    ``h[p]``: (P, K), equal bit for bit.
+def _best_slopes_many(x: np.ndarray, y: np.ndarray, cs: np.ndarray, h: np.ndarray, upsample: int = 4
+                      ) -> np.ndarray:
+    """Index of the first maximum of ``_peak_densities(x[p], y[p], cs[p], h[p])`` for every row p of ``x``, ``y``
+    (P, n) with slopes ``cs`` (P, K) and bandwidths ``h`` (P,): (P,), the reference's argmax exactly.
 
-    The bin step of each block of ``_residual_blocks`` slopes is the reference's; histograms of one smoothing
-    width (h / step: 4 unless ``MAX_BINS`` binds) are smoothed together, padded with empty bins to the longest
-    (the filter's ``constant`` mode pads with the same zeros) and their maxima taken over their own bins.
+    Each slope's histogram is the reference's (its block's bin step, ``drift_numba.residual_counts``; rows in
+    chunks of at most about ``BLOCK_ELEMENTS`` bins). Its smoothed peak is at most w₀·(largest count of
+    2·radius + 1 consecutive bins)/(n·step), w₀ the filter's central weight: a slope whose bound is below the
+    exact peak of its row's best-bounded slope cannot win and is not smoothed; the others get the reference's
+    exact peak (``_smoothed_peaks``).
     """
+    from zooscope.kernels import drift_numba
+
+    n_rows, n = x.shape
+    n_slopes = cs.shape[1]
+    cs = np.ascontiguousarray(cs, dtype=np.float64)
+    lo, hi = drift_numba.residual_ranges(x, y, cs)
+    span = hi - lo
+    starts = np.arange(0, n_slopes, max(1, BLOCK_ELEMENTS // max(n, MAX_BINS)))
+    widest = np.maximum.reduceat(span, starts, axis=1)
+    block_width = np.maximum((h / upsample)[:, None], widest / MAX_BINS)
+    repeat = np.diff(np.r_[starts, n_slopes])
+    width = np.repeat(block_width, repeat, axis=1)
+    n_bins = np.repeat(np.ceil(widest / block_width).astype(np.intp) + 1, repeat, axis=1)
+    sigma = h[:, None] / width
+    sigmas, which = np.unique(sigma, return_inverse=True)
+    radii = np.array([int(4.0 * float(v) + 0.5) for v in sigmas], dtype=np.intp)  # as gaussian_filter1d's
+    w0 = np.array([1.0 / np.exp(-0.5 / (v * v) * np.arange(-r, r + 1) ** 2).sum() for v, r in zip(sigmas, radii)])
+    radius, w0 = radii[which].reshape(cs.shape), w0[which].reshape(cs.shape)
+    best = np.empty(n_rows, dtype=np.intp)
+    row_bins = n_bins.max(axis=1) * n_slopes
+    start = 0
+    while start < n_rows:
+        stop = start + 1
+        while stop < n_rows and (stop + 1 - start) * max(row_bins[start:stop + 1]) <= BLOCK_ELEMENTS:
+            stop += 1
+        rows = slice(start, stop)
+        k = stop - start
+        counts = drift_numba.residual_counts(x, y, np.repeat(np.arange(start, stop), n_slopes), cs[rows].ravel(),
+                                             lo[rows].ravel(), width[rows].ravel(), int(n_bins[rows].max()))
+        window = drift_numba.window_max(counts, n_bins[rows].ravel(), radius[rows].ravel()).reshape(k, n_slopes)
+        flat = span[rows] > 0
+        bound = np.where(flat, w0[rows] * window / (n * width[rows]) * (1 + 1e-9), np.inf)
+        top = np.argmax(bound, axis=1) + np.arange(k) * n_slopes
+        ravel = {"n_bins": n_bins[rows].ravel(), "sigma": sigma[rows].ravel(), "width": width[rows].ravel()}
+        first = np.where(flat.ravel()[top], _smoothed_peaks(counts, top, ravel, n), np.inf)
+        keep = np.flatnonzero((bound >= first[:, None]).ravel())
+        peaks = np.full(k * n_slopes, -np.inf)
+        peaks[keep] = np.where(flat.ravel()[keep], _smoothed_peaks(counts, keep, ravel, n), np.inf)
+        best[rows] = np.argmax(peaks.reshape(k, n_slopes), axis=1)
+        start = stop
+    return best
+
+
+def _smoothed_peaks(counts: np.ndarray, which: np.ndarray, items: dict[str, np.ndarray], n: int) -> np.ndarray:
+    """``_peak_densities``' value (smoothed histogram maximum / (n·step)) of the histograms ``counts[which]``
+    (``items``: their ``n_bins``, ``sigma`` = h / step and ``width`` = step, per row of ``counts``), by the
+    reference's ``gaussian_filter1d``. Histograms of one smoothing width are smoothed together, and only around
+    the bins where the maximum can be (``drift_numba.peak_windows``: with ``radius`` bins of context each side,
+    so their smoothed values are the full histogram's), padded with empty bins to the longest (the filter's
+    ``constant`` mode pads with the same zeros)."""
     from scipy.ndimage import gaussian_filter1d
 
     from zooscope.kernels import drift_numba
 
-    n_rows, n = x.shape
-    cs = np.ascontiguousarray(cs, dtype=np.float64)
-    lo, hi = drift_numba.residual_ranges(x, y, cs)
-    span = hi - lo
-    starts = np.arange(0, cs.shape[1], max(1, BLOCK_ELEMENTS // max(n, MAX_BINS)))
-    widest = np.maximum.reduceat(span, starts, axis=1)
-    block_width = np.maximum((h / upsample)[:, None], widest / MAX_BINS)
-    block_bins = np.ceil(widest / block_width).astype(np.intp) + 1
-    repeat = np.diff(np.r_[starts, cs.shape[1]])
-    width = np.repeat(block_width, repeat, axis=1).ravel()
-    n_bins = np.repeat(block_bins, repeat, axis=1).ravel()
-    sigma = (h[:, None] / np.repeat(block_width, repeat, axis=1)).ravel()
-    rows = np.repeat(np.arange(n_rows), cs.shape[1])
-    peaks = np.empty(rows.size)
-    order = np.lexsort((n_bins, sigma))
-    bounds = np.flatnonzero(np.diff(sigma[order]) != 0) + 1
-    for group in np.split(order, bounds):
+    out = np.empty(which.size)
+    sigma = items["sigma"][which]
+    order = np.argsort(sigma, kind="stable")
+    for group in np.split(order, np.flatnonzero(np.diff(sigma[order]) != 0) + 1):
+        sel = which[group]
         g_sigma = float(sigma[group[0]])
-        start = 0
-        while start < group.size:  # items sorted by bins: a chunk holds ≤ BLOCK_ELEMENTS bins (at least one item)
-            stop = start + max(1, int(np.searchsorted(n_bins[group[start:]] * np.arange(1, group.size - start + 1),
-                                                      BLOCK_ELEMENTS, side="right")))
-            items = group[start:stop]
-            nb = int(n_bins[items].max())
-            counts = drift_numba.residual_counts(x, y, rows[items], cs.ravel()[items], lo.ravel()[items],
-                                                 width[items], nb)
-            smooth = gaussian_filter1d(counts, sigma=g_sigma, axis=1, mode="constant", truncate=4.0)
-            smooth[np.arange(nb)[None, :] >= n_bins[items][:, None]] = -np.inf
-            peaks[items] = smooth.max(axis=1) / (n * width[items])
-            start = stop
-    return np.where(span.ravel() > 0, peaks, np.inf).reshape(cs.shape)
+        radius = int(4.0 * g_sigma + 0.5)  # gaussian_filter1d's
+        inner = max(1, int(g_sigma))
+        factor = np.exp(-0.5 * inner * inner / (g_sigma * g_sigma)) * (1 - 1e-9)
+        windows, hull = drift_numba.peak_windows(counts[sel], items["n_bins"][sel], radius, inner, factor)
+        smooth = gaussian_filter1d(windows, sigma=g_sigma, axis=1, mode="constant", truncate=4.0)
+        at = np.arange(smooth.shape[1])[None, :]
+        smooth[(at < radius) | (at >= radius + hull[:, None])] = -np.inf
+        out[group] = smooth.max(axis=1) / (n * items["width"][sel])
+    return out

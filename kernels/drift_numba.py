@@ -1,5 +1,6 @@
 """Numba CPU kernels of ``drift.peak_slope_many``: residual ranges and residual histograms of many (pair, slope)
-items, one pass over the pair per item and no (slopes × pairs) temporaries.
+items, one pass over the pair per item and no (slopes × pairs) temporaries (items spread over the threads), and
+the cheap scans of those histograms that bound where their smoothed maximum can be (serial).
 
 A pair is one row of ``x``, ``y`` (P, n) (w_i, w_f, finite fp64); an item is (row, slope c). The residual
 ``r = y − c·x`` is formed as numpy forms it (a product, then a difference: no fused multiply-add), so the ranges
@@ -49,3 +50,63 @@ def residual_counts(x: np.ndarray, y: np.ndarray, rows: np.ndarray, cs: np.ndarr
             r = y[p, j] - c * x[p, j]
             counts[i, int((r - base) / w)] += 1.0
     return counts
+
+
+@njit(**_JIT)
+def window_max(counts: np.ndarray, n_bins: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """Per histogram (row of ``counts``, its first ``n_bins[i]`` bins): the largest count of ``2·radius[i] + 1``
+    consecutive bins (windows clipped to the histogram), (items,) fp64."""
+    out = np.empty(counts.shape[0])
+    for i in range(counts.shape[0]):
+        nb = n_bins[i]
+        span = 2 * radius[i] + 1
+        total = 0.0
+        best = 0.0
+        for b in range(nb + span - 1):  # windows ending at b
+            if b < nb:
+                total += counts[i, b]
+            if b >= span:
+                total -= counts[i, b - span]
+            best = max(best, total)
+        out[i] = best
+    return out
+
+
+@njit(**_JIT)
+def peak_windows(counts: np.ndarray, n_bins: np.ndarray, radius: int, inner: int, factor: float
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The bins of each histogram (row of ``counts``, ``n_bins[i]`` bins) where its smoothed maximum can be, with
+    their neighbours: ``(windows (items, L) fp64, hull (items,))``. Row i of ``windows`` holds the counts of bins
+    ``first − radius … last + radius`` (zeros outside the histogram and after its end), ``hull[i] = last − first + 1``.
+
+    A bin b is kept when the counts of the ``2·radius + 1`` bins around it reach ``factor`` times the largest count
+    of any ``2·inner + 1`` consecutive bins: the smoothed value at b is at most w₀ times the former, and the
+    smoothed maximum at least w₀·factor times the latter when ``factor`` ≤ w_inner / w₀ (Gaussian weights).
+    """
+    n_items = counts.shape[0]
+    first = np.zeros(n_items, dtype=np.int64)
+    last = np.zeros(n_items, dtype=np.int64)
+    for i in range(n_items):
+        nb = n_bins[i]
+        prefix = np.zeros(nb + 1)
+        for b in range(nb):
+            prefix[b + 1] = prefix[b] + counts[i, b]
+        best_inner = 0.0
+        for b in range(nb):
+            best_inner = max(best_inner, prefix[min(nb, b + inner + 1)] - prefix[max(0, b - inner)])
+        need = factor * best_inner
+        lo_b, hi_b = nb, -1
+        for b in range(nb):
+            if prefix[min(nb, b + radius + 1)] - prefix[max(0, b - radius)] >= need:
+                lo_b = min(lo_b, b)
+                hi_b = b
+        first[i] = lo_b
+        last[i] = hi_b
+    hull = last - first + 1
+    windows = np.zeros((n_items, int(hull.max()) + 2 * radius))
+    for i in range(n_items):
+        for q in range(hull[i] + 2 * radius):
+            b = first[i] - radius + q
+            if 0 <= b < n_bins[i]:
+                windows[i, q] = counts[i, b]
+    return windows, hull
