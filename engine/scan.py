@@ -208,7 +208,7 @@ def scan(
             writer = _Writer(zoo, report, by_hash, stats)
             for task, outcome in execute(tasks, options, client=active, progress=progress):
                 writer.add(task, outcome)
-            report.n_drift = _scan_drift(models, pairs, zoo, active)
+            report.n_drift = _scan_drift(models, pairs, zoo, active, batch_bytes, batch_models)
     finally:
         zoo.close()
     report.seconds = time.perf_counter() - t0
@@ -239,11 +239,12 @@ def _drift_pairs(models: Sequence[ModelInput]) -> list[tuple[str, str, float]]:
 
 
 def _scan_drift(models: Sequence[ModelInput], pairs: Sequence[tuple[str, str, float]], zoo: ZooStore,
-                client: Any) -> int:
+                client: Any, batch_bytes: int | None = None, batch_models: int | None = None) -> int:
     """Distance from initialization for the ``pairs`` of ``_drift_pairs`` (paper 001) that the store's
     ``/drift`` does not hold yet. Pairs (in ``pair_checkpoints`` order, so a sweep's same-shaped runs sit together)
-    are batched like models (``plan.batch_ranges`` on the bytes of both files, about four tasks per worker), one
-    ``pipelines.drift.drift_tables`` call per task, on the cluster or in-process. Returns the number of pairs
+    are batched like models (``plan.batch_ranges`` on the bytes of both files, up to ``batch_bytes`` and
+    ``batch_models`` pairs, about four tasks per worker), one ``pipelines.drift.drift_tables`` call per task, on
+    the cluster or in-process. Returns the number of pairs
     added. A pair that cannot be read is skipped (its model's own row already carries the error)."""
     if not pairs:
         return 0
@@ -252,9 +253,10 @@ def _scan_drift(models: Sequence[ModelInput], pairs: Sequence[tuple[str, str, fl
     path_of = {m.model_id: m.path for m in models}
     todo = [DriftPair(path_of[i], path_of[m], m, i, step) for m, i, step in pairs if (m, i) not in done]
     n_workers = len(client.scheduler_info().get("workers", {})) if client is not None else 1
-    batches = [[todo[j] for j in run] for run in batch_ranges(
-        [disk_bytes(p.init) + disk_bytes(p.ckpt) for p in todo], min_tasks=4 * max(1, n_workers)
-        if client is not None else 1)]
+    sizes = [disk_bytes(p.init) + disk_bytes(p.ckpt) for p in todo]
+    runs = batch_ranges(sizes, batch_bytes=batch_bytes, batch_models=batch_models,
+                        min_tasks=4 * max(1, n_workers) if client is not None else 1)
+    batches = [[todo[j] for j in run] for run in runs]
     if client is None:
         results = [_drift_batch(batch) for batch in batches]
     else:

@@ -239,8 +239,10 @@ STATS = ("rmsd", "a0", "a1", "b0", "b1", "b2", "sigma_at_0", "c_opt", "c_opt_res
 FIT_MAX_COND = 1e6
 
 
-def drift_stats_many(wi: np.ndarray, wf: np.ndarray, *, seed: int = 0) -> dict[str, np.ndarray]:
-    """``drift_stats`` of every row of ``wi``, ``wf`` (P, n): the same keys, each an array (P,).
+def drift_stats_many(wi: np.ndarray, wf: np.ndarray, *, seed: int = 0, with_rmsd: bool = True
+                     ) -> dict[str, np.ndarray]:
+    """``drift_stats`` of every row of ``wi``, ``wf`` (P, n): the same keys, each an array (P,) (``rmsd`` NaN
+    without ``with_rmsd``, for callers that measure it over more weights than they fit).
 
     Rows are independent and get ``drift_stats``'s numbers: c_opt and its resolution bit for bit (the same
     residuals, bins, smoothing and argmax, many rows and slopes per call), rmsd bit for bit; the cumulative-sum
@@ -261,14 +263,8 @@ def drift_stats_many(wi: np.ndarray, wf: np.ndarray, *, seed: int = 0) -> dict[s
     if not fast.any():
         return out
     x, y = np.ascontiguousarray(x[fast]), np.ascontiguousarray(y[fast])
-    d = y - x
-    rms = np.array([np.sqrt(np.dot(row, row) / row.size) for row in d])
-    del d
-    order = np.argsort(x, axis=1, kind="stable")
-    xs, ys = np.take_along_axis(x, order, axis=1), np.take_along_axis(y, order, axis=1)
-    a = _fit_sorted_many(xs, ys, 2)
-    b = _fit_sorted_many(xs, ys * ys, 3)
-    del xs, ys, order
+    rms = np.array([rmsd(a, b) for a, b in zip(x, y)]) if with_rmsd else np.full(x.shape[0], np.nan)
+    a, b = _fits_many(x, y)
     c_opt, res = peak_slope_many(x, y, seed=seed)
     var = b[:, 0] + b[:, 1] * 0.0 + b[:, 2] * 0.0 * 0.0 - (a[:, 0] + a[:, 1] * 0.0) ** 2  # _sigma(a, b, 0.0)
     with np.errstate(invalid="ignore"):
@@ -278,57 +274,47 @@ def drift_stats_many(wi: np.ndarray, wf: np.ndarray, *, seed: int = 0) -> dict[s
     return out
 
 
-def _fit_sorted_many(xs: np.ndarray, vs: np.ndarray, degree: int) -> np.ndarray:
-    """``_fit_sorted`` of every row of ``xs``, ``vs`` (P, n), rows sorted by ``xs``: coefficients (P, degree).
+def _fits_many(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two cumulative-sum fits of ``drift_stats`` for every row of ``x``, ``y`` (P, n), finite:
+    ``(a (P, 2), b (P, 3))``, as ``_fit_sorted(xs, ys, 2)`` and ``_fit_sorted(xs, ys², 3)``.
 
-    The cumulative sum at each distinct w_i (the last of a tie group) is fitted in ``Polynomial.fit``'s variable
-    t = off + scl·w_i ∈ [−1, 1] by the normal equations of the column-scaled Vandermonde matrix (pairwise-summed
-    moments; condition number ≲ 30 for spread-out w_i), then differentiated and expanded in w_i. Rows whose
-    scaled normal matrix is worse conditioned than ``FIT_MAX_COND`` are fitted by ``_fit_sorted``.
+    The cumulative sums at the distinct w_i are the reference's; they are fitted in ``Polynomial.fit``'s variable
+    t = off + scl·w_i ∈ [−1, 1] by the normal equations of the column-scaled Vandermonde matrix (compensated
+    moments, ``drift_numba.cumsum_moments``; condition number ≲ 30 for spread-out w_i), then differentiated and
+    expanded in w_i. Rows whose scaled normal matrix is worse conditioned than ``FIT_MAX_COND`` are fitted by
+    ``_fit_sorted``. NaN rows: fewer than degree + 1 distinct w_i.
     """
-    n_rows, n = xs.shape
-    keep = np.ones(xs.shape, dtype=bool)
-    keep[:, :-1] = xs[:, 1:] != xs[:, :-1]
-    m = keep.sum(axis=1)
-    coef = np.full((n_rows, degree), np.nan)
-    ok = m >= degree + 1
-    if not ok.any():
-        return coef
-    xs, vs, keep = xs[ok], vs[ok], keep[ok]
+    from zooscope.kernels import drift_numba
+
+    order = np.argsort(x, axis=1)
+    xs = np.take_along_axis(x, order, axis=1)
+    for r in np.flatnonzero((xs[:, 1:] == xs[:, :-1]).any(axis=1)):  # ties keep their order, as the reference's
+        order[r] = np.argsort(x[r], kind="stable")
+    moments, rhs, kept = drift_numba.cumsum_moments(x, y, order)
     lo, hi = xs[:, 0], xs[:, -1]
-    F = np.cumsum(vs, axis=1) * (hi - lo)[:, None] / n
-    oldlen = hi - lo  # numpy.polynomial.polyutils.mapparms(domain, window=[-1, 1])
-    off = (hi * -1.0 - lo * 1.0) / oldlen
-    scl = 2.0 / oldlen
-    t = off[:, None] + scl[:, None] * xs
-    w = keep.astype(np.float64)
-    moments = np.empty((t.shape[0], 2 * degree + 1))
-    rhs = np.empty((t.shape[0], degree + 1))
-    power = w
-    for k in range(2 * degree + 1):
-        moments[:, k] = power.sum(axis=1)
-        if k <= degree:
-            rhs[:, k] = (power * F).sum(axis=1)
-        power = power * t
-    idx = np.arange(degree + 1)
-    G = moments[:, idx[:, None] + idx[None, :]]
-    norm = np.sqrt(moments[:, 2 * idx])
-    Gs = G / (norm[:, :, None] * norm[:, None, :])
-    good = np.linalg.cond(Gs) <= FIT_MAX_COND
-    c = np.linalg.solve(Gs[good], (rhs[good] / norm[good])[..., None])[..., 0] / norm[good]
-    o, s = off[good], scl[good]
-    if degree == 2:  # d/dw of c0 + c1 t + c2 t², t = o + s·w
-        deriv = np.stack([s * (c[:, 1] + 2 * c[:, 2] * o), 2 * c[:, 2] * s * s], axis=1)
-    elif degree == 3:
-        deriv = np.stack([s * (c[:, 1] + 2 * c[:, 2] * o + 3 * c[:, 3] * o * o),
-                          s * s * (2 * c[:, 2] + 6 * c[:, 3] * o), 3 * c[:, 3] * s * s * s], axis=1)
-    else:
-        raise ValueError(f"_fit_sorted_many: degree must be 2 or 3, got {degree}")
-    rows = np.flatnonzero(ok)
-    coef[rows[good]] = deriv
-    for r, xr, vr in zip(rows[~good], xs[~good], vs[~good]):
-        coef[r] = _fit_sorted(xr, vr, degree)
-    return coef
+    with np.errstate(divide="ignore", invalid="ignore"):  # constant rows are not fitted
+        off, scl = (hi * -1.0 - lo * 1.0) / (hi - lo), 2.0 / (hi - lo)  # polyutils.mapparms(domain, [-1, 1])
+    out = []
+    for which, degree in ((0, 2), (1, 3)):
+        coef = np.full((x.shape[0], degree), np.nan)
+        idx = np.arange(degree + 1)
+        ok = np.flatnonzero(kept >= degree + 1)
+        norm = np.sqrt(moments[ok][:, 2 * idx])
+        Gs = moments[ok][:, idx[:, None] + idx[None, :]] / (norm[:, :, None] * norm[:, None, :])
+        good = np.linalg.cond(Gs) <= FIT_MAX_COND if ok.size else np.zeros(0, dtype=bool)
+        c = np.linalg.solve(Gs[good], (rhs[ok[good], which, : degree + 1] / norm[good])[..., None])[..., 0]
+        c /= norm[good]
+        o, s = off[ok[good]], scl[ok[good]]
+        if degree == 2:  # d/dw of c0 + c1 t + c2 t², t = o + s·w
+            coef[ok[good]] = np.stack([s * (c[:, 1] + 2 * c[:, 2] * o), 2 * c[:, 2] * s * s], axis=1)
+        else:
+            coef[ok[good]] = np.stack([s * (c[:, 1] + 2 * c[:, 2] * o + 3 * c[:, 3] * o * o),
+                                       s * s * (2 * c[:, 2] + 6 * c[:, 3] * o), 3 * c[:, 3] * s * s * s], axis=1)
+        for r in ok[~good]:
+            xs, ys = x[r, order[r]], y[r, order[r]]
+            coef[r] = _fit_sorted(xs, ys if degree == 2 else ys * ys, degree)
+        out.append(coef)
+    return out[0], out[1]
 
 
 def peak_slope_many(x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -376,37 +362,52 @@ def _scale_items(x: np.ndarray, y: np.ndarray, rows: np.ndarray, cs: np.ndarray)
     return scale, robust
 
 
-def _min_scale_many(x: np.ndarray, y: np.ndarray, grid: np.ndarray, stride: int = 4
+def _min_scale_many(x: np.ndarray, y: np.ndarray, grid: np.ndarray, stride: int = 8, per_round: int = 2
                     ) -> tuple[np.ndarray, np.ndarray]:
     """``(first argmin, min)`` over the slopes ``grid`` (K,) of ``_scales(x[p], y[p], grid)``, per row p of ``x``,
     ``y`` (P, n): (P,) each, equal to the reference's.
 
-    Every ``stride``-th slope is measured first. Moving c by Δ moves every residual by at most |Δ|·max|w_i|, so
-    the quartiles by as much and the IQR by twice that, and the std by at most |Δ|·std(w_i): the robust scale at
-    c' is at least robust(c) − L·|c − c'| with L = max(std(w_i), 2·max|w_i|/1.349), and a slope's scale is at least
-    its robust scale. Slopes whose bound (less a 1e-9 relative margin for rounding) exceeds the best measured scale
-    cannot be the minimum nor tie it; the others are measured too.
+    Moving c by Δ moves every residual by at most |Δ|·max|w_i|, so the quartiles by as much and the IQR by twice
+    that, and the std by at most |Δ|·std(w_i): the robust scale at c' is at least robust(c) − L·|c − c'| with
+    L = max(std(w_i), 2·max|w_i|/1.349), and a slope's scale is at least its robust scale. Every ``stride``-th
+    slope is measured first; then, round by round, each row's ``per_round`` unmeasured slopes of lowest bound,
+    while that bound (less a 1e-9 relative margin for rounding) does not exceed the row's best measured scale.
+    A slope never measured cannot be the minimum nor tie it.
     """
     n_rows = x.shape[0]
     lipschitz = np.maximum(x.std(axis=1), 2 * np.abs(x).max(axis=1) / 1.349)
+    gaps = np.diff(grid)
+    if np.any(gaps <= 0):
+        raise ValueError("_min_scale_many: the slope grid must be increasing")
+    margin = 1e-9 * lipschitz * (grid[-1] - grid[0])
     scale = np.full((n_rows, grid.size), np.inf)
     robust = np.full((n_rows, grid.size), np.nan)
-    first = np.zeros((n_rows, grid.size), dtype=bool)
-    first[:, ::stride] = True
-    first[:, -1] = True
-    for todo in (first, None):
-        if todo is None:
-            best = scale.min(axis=1)
-            seen = np.isfinite(scale)
-            dist = np.abs(grid[:, None] - grid[None, :])  # (K, K): |c_k − c_j|
-            reach = lipschitz[:, None, None] * dist[None]
-            lower = robust[:, None, :] - reach - 1e-9 * (np.abs(robust[:, None, :]) + reach)
-            lower = np.where(seen[:, None, :], lower, -np.inf).max(axis=2)
-            todo = ~seen & (lower <= best[:, None])
+    todo = np.zeros((n_rows, grid.size), dtype=bool)
+    todo[:, ::stride] = True
+    todo[:, -1] = True
+    while todo.any():
         rows, ks = np.nonzero(todo)
         scale[rows, ks], robust[rows, ks] = _scale_items(x, y, rows, grid[ks])
+        seen = np.isfinite(scale)
+        lower = _cone_envelope(np.where(seen, robust, -np.inf), lipschitz, gaps)
+        lower -= margin[:, None] + 1e-9 * np.nanmax(np.abs(np.where(seen, robust, np.nan)), axis=1)[:, None]
+        lower[seen] = np.inf
+        rank = np.argsort(lower, axis=1, kind="stable")[:, :per_round]
+        todo = np.zeros_like(todo)
+        np.put_along_axis(todo, rank, np.take_along_axis(lower, rank, axis=1) <= scale.min(axis=1)[:, None], axis=1)
     k = np.argmin(scale, axis=1)
     return k, scale[np.arange(n_rows), k]
+
+
+def _cone_envelope(a: np.ndarray, slope: np.ndarray, gaps: np.ndarray) -> np.ndarray:
+    """max_j (a[:, j] − slope·|c_k − c_j|) for every k (rows of ``a`` (P, K), ``slope`` (P,), grid steps ``gaps``
+    (K − 1,)): a left and a right sweep."""
+    left, right = a.copy(), a.copy()
+    for k in range(1, a.shape[1]):
+        left[:, k] = np.maximum(left[:, k], left[:, k - 1] - slope * gaps[k - 1])
+        j = a.shape[1] - 1 - k
+        right[:, j] = np.maximum(right[:, j], right[:, j + 1] - slope * gaps[j])
+    return np.maximum(left, right)
 
 
 def _bandwidth_many(x: np.ndarray, y: np.ndarray, grid: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -454,28 +455,80 @@ def _best_slopes_many(x: np.ndarray, y: np.ndarray, cs: np.ndarray, h: np.ndarra
     w0 = np.array([1.0 / np.exp(-0.5 / (v * v) * np.arange(-r, r + 1) ** 2).sum() for v, r in zip(sigmas, radii)])
     radius, w0 = radii[which].reshape(cs.shape), w0[which].reshape(cs.shape)
     best = np.empty(n_rows, dtype=np.intp)
+    reach = np.abs(x).max(axis=1)  # a residual moves by at most |Δc|·max|w_i| when c moves by Δc
+    probe = np.zeros(n_slopes, dtype=bool)
+    probe[:: PROBE_STRIDE if n_slopes > 2 * PROBE_STRIDE else 1] = True
+    probe[-1] = True
+    probes, others = np.flatnonzero(probe), np.flatnonzero(~probe)
+    grid = {"cs": cs, "lo": lo, "width": width, "n_bins": n_bins, "sigma": sigma, "radius": radius, "w0": w0,
+            "flat": span > 0}
     row_bins = n_bins.max(axis=1) * n_slopes
     start = 0
     while start < n_rows:
         stop = start + 1
         while stop < n_rows and (stop + 1 - start) * max(row_bins[start:stop + 1]) <= BLOCK_ELEMENTS:
             stop += 1
-        rows = slice(start, stop)
-        k = stop - start
-        counts = drift_numba.residual_counts(x, y, np.repeat(np.arange(start, stop), n_slopes), cs[rows].ravel(),
-                                             lo[rows].ravel(), width[rows].ravel(), int(n_bins[rows].max()))
-        window = drift_numba.window_max(counts, n_bins[rows].ravel(), radius[rows].ravel()).reshape(k, n_slopes)
-        flat = span[rows] > 0
-        bound = np.where(flat, w0[rows] * window / (n * width[rows]) * (1 + 1e-9), np.inf)
-        top = np.argmax(bound, axis=1) + np.arange(k) * n_slopes
-        ravel = {"n_bins": n_bins[rows].ravel(), "sigma": sigma[rows].ravel(), "width": width[rows].ravel()}
-        first = np.where(flat.ravel()[top], _smoothed_peaks(counts, top, ravel, n), np.inf)
-        keep = np.flatnonzero((bound >= first[:, None]).ravel())
-        peaks = np.full(k * n_slopes, -np.inf)
-        peaks[keep] = np.where(flat.ravel()[keep], _smoothed_peaks(counts, keep, ravel, n), np.inf)
-        best[rows] = np.argmax(peaks.reshape(k, n_slopes), axis=1)
+        best[start:stop] = _best_in_rows(x, y, range(start, stop), probes, others, grid, reach, n)
         start = stop
     return best
+
+
+#: ``_best_slopes_many`` histograms every this-many-th slope of a grid first; a slope in between is histogrammed
+#: only when the neighbouring histograms leave room for its peak to beat the best found.
+PROBE_STRIDE = 4
+
+
+def _best_in_rows(x: np.ndarray, y: np.ndarray, rows: range, probes: np.ndarray, others: np.ndarray,
+                  grid: dict[str, np.ndarray], reach: np.ndarray, n: int) -> np.ndarray:
+    """``_best_slopes_many`` for ``rows``: the ``probes`` slopes are histogrammed first, the ``others`` only where
+    their probed neighbours allow a peak that high (``grid``: per (row, slope) ``cs, lo, width, n_bins, sigma,
+    radius, w0, flat``; ``reach``: max|w_i| per row)."""
+    from zooscope.kernels import drift_numba
+
+    k_rows, n_slopes = len(rows), grid["cs"].shape[1]
+    f = {key: value[rows.start:rows.stop] for key, value in grid.items()}
+
+    def histograms(slopes: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """Counts of every (row, slope of ``slopes``), the items' quantities, and their own peak bounds."""
+        it = {key: value[:, slopes].ravel() for key, value in f.items()}
+        counts = drift_numba.residual_counts(x, y, np.repeat(np.arange(rows.start, rows.stop), slopes.size),
+                                             it["cs"], it["lo"], it["width"], int(it["n_bins"].max()))
+        window = drift_numba.window_max(counts, np.arange(counts.shape[0]), it["n_bins"], 2 * it["radius"] + 1)
+        bound = np.where(it["flat"], it["w0"] * window / (n * it["width"]) * (1 + 1e-9), np.inf)
+        return counts, it, bound.reshape(k_rows, slopes.size)
+
+    counts, items, bound = histograms(probes)
+    top = np.argmax(bound, axis=1) + np.arange(k_rows) * probes.size
+    first = np.where(items["flat"][top], _smoothed_peaks(counts, top, items, n), np.inf)
+    sets = [(probes, counts, items, bound)]
+    if others.size:
+        # A window of 2·radius + 1 bins at slope c' holds residuals that lie, at the nearest probed slope c, within
+        # (2·radius + 1)·step' + 2·|c' − c|·max|w_i|: at most ceil(that / step) + 1 of its bins (or any longer run).
+        at = np.searchsorted(probes, others)
+        left_gap = others - probes[at - 1]
+        col = np.where(left_gap <= probes[np.minimum(at, probes.size - 1)] - others, at - 1, at)  # nearest probe
+        side = probes[col]
+        shift = np.abs(f["cs"][:, others] - f["cs"][:, side]) * reach[rows.start:rows.stop, None] * (1 + 1e-9)
+        shift += 1e-9 * (f["width"][:, others] + f["width"][:, side])
+        length = np.ceil(((2 * f["radius"][:, others] + 1) * f["width"][:, others] + 2 * shift)
+                         / f["width"][:, side]).astype(np.intp) + 1
+        longest = np.zeros((k_rows, probes.size), dtype=np.intp)  # one window per probe: its others' longest
+        np.maximum.at(longest, (slice(None), col), length)
+        window = drift_numba.window_max(counts, np.arange(counts.shape[0]), items["n_bins"], longest.ravel())
+        near = f["w0"][:, others] * window.reshape(k_rows, probes.size)[:, col] / (n * f["width"][:, others])
+        near *= 1 + 1e-9
+        near = np.where(f["flat"][:, others], near, np.inf)
+        maybe = np.flatnonzero((near >= first[:, None]).any(axis=0))
+        if maybe.size:
+            counts2, items2, bound2 = histograms(others[maybe])
+            bound2[near[:, maybe] < first[:, None]] = -np.inf  # ruled out by a neighbour already
+            sets.append((others[maybe], counts2, items2, bound2))
+    peaks = np.full((k_rows, n_slopes), -np.inf)
+    for slopes, counts, items, bound in sets:
+        keep = np.flatnonzero((bound >= first[:, None]).ravel())
+        value = np.where(items["flat"][keep], _smoothed_peaks(counts, keep, items, n), np.inf)
+        peaks[keep // slopes.size, slopes[keep % slopes.size]] = value
+    return np.argmax(peaks, axis=1)
 
 
 def _smoothed_peaks(counts: np.ndarray, which: np.ndarray, items: dict[str, np.ndarray], n: int) -> np.ndarray:

@@ -53,20 +53,20 @@ def residual_counts(x: np.ndarray, y: np.ndarray, rows: np.ndarray, cs: np.ndarr
 
 
 @njit(**_JIT)
-def window_max(counts: np.ndarray, n_bins: np.ndarray, radius: np.ndarray) -> np.ndarray:
-    """Per histogram (row of ``counts``, its first ``n_bins[i]`` bins): the largest count of ``2·radius[i] + 1``
-    consecutive bins (windows clipped to the histogram), (items,) fp64."""
-    out = np.empty(counts.shape[0])
-    for i in range(counts.shape[0]):
+def window_max(counts: np.ndarray, rows: np.ndarray, n_bins: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """Per item i: the largest count of ``length[i]`` consecutive bins of histogram ``counts[rows[i]]`` (its first
+    ``n_bins[i]`` bins; windows clipped to them), (items,) fp64."""
+    out = np.empty(rows.size)
+    for i in range(rows.size):
         nb = n_bins[i]
-        span = 2 * radius[i] + 1
+        span = length[i]
         total = 0.0
         best = 0.0
         for b in range(nb + span - 1):  # windows ending at b
             if b < nb:
-                total += counts[i, b]
+                total += counts[rows[i], b]
             if b >= span:
-                total -= counts[i, b - span]
+                total -= counts[rows[i], b - span]
             best = max(best, total)
         out[i] = best
     return out
@@ -110,3 +110,67 @@ def peak_windows(counts: np.ndarray, n_bins: np.ndarray, radius: int, inner: int
             if 0 <= b < n_bins[i]:
                 windows[i, q] = counts[i, b]
     return windows, hull
+
+
+@njit(inline="always")
+def _add(total: float, carry: float, value: float) -> tuple[float, float]:
+    """Neumaier's compensated addition: ``(total, carry)`` + ``value``."""
+    t = total + value
+    if abs(total) >= abs(value):
+        carry += (total - t) + value
+    else:
+        carry += (value - t) + total
+    return t, carry
+
+
+@njit(parallel=True, **_JIT)
+def cumsum_moments(x: np.ndarray, y: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sums for the two cumulative-sum fits of every row of ``x``, ``y`` (P, n), ``order`` (P, n) sorting ``x``.
+
+    With xs, ys the sorted row, F₁ = cumsum(ys)·(max − min)/n and F₂ = cumsum(ys²)·(max − min)/n (numpy's
+    sequential cumsum, so F equals ``_fit_sorted``'s), and t = off + scl·xs ∈ [−1, 1] (``Polynomial.fit``'s map),
+    over the last pair of each group of equal xs: ``(moments (P, 7): Σ t^k for k ≤ 6, rhs (P, 2, 4): Σ t^k F₁ and
+    Σ t^k F₂ for k ≤ 3, kept (P,): how many)``. Sums are compensated.
+    """
+    n_rows, n = x.shape
+    moments = np.zeros((n_rows, 7))
+    rhs = np.zeros((n_rows, 2, 4))
+    kept = np.zeros(n_rows, dtype=np.int64)
+    for p in prange(n_rows):
+        lo = x[p, order[p, 0]]
+        hi = x[p, order[p, n - 1]]
+        span = hi - lo
+        off = (hi * -1.0 - lo * 1.0) / span
+        scl = 2.0 / span
+        sm = np.zeros(7)
+        cm = np.zeros(7)
+        sr = np.zeros(8)
+        cr = np.zeros(8)
+        c1 = 0.0
+        c2 = 0.0
+        count = 0
+        for j in range(n):
+            xv = x[p, order[p, j]]
+            yv = y[p, order[p, j]]
+            c1 += yv
+            c2 += yv * yv
+            if j < n - 1 and x[p, order[p, j + 1]] == xv:
+                continue
+            count += 1
+            f1 = c1 * span / n
+            f2 = c2 * span / n
+            t = off + scl * xv
+            power = 1.0
+            for k in range(7):
+                sm[k], cm[k] = _add(sm[k], cm[k], power)
+                if k < 4:
+                    sr[k], cr[k] = _add(sr[k], cr[k], power * f1)
+                    sr[4 + k], cr[4 + k] = _add(sr[4 + k], cr[4 + k], power * f2)
+                power *= t
+        for k in range(7):
+            moments[p, k] = sm[k] + cm[k]
+        for k in range(4):
+            rhs[p, 0, k] = sr[k] + cr[k]
+            rhs[p, 1, k] = sr[4 + k] + cr[4 + k]
+        kept[p] = count
+    return moments, rhs, kept

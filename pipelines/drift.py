@@ -181,7 +181,8 @@ def _fill_stats(queue: list[tuple[dict[str, Any], np.ndarray, np.ndarray]], seed
         by_size.setdefault(xi.size, []).append(j)
     for members in by_size.values():
         stats = drift_kernels.drift_stats_many(np.stack([queue[j][1] for j in members]),
-                                               np.stack([queue[j][2] for j in members]), seed=seed)
+                                               np.stack([queue[j][2] for j in members]), seed=seed,
+                                               with_rmsd=False)
         for row, j in enumerate(members):
             queue[j][0].update({key: float(stats[key][row]) for key in drift_kernels.STATS if key != "rmsd"})
 
