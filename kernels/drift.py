@@ -288,8 +288,7 @@ def _fits_many(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     order = np.argsort(x, axis=1)
     xs = np.take_along_axis(x, order, axis=1)
-    for r in np.flatnonzero((xs[:, 1:] == xs[:, :-1]).any(axis=1)):  # ties keep their order, as the reference's
-        order[r] = np.argsort(x[r], kind="stable")
+    drift_numba.stable_ties(xs, order)  # ties in their original order, as the reference's stable sort
     moments, rhs, kept = drift_numba.cumsum_moments(x, y, order)
     lo, hi = xs[:, 0], xs[:, -1]
     with np.errstate(divide="ignore", invalid="ignore"):  # constant rows are not fitted
@@ -488,19 +487,19 @@ def _best_in_rows(x: np.ndarray, y: np.ndarray, rows: range, probes: np.ndarray,
     k_rows, n_slopes = len(rows), grid["cs"].shape[1]
     f = {key: value[rows.start:rows.stop] for key, value in grid.items()}
 
-    def histograms(slopes: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
-        """Counts of every (row, slope of ``slopes``), the items' quantities, and their own peak bounds."""
-        it = {key: value[:, slopes].ravel() for key, value in f.items()}
-        counts = drift_numba.residual_counts(x, y, np.repeat(np.arange(rows.start, rows.stop), slopes.size),
-                                             it["cs"], it["lo"], it["width"], int(it["n_bins"].max()))
-        window = drift_numba.window_max(counts, np.arange(counts.shape[0]), it["n_bins"], 2 * it["radius"] + 1)
-        bound = np.where(it["flat"], it["w0"] * window / (n * it["width"]) * (1 + 1e-9), np.inf)
-        return counts, it, bound.reshape(k_rows, slopes.size)
+    def histograms(r: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, np.ndarray]:
+        """For the items (row ``r`` of ``rows``, slope ``k``): themselves, their counts, their quantities and their
+        own peak bounds."""
+        it = {key: value[r, k] for key, value in f.items()}
+        counts = drift_numba.residual_counts(x, y, rows.start + r, it["cs"], it["lo"], it["width"],
+                                             int(it["n_bins"].max()))
+        window = drift_numba.window_max(counts, np.arange(r.size), it["n_bins"], 2 * it["radius"] + 1)
+        return r, k, counts, it, np.where(it["flat"], it["w0"] * window / (n * it["width"]) * (1 + 1e-9), np.inf)
 
-    counts, items, bound = histograms(probes)
-    top = np.argmax(bound, axis=1) + np.arange(k_rows) * probes.size
+    sets = [histograms(np.repeat(np.arange(k_rows), probes.size), np.tile(probes, k_rows))]
+    _, _, counts, items, bound = sets[0]
+    top = np.argmax(bound.reshape(k_rows, probes.size), axis=1) + np.arange(k_rows) * probes.size
     first = np.where(items["flat"][top], _smoothed_peaks(counts, top, items, n), np.inf)
-    sets = [(probes, counts, items, bound)]
     if others.size:
         # A window of 2·radius + 1 bins at slope c' holds residuals that lie, at the nearest probed slope c, within
         # (2·radius + 1)·step' + 2·|c' − c|·max|w_i|: at most ceil(that / step) + 1 of its bins (or any longer run).
@@ -518,16 +517,13 @@ def _best_in_rows(x: np.ndarray, y: np.ndarray, rows: range, probes: np.ndarray,
         near = f["w0"][:, others] * window.reshape(k_rows, probes.size)[:, col] / (n * f["width"][:, others])
         near *= 1 + 1e-9
         near = np.where(f["flat"][:, others], near, np.inf)
-        maybe = np.flatnonzero((near >= first[:, None]).any(axis=0))
-        if maybe.size:
-            counts2, items2, bound2 = histograms(others[maybe])
-            bound2[near[:, maybe] < first[:, None]] = -np.inf  # ruled out by a neighbour already
-            sets.append((others[maybe], counts2, items2, bound2))
+        r, j = np.nonzero(near >= first[:, None])
+        if r.size:
+            sets.append(histograms(r, others[j]))
     peaks = np.full((k_rows, n_slopes), -np.inf)
-    for slopes, counts, items, bound in sets:
-        keep = np.flatnonzero((bound >= first[:, None]).ravel())
-        value = np.where(items["flat"][keep], _smoothed_peaks(counts, keep, items, n), np.inf)
-        peaks[keep // slopes.size, slopes[keep % slopes.size]] = value
+    for r, k, counts, items, bound in sets:
+        keep = np.flatnonzero(bound >= first[r])
+        peaks[r[keep], k[keep]] = np.where(items["flat"][keep], _smoothed_peaks(counts, keep, items, n), np.inf)
     return np.argmax(peaks, axis=1)
 
 

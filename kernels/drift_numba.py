@@ -1,6 +1,9 @@
-"""Numba CPU kernels of ``drift.peak_slope_many``: residual ranges and residual histograms of many (pair, slope)
-items, one pass over the pair per item and no (slopes × pairs) temporaries (items spread over the threads), and
-the cheap scans of those histograms that bound where their smoothed maximum can be (serial).
+"""Numba CPU kernels of ``drift.drift_stats_many``: residual ranges and residual histograms of many (pair, slope)
+items, one pass over the pair per item and no (slopes × pairs) temporaries, the scans of those histograms that
+bound where their smoothed maximum can be, and the sums of the cumulative-sum fits.
+
+Serial: a scan spreads drift over Dask tasks, and one call is tens of milliseconds, where threads cost more than
+they give (on a loaded 2-core machine ``residual_counts`` took 2.6x longer with 2 threads than with 1).
 
 A pair is one row of ``x``, ``y`` (P, n) (w_i, w_f, finite fp64); an item is (row, slope c). The residual
 ``r = y − c·x`` is formed as numpy forms it (a product, then a difference: no fused multiply-add), so the ranges
@@ -9,19 +12,19 @@ and bin indices equal those of the numpy reference in ``drift._peak_densities`` 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 _JIT = dict(cache=True, error_model="numpy", nogil=True)
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def residual_ranges(x: np.ndarray, y: np.ndarray, cs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(min, max)`` of ``y[p] − cs[p, k]·x[p]`` for every row p and slope k: two (P, K) arrays."""
     n_rows, n = x.shape
     n_slopes = cs.shape[1]
     lo = np.empty((n_rows, n_slopes))
     hi = np.empty((n_rows, n_slopes))
-    for p in prange(n_rows):
+    for p in range(n_rows):
         for k in range(n_slopes):
             c = cs[p, k]
             a = y[p, 0] - c * x[p, 0]
@@ -35,13 +38,13 @@ def residual_ranges(x: np.ndarray, y: np.ndarray, cs: np.ndarray) -> tuple[np.nd
     return lo, hi
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def residual_counts(x: np.ndarray, y: np.ndarray, rows: np.ndarray, cs: np.ndarray, lo: np.ndarray,
                     width: np.ndarray, n_bins: int) -> np.ndarray:
     """Histogram counts (items, n_bins) fp64: item i counts ``int((y[rows[i]] − cs[i]·x[rows[i]] − lo[i]) / width[i])``
     (bins from ``lo[i]`` of step ``width[i]``; every index must be below ``n_bins``)."""
     counts = np.zeros((rows.size, n_bins))
-    for i in prange(rows.size):
+    for i in range(rows.size):
         p = rows[i]
         c = cs[i]
         base = lo[i]
@@ -123,7 +126,7 @@ def _add(total: float, carry: float, value: float) -> tuple[float, float]:
     return t, carry
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def cumsum_moments(x: np.ndarray, y: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sums for the two cumulative-sum fits of every row of ``x``, ``y`` (P, n), ``order`` (P, n) sorting ``x``.
 
@@ -136,7 +139,7 @@ def cumsum_moments(x: np.ndarray, y: np.ndarray, order: np.ndarray) -> tuple[np.
     moments = np.zeros((n_rows, 7))
     rhs = np.zeros((n_rows, 2, 4))
     kept = np.zeros(n_rows, dtype=np.int64)
-    for p in prange(n_rows):
+    for p in range(n_rows):
         lo = x[p, order[p, 0]]
         hi = x[p, order[p, n - 1]]
         span = hi - lo
@@ -174,3 +177,24 @@ def cumsum_moments(x: np.ndarray, y: np.ndarray, order: np.ndarray) -> tuple[np.
             rhs[p, 1, k] = sr[4 + k] + cr[4 + k]
         kept[p] = count
     return moments, rhs, kept
+
+
+@njit(**_JIT)
+def stable_ties(xs: np.ndarray, order: np.ndarray) -> None:
+    """Within each run of equal values of the sorted rows ``xs`` (P, n), put ``order`` (P, n; the sorting
+    permutation, any order within runs) in increasing order, in place: the permutation a stable sort gives."""
+    n_rows, n = xs.shape
+    for p in range(n_rows):
+        j = 0
+        while j < n:
+            k = j
+            while k + 1 < n and xs[p, k + 1] == xs[p, j]:
+                k += 1
+            for a in range(j + 1, k + 1):  # insertion sort of a (short) run
+                v = order[p, a]
+                b = a - 1
+                while b >= j and order[p, b] > v:
+                    order[p, b + 1] = order[p, b]
+                    b -= 1
+                order[p, b + 1] = v
+            j = k + 1
