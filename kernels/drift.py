@@ -247,7 +247,7 @@ def drift_stats_many(wi: np.ndarray, wf: np.ndarray, *, seed: int = 0, with_rmsd
     Rows are independent and get ``drift_stats``'s numbers: c_opt and its resolution bit for bit (the same
     residuals, bins, smoothing and argmax, many rows and slopes per call), rmsd bit for bit; the cumulative-sum
     fits solve their normal equations in ``Polynomial.fit``'s scaled variable instead of an SVD least squares
-    (≲ 1e-13 of each fit's coefficient scale apart). Rows with non-finite values, or fewer than 3 pairs, go
+    (≲ 1e-12 of each fit's size on the data apart). Rows with non-finite values, or fewer than 3 pairs, go
     through ``drift_stats`` itself.
     """
     x = np.asarray(wi, dtype=np.float64)
@@ -320,9 +320,10 @@ def peak_slope_many(x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> tuple[np.
     """``peak_slope`` (default grid, refinements and bandwidth) of every row of ``x``, ``y`` (P, n), finite fp64,
     n ≥ 3: ``(c_opt (P,), resolution (P,))``, equal to ``peak_slope``'s bit for bit.
 
-    Rows of one size draw the same seeded subsamples, so every step is one call over all rows and slopes: the
-    quartiles and standard deviations of the bandwidth rule, the residual ranges and histograms
-    (``drift_numba``), and the Gaussian smoothing of all histograms of one bin step at once.
+    Rows of one size draw the same seeded subsamples, so every step is one call over all rows and slopes. What
+    cannot change the result is skipped: slopes whose bandwidth scale is bounded above the best
+    (``_min_scale_many``), histograms and smoothing of slopes whose peak is bounded below the best, and the bins
+    of a histogram away from its maximum (``_best_slopes_many``); what is computed is the reference's arithmetic.
     """
     n = x.shape[1]
     grid = C_GRID
@@ -348,17 +349,24 @@ def peak_slope_many(x: np.ndarray, y: np.ndarray, *, seed: int = 0) -> tuple[np.
 
 def _scale_items(x: np.ndarray, y: np.ndarray, rows: np.ndarray, cs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(scale, robust)`` of the residuals ``y[rows[i]] − cs[i]·x[rows[i]]`` per item i: ``_scales``' value and
-    min(std, IQR/1.349) before its zero-IQR fallback, bit for bit (the same numpy reductions per residual row)."""
-    scale, robust = np.empty(rows.size), np.empty(rows.size)
-    chunk = max(1, BLOCK_ELEMENTS // x.shape[1])
-    for start in range(0, rows.size, chunk):
-        sel = slice(start, start + chunk)
-        r = y[rows[sel]] - cs[sel, None] * x[rows[sel]]
-        q25, q75 = np.quantile(r, (0.25, 0.75), axis=-1)
-        std = r.std(axis=-1)
-        robust[sel] = np.minimum(std, (q75 - q25) / 1.349)
-        scale[sel] = np.where(robust[sel] > 0, robust[sel], std)
-    return scale, robust
+    min(std, IQR/1.349) before its zero-IQR fallback, bit for bit: ``drift_numba.residual_spread`` gives numpy's
+    std and the order statistics around both quartiles, and numpy's own interpolation (``np.quantile`` of the two
+    neighbours at the fractional rank) makes the quartiles."""
+    from zooscope.kernels import drift_numba
+
+    n = x.shape[1]
+    ranks, gammas = [], []
+    for q in (0.25, 0.75):  # np.quantile's 'linear' method: rank (n − 1)·q
+        virtual = (n - 1) * q
+        below = int(np.floor(virtual))
+        ranks += [below, min(below + 1, n - 1)]
+        gammas.append(virtual - below)
+    std, order = drift_numba.residual_spread(x, y, rows, np.ascontiguousarray(cs, dtype=np.float64),
+                                             np.array(ranks, dtype=np.int64))
+    q25 = np.quantile(order[:, :2].T, gammas[0], axis=0)
+    q75 = np.quantile(order[:, 2:].T, gammas[1], axis=0)
+    robust = np.minimum(std, (q75 - q25) / 1.349)
+    return np.where(robust > 0, robust, std), robust
 
 
 def _min_scale_many(x: np.ndarray, y: np.ndarray, grid: np.ndarray, stride: int = 8, per_round: int = 2
@@ -545,7 +553,7 @@ def _smoothed_peaks(counts: np.ndarray, which: np.ndarray, items: dict[str, np.n
         sel = which[group]
         g_sigma = float(sigma[group[0]])
         radius = int(4.0 * g_sigma + 0.5)  # gaussian_filter1d's
-        inner = max(1, int(g_sigma))
+        inner = min(max(1, int(g_sigma)), radius)  # weights within ``inner`` bins are ≥ w₀·exp(−inner²/2σ²)
         factor = np.exp(-0.5 * inner * inner / (g_sigma * g_sigma)) * (1 - 1e-9)
         windows, hull = drift_numba.peak_windows(counts[sel], items["n_bins"][sel], radius, inner, factor)
         smooth = gaussian_filter1d(windows, sigma=g_sigma, axis=1, mode="constant", truncate=4.0)

@@ -198,3 +198,107 @@ def stable_ties(xs: np.ndarray, order: np.ndarray) -> None:
                     b -= 1
                 order[p, b + 1] = v
             j = k + 1
+
+
+@njit("float64(float64[::1], int64, int64)", **_JIT)  # typed: a recursive function called from others
+def _pairwise_sum(a: np.ndarray, lo: int, n: int) -> float:
+    """``a[lo:lo + n].sum()`` in numpy's order (pairwise, blocks of 128 over 8 accumulators): the same bits."""
+    if n < 8:
+        res = -0.0
+        for i in range(lo, lo + n):
+            res += a[i]
+        return res
+    if n <= 128:
+        r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+        r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+        i = 8
+        end = n - n % 8
+        while i < end:
+            r0 += a[lo + i]
+            r1 += a[lo + i + 1]
+            r2 += a[lo + i + 2]
+            r3 += a[lo + i + 3]
+            r4 += a[lo + i + 4]
+            r5 += a[lo + i + 5]
+            r6 += a[lo + i + 6]
+            r7 += a[lo + i + 7]
+            i += 8
+        res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+        while i < n:
+            res += a[lo + i]
+            i += 1
+        return res
+    half = n // 2
+    half -= half % 8
+    return _pairwise_sum(a, lo, half) + _pairwise_sum(a, lo + half, n - half)
+
+
+@njit(**_JIT)
+def _select(a: np.ndarray, lo: int, hi: int, k: int) -> None:
+    """Reorder ``a[lo:hi]`` so that ``a[k]`` is its (k − lo)-th smallest, smaller values before it and larger
+    after (quickselect, median-of-3 pivot, three-way partition: equal values end the search)."""
+    while hi - lo > 1:
+        u, v, w = a[lo], a[(lo + hi - 1) // 2], a[hi - 1]
+        if u > v:
+            u, v = v, u
+        if v > w:
+            v = w
+        if u > v:
+            v = u
+        lt, i, gt = lo, lo, hi - 1
+        while i <= gt:
+            t = a[i]
+            if t < v:
+                a[i] = a[lt]
+                a[lt] = t
+                lt += 1
+                i += 1
+            elif t > v:
+                a[i] = a[gt]
+                a[gt] = t
+                gt -= 1
+            else:
+                i += 1
+        if k < lt:
+            hi = lt
+        elif k > gt:
+            lo = gt + 1
+        else:
+            return
+
+
+@njit(**_JIT)
+def residual_spread(x: np.ndarray, y: np.ndarray, rows: np.ndarray, cs: np.ndarray, ks: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per item i, of r = ``y[rows[i]] − cs[i]·x[rows[i]]``: ``(std (items,), order (items, len(ks)))``, the
+    standard deviation as ``r.std()`` computes it (pairwise mean, pairwise sum of squared deviations: the same
+    bits) and the order statistics of ranks ``ks`` (non-decreasing)."""
+    n = x.shape[1]
+    std = np.empty(rows.size)
+    order = np.empty((rows.size, ks.size))
+    r = np.empty(n)
+    d = np.empty(n)
+    for i in range(rows.size):
+        p = rows[i]
+        c = cs[i]
+        for j in range(n):
+            r[j] = y[p, j] - c * x[p, j]
+        mean = _pairwise_sum(r, 0, n) / n
+        for j in range(n):
+            v = r[j] - mean
+            d[j] = v * v
+        std[i] = np.sqrt(_pairwise_sum(d, 0, n) / n)
+        prev = -1  # r[prev + 1:] holds the values of rank > prev
+        for q in range(ks.size):
+            k = ks[q]
+            if k == prev + 1 and prev >= 0:  # the smallest of what follows the previous rank
+                m = k
+                for j in range(k + 1, n):
+                    if r[j] < r[m]:
+                        m = j
+                r[k], r[m] = r[m], r[k]
+            elif k > prev:
+                _select(r, prev + 1, n, k)
+            order[i, q] = r[k]
+            prev = k
+    return std, order

@@ -192,3 +192,21 @@ def test_fit_sort_keeps_ties_in_their_original_order():
     order = np.argsort(x, axis=1)
     drift_numba.stable_ties(np.take_along_axis(x, order, axis=1), order)
     np.testing.assert_array_equal(order, np.argsort(x, axis=1, kind="stable"))
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 9, 127, 129, 1000, 2000, 8193])
+def test_residual_spread_is_numpys_std_and_order_statistics(n):
+    """The bandwidth rule's std and quartile neighbours from one Numba pass: numpy's std bit for bit (its pairwise
+    summation order), the order statistics of np.sort, with ties and zero-IQR rows."""
+    from zooscope.kernels import drift_numba
+
+    rng = np.random.default_rng(n)
+    x, y = rng.uniform(-0.2, 0.2, (3, n)), rng.normal(0, 0.05, (3, n))
+    x[1], y[1] = np.round(x[1] * 10) / 10, np.round(y[1] * 20) / 20
+    x[2, : n // 2 + 1] = y[2, : n // 2 + 1] = 0.0
+    cs = np.array([0.5, 1.0, -0.75])
+    ks = np.array(sorted({int((n - 1) * q) + d for q in (0.25, 0.75) for d in (0, 1)} - {n}))
+    std, order = drift_numba.residual_spread(x, y, np.arange(3), cs, ks)
+    r = y - cs[:, None] * x
+    np.testing.assert_array_equal(std, r.std(axis=1))
+    np.testing.assert_array_equal(order, np.sort(r, axis=1)[:, ks])
