@@ -287,10 +287,9 @@ def _fits_many(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from zooscope.kernels import drift_numba
 
     order = np.argsort(x, axis=1)
-    xs = np.take_along_axis(x, order, axis=1)
-    drift_numba.stable_ties(xs, order)  # ties in their original order, as the reference's stable sort
+    drift_numba.stable_ties(x, order)  # ties in their original order, as the reference's stable sort
     moments, rhs, kept = drift_numba.cumsum_moments(x, y, order)
-    lo, hi = xs[:, 0], xs[:, -1]
+    lo, hi = np.take_along_axis(x, order[:, [0, -1]], axis=1).T
     with np.errstate(divide="ignore", invalid="ignore"):  # constant rows are not fitted
         off, scl = (hi * -1.0 - lo * 1.0) / (hi - lo), 2.0 / (hi - lo)  # polyutils.mapparms(domain, [-1, 1])
     out = []

@@ -180,15 +180,16 @@ def cumsum_moments(x: np.ndarray, y: np.ndarray, order: np.ndarray) -> tuple[np.
 
 
 @njit(**_JIT)
-def stable_ties(xs: np.ndarray, order: np.ndarray) -> None:
-    """Within each run of equal values of the sorted rows ``xs`` (P, n), put ``order`` (P, n; the sorting
-    permutation, any order within runs) in increasing order, in place: the permutation a stable sort gives."""
-    n_rows, n = xs.shape
+def stable_ties(x: np.ndarray, order: np.ndarray) -> None:
+    """Within each run of equal values of the rows of ``x`` (P, n) sorted by ``order`` (P, n; a sorting
+    permutation, any order within runs), put ``order`` in increasing order, in place: the permutation a stable sort
+    gives."""
+    n_rows, n = x.shape
     for p in range(n_rows):
         j = 0
         while j < n:
             k = j
-            while k + 1 < n and xs[p, k + 1] == xs[p, j]:
+            while k + 1 < n and x[p, order[p, k + 1]] == x[p, order[p, j]]:
                 k += 1
             for a in range(j + 1, k + 1):  # insertion sort of a (short) run
                 v = order[p, a]
