@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from zooscope.kernels.weightstats_numba import _add  # Neumaier's compensated addition
+
 _JIT = dict(cache=True, error_model="numpy", nogil=True)
 
 
@@ -113,17 +115,6 @@ def peak_windows(counts: np.ndarray, n_bins: np.ndarray, radius: int, inner: int
             if 0 <= b < n_bins[i]:
                 windows[i, q] = counts[i, b]
     return windows, hull
-
-
-@njit(inline="always")
-def _add(total: float, carry: float, value: float) -> tuple[float, float]:
-    """Neumaier's compensated addition: ``(total, carry)`` + ``value``."""
-    t = total + value
-    if abs(total) >= abs(value):
-        carry += (total - t) + value
-    else:
-        carry += (value - t) + total
-    return t, carry
 
 
 @njit(**_JIT)
