@@ -1,6 +1,7 @@
-"""Numba CPU kernels of ``drift.drift_stats_many``: residual ranges and residual histograms of many (pair, slope)
-items, one pass over the pair per item and no (slopes × pairs) temporaries, the scans of those histograms that
-bound where their smoothed maximum can be, and the sums of the cumulative-sum fits.
+"""Numba CPU kernels of ``drift.drift_stats_many``: per (pair, slope) item, one pass over the pair and no
+(slopes × pairs) temporaries, the residual ranges, histograms, standard deviation and quartile neighbours (numpy's
+bits); the scans of the histograms that bound where their smoothed maximum can be; the sorted pairs' stable tie
+order and the sums of the cumulative-sum fits.
 
 Serial: a scan spreads drift over Dask tasks, and one call is tens of milliseconds, where threads cost more than
 they give (on a loaded 2-core machine ``residual_counts`` took 2.6x longer with 2 threads than with 1).
