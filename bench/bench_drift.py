@@ -5,12 +5,20 @@
   ``scipy.stats.gaussian_kde`` evaluated on a 512-point grid per slope (subsampled to 20k points to stay feasible),
   and vs the brute-force B.6 window count (sorted residuals, δ = bandwidth) on the same slope grid.
 - ``drift_table`` throughput (weights/s) on a two-layer safetensors checkpoint pair.
+- ``--zoo MANIFEST``: a sweep's drift in a scan against its spectral analysis, this tree against ``--baseline``
+  (a git revision, exported and run in its own process), on the same files in one run: the spectral scan of the
+  manifest without its ``init`` column, then a rescan with it (the models are skipped, only drift runs); the two
+  drift tables are compared (c_opt, resolution, rmsd bit for bit; the fits' relative differences).
 
 Usage: python bench/bench_drift.py [--sizes 100000 1000000]
+       python bench/bench_drift.py --zoo /tmp/ztp/sweep-1000/manifest_small.csv [--baseline main] [--cluster none]
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -77,7 +85,16 @@ def ridge(n: int, c: float = 0.8, seed: int = 0):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--zoo", help="manifest of a sweep (with an init column): drift vs spectral, this tree vs "
+                    "--baseline")
+    ap.add_argument("--baseline", default="main", help="git revision to compare with (--zoo)")
+    ap.add_argument("--cluster", default="none", help="scan cluster profile (--zoo)")
+    ap.add_argument("--worker", nargs=2, metavar=("MANIFEST", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return zoo_worker(*args.worker, cluster=args.cluster)
+    if args.zoo:
+        return zoo_main(args.zoo, args.baseline, args.cluster)
     rows = ["| task | n weights | zooscope s | baseline | baseline s | baseline / zooscope | |c − 0.8| zooscope | "
             "|c − 0.8| baseline |", "|---|---|---|---|---|---|---|---|"]
     for n in args.sizes:
@@ -112,6 +129,90 @@ def main() -> None:
     record("Weight statistics and drift kernels vs direct routes", "\n".join(rows),
            "best of 3 for moments, one run otherwise; peak_slope baselines use the same coarse grid (81 slopes) "
            "and two 21-point refinements; true slope 0.8, half the pairs on the ridge, half broad background")
+
+
+def zoo_worker(manifest: str, out: str, cluster: str) -> None:
+    """In this process's tree: spectral scan without ``init``, then the drift-only rescan; timings to OUT.json,
+    the drift table to OUT.pkl."""
+    import pandas as pd
+
+    from zooscope.engine.scan import scan
+
+    zoo = Path(manifest).resolve().parent
+    table = pd.read_csv(manifest)
+    variant = zoo / f".bench_drift_noinit_{os.getpid()}.csv"  # next to the zoo: manifest paths stay inside it
+    warm = zoo / f".bench_drift_warm_{os.getpid()}.csv"
+    table.drop(columns=["init"]).to_csv(variant, index=False)
+    table.head(8).to_csv(warm, index=False)
+    timings = {}
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            scan(store=f"{d}/warm.zarr", manifest=str(warm), cluster=cluster, progress=False)  # JIT compiles
+            for phase, m in (("spectral", variant), ("drift", manifest)):
+                load = os.getloadavg()[0]
+                t0 = time.perf_counter()
+                report = scan(store=f"{d}/zoo.zarr", manifest=str(m), cluster=cluster, progress=False)
+                timings[phase] = {"s": time.perf_counter() - t0, "load": load, "n_ok": report.n_ok,
+                                  "n_drift": report.n_drift}
+            import zooscope
+
+            zooscope.open(f"{d}/zoo.zarr").drift.to_pickle(out + ".pkl")
+    finally:
+        variant.unlink()
+        warm.unlink()
+    Path(out + ".json").write_text(json.dumps(timings))
+
+
+def _run_worker(tree: Path, manifest: str, out: str, cluster: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", manifest, out, "--cluster", cluster],
+                   check=True, env=env, cwd=str(tree))
+    return json.loads(Path(out + ".json").read_text())
+
+
+def _export(rev: str, into: Path) -> Path:
+    """The tree of git revision ``rev`` (of this repository) in ``into``, importable as ``zooscope``."""
+    repo = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(repo), "archive", rev], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    for name in ("engine", "kernels", "pipelines"):
+        link = into / "zooscope" / name
+        if not link.exists():
+            link.symlink_to(Path("..") / name)
+    return into
+
+
+def zoo_main(manifest: str, baseline: str, cluster: str) -> None:
+    import pandas as pd
+
+    here = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "baseline").mkdir()
+        base_tree = _export(baseline, Path(d) / "baseline")
+        before = _run_worker(base_tree, manifest, f"{d}/before", cluster)
+        after = _run_worker(here, manifest, f"{d}/after", cluster)
+        key = ["model_id", "init_model_id", "layer"]
+        old = pd.read_pickle(f"{d}/before.pkl").sort_values(key).reset_index(drop=True)
+        new = pd.read_pickle(f"{d}/after.pkl").sort_values(key).reset_index(drop=True)
+    assert old[key].equals(new[key]), "the two scans stored different drift rows"
+    diffs = []
+    for col in ("rmsd", "c_opt", "c_opt_resolution", "a0", "a1", "b0", "b1", "b2", "sigma_at_0"):
+        a, b = old[col].to_numpy(float), new[col].to_numpy(float)
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.nanmax(np.abs(a - b) / np.abs(a)) if not same.all() else 0.0
+        diffs.append(f"{col} {int(same.sum())}/{same.size} equal, max rel {rel:.1e}")
+    rows = ["| tree | spectral scan s | drift rescan s | drift / spectral | pairs | load at start (spectral, drift) |",
+            "|---|---|---|---|---|---|"]
+    for name, t in ((f"baseline `{baseline}`", before), ("this tree", after)):
+        rows.append(f"| {name} | {t['spectral']['s']:.1f} | {t['drift']['s']:.1f} | "
+                    f"{t['drift']['s'] / t['spectral']['s']:.2f} | {t['drift']['n_drift']} | "
+                    f"{t['spectral']['load']:.1f}, {t['drift']['load']:.1f} |")
+    rows.append(f"| speedup of drift | | {before['drift']['s'] / after['drift']['s']:.1f}x | | | |")
+    record("Drift from initialization in a sweep scan, batched vs one task per pair",
+           "\n".join(rows), f"{manifest}, {len(new)} drift rows, cluster {cluster}, "
+           f"os.cpu_count() {os.cpu_count()}, NUMBA_NUM_THREADS {os.environ.get('NUMBA_NUM_THREADS', 'default')}; "
+           "shared machine (load averages in the table); stored tables compared: " + "; ".join(diffs))
 
 
 if __name__ == "__main__":

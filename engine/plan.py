@@ -82,15 +82,8 @@ def pack(parts: Sequence[Part], *, batch_bytes: int | None = None, batch_models:
     of a split model is a task of its own. ``min_tasks``: shrink the batches so that there are at least this many
     tasks when there are that many parts (e.g. a few tasks per worker, so every worker gets work).
     """
-    max_bytes = DEFAULT_BATCH_BYTES if batch_bytes is None else int(batch_bytes)
-    max_models = DEFAULT_BATCH_MODELS if batch_models is None else int(batch_models)
-    if max_bytes < 1 or max_models < 1 or min_tasks < 1:
-        raise ValueError(f"batch_bytes, batch_models and min_tasks must be positive, got {batch_bytes}, "
-                         f"{batch_models} and {min_tasks}")
-    whole = [p for p in parts if p.n_shards == 1]
-    if whole and min_tasks > 1:
-        max_models = min(max_models, max(1, -(-len(whole) // min_tasks)))
-        max_bytes = min(max_bytes, max(1, -(-sum(p.nbytes for p in whole) // min_tasks)))
+    max_bytes, max_models = _budgets([p.nbytes for p in parts if p.n_shards == 1], batch_bytes, batch_models,
+                                     min_tasks)
     tasks: list[Task] = []
     current: list[Part] = []
     size = 0
@@ -106,6 +99,38 @@ def pack(parts: Sequence[Part], *, batch_bytes: int | None = None, batch_models:
     if current:
         tasks.append(Task(tuple(current)))
     return tasks
+
+
+def batch_ranges(sizes: Sequence[int], *, batch_bytes: int | None = None, batch_models: int | None = None,
+                 min_tasks: int = 1) -> list[range]:
+    """Consecutive runs of items with these ``sizes`` (bytes read), with ``pack``'s budgets for unsplit models:
+    up to ``batch_bytes`` and ``batch_models`` items a run, shrunk so that there are at least ``min_tasks`` runs
+    when there are that many items (an item above the byte budget is a run of its own)."""
+    max_bytes, max_models = _budgets(sizes, batch_bytes, batch_models, min_tasks)
+    runs: list[range] = []
+    start, size = 0, 0
+    for i, nbytes in enumerate(sizes):
+        if i > start and (size + nbytes > max_bytes or i - start >= max_models):
+            runs.append(range(start, i))
+            start, size = i, 0
+        size += nbytes
+    if start < len(sizes):
+        runs.append(range(start, len(sizes)))
+    return runs
+
+
+def _budgets(sizes: Sequence[int], batch_bytes: int | None, batch_models: int | None,
+             min_tasks: int) -> tuple[int, int]:
+    """``(bytes, items)`` a batch of items with these ``sizes`` may hold (``pack``'s defaults and shrinking)."""
+    max_bytes = DEFAULT_BATCH_BYTES if batch_bytes is None else int(batch_bytes)
+    max_models = DEFAULT_BATCH_MODELS if batch_models is None else int(batch_models)
+    if max_bytes < 1 or max_models < 1 or min_tasks < 1:
+        raise ValueError(f"batch_bytes, batch_models and min_tasks must be positive, got {batch_bytes}, "
+                         f"{batch_models} and {min_tasks}")
+    if sizes and min_tasks > 1:
+        max_models = min(max_models, max(1, -(-len(sizes) // min_tasks)))
+        max_bytes = min(max_bytes, max(1, -(-sum(sizes) // min_tasks)))
+    return max_bytes, max_models
 
 
 def plan(

@@ -28,13 +28,13 @@ import numpy as np
 import pandas as pd
 
 from zooscope.engine.cluster import available_cores, describe_compute, get_profile, make_client
-from zooscope.engine.plan import Part, Task, pack, plan
+from zooscope.engine.plan import Part, Task, batch_ranges, disk_bytes, pack, plan
 from zooscope.engine.run import execute, wants_gpu
 from zooscope.engine.store import ZooStore, check_column_names
 from zooscope.engine.tune import with_saved_table
 from zooscope.pipelines.analyze import AnalysisOptions, require_backends
 from zooscope.pipelines.derived import derived_hash
-from zooscope.pipelines.drift import drift_table, pair_checkpoints
+from zooscope.pipelines.drift import DRIFT_COLUMNS, DriftPair, drift_tables, pair_checkpoints
 from zooscope.pipelines.readers import CheckpointError, adapter_files, content_hash, discover, model_files
 from zooscope.pipelines.result import BatchResult, ModelResult, merge_results
 from zooscope.pipelines.summary import SUMMARY_METRICS, summary_columns
@@ -214,7 +214,7 @@ def scan(
             writer = _Writer(zoo, report, by_hash, stats)
             for task, outcome in execute(tasks, options, client=active, progress=progress):
                 writer.add(task, outcome)
-            report.n_drift = _scan_drift(models, pairs, zoo, active)
+            report.n_drift = _scan_drift(models, pairs, zoo, active, batch_bytes, batch_models)
     finally:
         zoo.close()
     report.seconds = time.perf_counter() - t0
@@ -245,32 +245,38 @@ def _drift_pairs(models: Sequence[ModelInput]) -> list[tuple[str, str, float]]:
 
 
 def _scan_drift(models: Sequence[ModelInput], pairs: Sequence[tuple[str, str, float]], zoo: ZooStore,
-                client: Any) -> int:
+                client: Any, batch_bytes: int | None = None, batch_models: int | None = None) -> int:
     """Distance from initialization for the ``pairs`` of ``_drift_pairs`` (paper 001) that the store's
-    ``/drift`` does not hold yet; one task per pair on the cluster (or in-process). Returns the number of pairs
+    ``/drift`` does not hold yet. Pairs (in ``pair_checkpoints`` order, so a sweep's same-shaped runs sit together)
+    are batched like models (``plan.batch_ranges`` on the bytes of both files, up to ``batch_bytes`` and
+    ``batch_models`` pairs, about four tasks per worker), one ``pipelines.drift.drift_tables`` call per task, on
+    the cluster or in-process. Returns the number of pairs
     added. A pair that cannot be read is skipped (its model's own row already carries the error)."""
     if not pairs:
         return 0
     known = zoo.drift()
     done = set(zip(known["model_id"], known["init_model_id"])) if len(known) else set()
     path_of = {m.model_id: m.path for m in models}
-    args = [(path_of[i], path_of[m], m, i, step) for m, i, step in pairs if (m, i) not in done]
+    todo = [DriftPair(path_of[i], path_of[m], m, i, step) for m, i, step in pairs if (m, i) not in done]
+    n_workers = len(client.scheduler_info().get("workers", {})) if client is not None else 1
+    sizes = [disk_bytes(p.init) + disk_bytes(p.ckpt) for p in todo]
+    runs = batch_ranges(sizes, batch_bytes=batch_bytes, batch_models=batch_models,
+                        min_tasks=4 * max(1, n_workers) if client is not None else 1)
+    batches = [[todo[j] for j in run] for run in runs]
     if client is None:
-        tables = [_drift_or_none(*a) for a in args]
+        results = [_drift_batch(batch) for batch in batches]
     else:
-        tables = client.gather(client.map(_drift_or_none, *zip(*args), pure=False)) if args else []
-    tables = [t for t in tables if t is not None]
+        results = client.gather(client.map(_drift_batch, batches, pure=False)) if batches else []
+    tables = [table for table, _ in results if len(table)]
     if tables:
         zoo.append_drift(pd.concat(tables, ignore_index=True))
-    return len(tables)
+    return sum(n for _, n in results)
 
 
-def _drift_or_none(init_path: str, path: str, model_id: str, init_model_id: str,
-                   step: float) -> pd.DataFrame | None:
-    try:
-        return drift_table(init_path, path, model_id=model_id, init_model_id=init_model_id, step=step)
-    except CheckpointError:
-        return None
+def _drift_batch(pairs: list[DriftPair]) -> tuple[pd.DataFrame, int]:
+    """The drift rows of the readable ``pairs``, stacked, and how many pairs they cover."""
+    tables = [t for t in drift_tables(pairs, skip_unreadable=True) if t is not None]
+    return (pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=DRIFT_COLUMNS)), len(tables)
 
 
 def collect_inputs(paths: Iterable[str | os.PathLike], manifest: str | os.PathLike | None = None, *,

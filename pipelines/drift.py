@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,8 @@ from zooscope.pipelines.readers import Checkpoint, CheckpointError, open_checkpo
 #: Most (w_i, w_f) pairs a fit sees, per layer and for the whole network; beyond it a seeded, layer-stratified
 #: random subsample is fitted (RMSD and ``n_weights`` always use every weight).
 MAX_PAIRS = 2_000_000
+#: ``drift_tables`` computes the statistics of the layers it holds once they reach this many weight pairs.
+BATCH_PAIRS = 1 << 23
 
 DRIFT_COLUMNS = ["model_id", "init_model_id", "step", "layer", "n_weights", "rmsd", "a0", "a1", "b0", "b1",
                  "b2", "sigma_at_0", "c_opt", "c_opt_resolution"]
@@ -68,6 +71,18 @@ def as_checkpoint(source: Any) -> contextlib.AbstractContextManager[Checkpoint]:
     return contextlib.nullcontext(source) if isinstance(source, Checkpoint) else open_checkpoint(source)
 
 
+@dataclass(frozen=True)
+class DriftPair:
+    """A checkpoint and its initial checkpoint (paths or sources for ``readers.open_checkpoint``, or open
+    ``Checkpoint`` objects), with the ids and step its drift rows carry."""
+
+    init: Any
+    ckpt: Any
+    model_id: str
+    init_model_id: str
+    step: float
+
+
 def drift_table(init_ckpt: Any, ckpt: Any, *, model_id: str, init_model_id: str, step: float,
                 max_pairs: int = MAX_PAIRS, seed: int = 0) -> pd.DataFrame:
     """Distance-from-init statistics of ``ckpt`` against ``init_ckpt``: one row per layer plus ``layer="all"``.
@@ -76,13 +91,53 @@ def drift_table(init_ckpt: Any, ckpt: Any, *, model_id: str, init_model_id: str,
     checkpoint order, named by ``layers.layer_name`` (the key without ``.weight``, as in the layer table);
     ``init_ckpt`` must hold the same keys and shapes. Both are paths or in-memory sources for
     ``readers.open_checkpoint``, or open ``Checkpoint`` objects. Columns ``DRIFT_COLUMNS`` (``kernels.drift``
-    units). Only one layer's pair of tensors is in memory at a time: the ``all`` RMSD is accumulated exactly and its
+    units). Only one layer's pair of tensors is read at a time: the ``all`` RMSD is accumulated exactly and its
     fits use a sample of ``max_pairs`` pairs drawn per layer in proportion to its size (seeded); a layer's own
-    fits also use at most ``max_pairs`` pairs.
+    fits also use at most ``max_pairs`` pairs. ``drift_tables`` of one pair.
     """
+    table = drift_tables([DriftPair(init_ckpt, ckpt, model_id, init_model_id, step)], max_pairs=max_pairs,
+                         seed=seed)[0]
+    assert table is not None  # unreadable pairs raise unless skipped
+    return table
+
+
+def drift_tables(pairs: Sequence[DriftPair], *, max_pairs: int = MAX_PAIRS, seed: int = 0,
+                 skip_unreadable: bool = False, batch_pairs: int = BATCH_PAIRS) -> list[pd.DataFrame | None]:
+    """``drift_table`` of every pair, the statistics of many same-sized layers computed at once.
+
+    Pairs are read one after the other (a layer's weights and its share of the ``all`` sample are kept);
+    whenever ``batch_pairs`` weight pairs are held, and at the end, the layers of each size go through one
+    ``kernels.drift.drift_stats_many`` call (a sweep's checkpoints share their shapes). Tables equal
+    ``drift_table``'s row for row. ``skip_unreadable``: a pair whose checkpoints cannot be read
+    (``CheckpointError``) gets None instead of raising.
+    """
+    rows: list[list[dict[str, Any]] | None] = [None] * len(pairs)
+    queue: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = []
+    held = 0
+    for i, pair in enumerate(pairs):
+        try:
+            layers = _read_pair(pair, max_pairs, seed)
+        except CheckpointError:
+            if not skip_unreadable:
+                raise
+            continue
+        rows[i] = [row for row, _, _ in layers]
+        queue += layers
+        held += sum(xi.size for _, xi, _ in layers)
+        if held >= batch_pairs:
+            _fill_stats(queue, seed)
+            queue, held = [], 0
+    _fill_stats(queue, seed)
+    return [None if r is None else _table(r, p) for r, p in zip(rows, pairs)]
+
+
+def _read_pair(pair: DriftPair, max_pairs: int, seed: int
+               ) -> list[tuple[dict[str, Any], np.ndarray, np.ndarray]]:
+    """``(row, w_i, w_f)`` per layer and for ``all``: the row holds ``layer``, ``n_weights`` and the exact
+    ``rmsd``; w_i, w_f (fp64, subsampled to ``max_pairs``) are what its fits see."""
     rng = np.random.default_rng(seed)
-    rows: list[dict[str, Any]] = []
-    with as_checkpoint(init_ckpt) as c0, as_checkpoint(ckpt) as ct:
+    out: list[tuple[dict[str, Any], np.ndarray, np.ndarray]] = []
+    with as_checkpoint(pair.init) as c0, as_checkpoint(pair.ckpt) as ct:
         init_keys = set(c0.keys())
         # dtype and shape come from the headers: non-float tensors are never read, and ``total`` counts only
         # the weights that enter the fits
@@ -104,23 +159,39 @@ def drift_table(init_ckpt: Any, ckpt: Any, *, model_id: str, init_model_id: str,
             count += d.size
             del d
             xi, xf = _subsample(w0, wt, max_pairs, rng)
-            rows.append({"layer": layer_name(key), "n_weights": w0.size,
-                         **drift_kernels.drift_stats(xi, xf, seed=seed),
-                         "rmsd": float(np.sqrt(layer_sq / w0.size)) if w0.size else float("nan")})
+            out.append(({"layer": layer_name(key), "n_weights": w0.size,
+                         "rmsd": float(np.sqrt(layer_sq / w0.size)) if w0.size else float("nan")}, xi, xf))
             k = w0.size if total <= max_pairs else int(round(max_pairs * w0.size / total))
             if k:
                 idx = np.arange(w0.size) if k >= w0.size else rng.choice(w0.size, k, replace=False)
                 sample_i.append(w0[idx])
                 sample_f.append(wt[idx])
             del w0, wt
-    if rows:
-        xi, xf = np.concatenate(sample_i), np.concatenate(sample_f)
-        whole = {**drift_kernels.drift_stats(xi, xf, seed=seed), "rmsd": float(np.sqrt(sq_sum / count))}
-        rows.append({"layer": "all", "n_weights": count, **whole})
+    if out:
+        out.append(({"layer": "all", "n_weights": count, "rmsd": float(np.sqrt(sq_sum / count))},
+                    np.concatenate(sample_i), np.concatenate(sample_f)))
+    return out
+
+
+def _fill_stats(queue: list[tuple[dict[str, Any], np.ndarray, np.ndarray]], seed: int) -> None:
+    """Put the ``kernels.drift`` statistics (all but the row's own rmsd) into each row of ``queue``, one
+    ``drift_stats_many`` call per layer size."""
+    by_size: dict[int, list[int]] = {}
+    for j, (_, xi, _) in enumerate(queue):
+        by_size.setdefault(xi.size, []).append(j)
+    for members in by_size.values():
+        stats = drift_kernels.drift_stats_many(np.stack([queue[j][1] for j in members]),
+                                               np.stack([queue[j][2] for j in members]), seed=seed,
+                                               with_rmsd=False)
+        for row, j in enumerate(members):
+            queue[j][0].update({key: float(stats[key][row]) for key in drift_kernels.STATS if key != "rmsd"})
+
+
+def _table(rows: list[dict[str, Any]], pair: DriftPair) -> pd.DataFrame:
     table = pd.DataFrame(rows, columns=[c for c in DRIFT_COLUMNS if c not in ("model_id", "init_model_id", "step")])
-    table.insert(0, "step", float(step))
-    table.insert(0, "init_model_id", str(init_model_id))
-    table.insert(0, "model_id", str(model_id))
+    table.insert(0, "step", float(pair.step))
+    table.insert(0, "init_model_id", str(pair.init_model_id))
+    table.insert(0, "model_id", str(pair.model_id))
     return table[DRIFT_COLUMNS]
 
 
@@ -137,9 +208,8 @@ def drift_from_manifest(manifest: pd.DataFrame, *, max_pairs: int = MAX_PAIRS, s
     if "path" not in manifest.columns:
         raise ValueError("manifest needs a 'path' column to read checkpoints")
     path_of = dict(zip(manifest["model_id"].astype(str), manifest["path"].astype(str)))
-    tables = [drift_table(path_of[init], path_of[mid], model_id=mid, init_model_id=init, step=step,
-                          max_pairs=max_pairs, seed=seed)
-              for mid, init, step in pair_checkpoints(manifest)]
+    tables = drift_tables([DriftPair(path_of[init], path_of[mid], mid, init, step)
+                           for mid, init, step in pair_checkpoints(manifest)], max_pairs=max_pairs, seed=seed)
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=DRIFT_COLUMNS)
 
 
