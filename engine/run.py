@@ -32,22 +32,22 @@ EXIT_MARKER_ENV = "ZOOSCOPE_TEST_EXIT_MARKER"
 WORKER_WAIT_S = 600.0
 
 
-def run_task(parts: Sequence[tuple[str, Sequence[str] | None, str, str | None, bool]],
-             options: AnalysisOptions) -> BatchResult:
-    """The task body: analyse ``(path, keys, model_id, base, peft)`` parts together
-    (``pipelines.batch.analyze_batch``; ``base``/``peft``: ``pipelines.derived.open_derived``).
+def run_task(task: Task, options: AnalysisOptions) -> BatchResult:
+    """The task body: analyse the task's parts together (``pipelines.batch.analyze_batch``; a part with a base or
+    ``peft``: ``pipelines.derived.open_derived``).
 
     ``result.timings['wall']`` is the task's wall time in seconds. A batch of whole models comes back with its
     model summaries (``BatchResult.summaries``) and without the node-strength vectors (used here, not stored), so
-    that the scanning process has less to receive and compute; a shard keeps them for the merge.
+    that the scanning process has less to receive and compute; a shard keeps them for the merge. The ``Task`` is
+    sent to a worker as it is: Dask does not walk an object's fields as it walks lists of tuples.
     """
-    for _, _, model_id, _, _ in parts:
-        _test_exit_hook(model_id)
+    for part in task.parts:
+        _test_exit_hook(part.model_id)
     t0 = time.perf_counter()
-    batch = analyze_batch([(path, list(keys) if keys is not None else None, base, peft)
-                           for path, keys, _, base, peft in parts], options)
-    if all(keys is None for _, keys, _, _, _ in parts):
-        batch.summaries = summary_columns(batch.result, batch.part_of_row, len(parts))
+    batch = analyze_batch([(p.path, list(p.keys) if p.keys is not None else None, p.base, p.peft)
+                           for p in task.parts], options)
+    if all(p.keys is None for p in task.parts):
+        batch.summaries = summary_columns(batch.result, batch.part_of_row, len(task.parts))
         batch.result.strengths = []
     batch.result.timings["wall"] = time.perf_counter() - t0
     return batch
@@ -91,10 +91,6 @@ def execute(
             yield task, outcome
 
 
-def _task_args(task: Task) -> list[tuple[str, tuple[str, ...] | None, str, str | None, bool]]:
-    return [(p.path, p.keys, p.model_id, p.base, p.peft) for p in task.parts]
-
-
 def _in_process(tasks: Sequence[Task], options: AnalysisOptions) -> Iterator[tuple[Task, Any]]:
     """One task after another, with BLAS single-threaded like a Dask worker (``OMP_NUM_THREADS=1``): the same
     LAPACK path as on a cluster, and no thread oversubscription on the many small matrices of a batch."""
@@ -103,7 +99,7 @@ def _in_process(tasks: Sequence[Task], options: AnalysisOptions) -> Iterator[tup
     with threadpool_limits(limits=1, user_api="blas"):
         for task in tasks:
             try:
-                outcome = run_task(_task_args(task), options)
+                outcome = run_task(task, options)
             except Exception as err:  # noqa: BLE001 - one task's failure must not end the scan
                 outcome = err
             yield task, outcome
@@ -127,7 +123,7 @@ def _on_cluster(tasks: Sequence[Task], options: AnalysisOptions, client: Any, re
         key = f"analyze-{run_id}-{i}"
         by_key[key] = task
         futures.append(client.submit(
-            run_task, _task_args(task), options,
+            run_task, task, options,
             key=key, retries=retries, pure=False,
             resources=task_resources(task, n_gpu, len(workers), requires_gpu=needs_gpu(options)),
         ))

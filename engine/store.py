@@ -148,7 +148,10 @@ def _normalize(s: pd.Series) -> tuple[str | None, np.ndarray | None]:
     if inferred in ("integer", "boolean", "floating", "mixed-integer-float", "decimal"):
         return "float", np.array([np.nan if m else float(v) for v, m in zip(s, missing)], dtype=np.float64)
     if inferred == "string":
-        return "str", np.array([safe_text(v) for v in s.to_numpy(dtype=object, na_value="")], dtype=object)
+        values = s.to_numpy(dtype=object, na_value="")
+        if "".join(values).isascii():  # one check for the whole column: ASCII needs no escaping
+            return "str", values
+        return "str", np.array([safe_text(v) for v in values], dtype=object)
     return "str", np.array(["" if m else safe_text(str(v)) for v, m in zip(s, missing)], dtype=object)
 
 
