@@ -85,19 +85,16 @@ def pack(parts: Sequence[Part], *, batch_bytes: int | None = None, batch_models:
     max_bytes, max_models = _budgets([p.nbytes for p in parts if p.n_shards == 1], batch_bytes, batch_models,
                                      min_tasks)
     tasks: list[Task] = []
-    current: list[Part] = []
-    size = 0
-    for part in parts:
-        if current and (part.n_shards > 1 or size + part.nbytes > max_bytes or len(current) >= max_models):
-            tasks.append(Task(tuple(current)))
-            current, size = [], 0
-        if part.n_shards > 1:
-            tasks.append(Task((part,)))
+    unsplit: list[Part] = []
+    for part in [*parts, None]:  # None ends the last run of unsplit models
+        if part is not None and part.n_shards == 1:
+            unsplit.append(part)
             continue
-        current.append(part)
-        size += part.nbytes
-    if current:
-        tasks.append(Task(tuple(current)))
+        tasks += [Task(tuple(unsplit[r.start:r.stop])) for r in _runs([p.nbytes for p in unsplit], max_bytes,
+                                                                       max_models)]
+        unsplit = []
+        if part is not None:
+            tasks.append(Task((part,)))
     return tasks
 
 
@@ -106,7 +103,11 @@ def batch_ranges(sizes: Sequence[int], *, batch_bytes: int | None = None, batch_
     """Consecutive runs of items with these ``sizes`` (bytes read), with ``pack``'s budgets for unsplit models:
     up to ``batch_bytes`` and ``batch_models`` items a run, shrunk so that there are at least ``min_tasks`` runs
     when there are that many items (an item above the byte budget is a run of its own)."""
-    max_bytes, max_models = _budgets(sizes, batch_bytes, batch_models, min_tasks)
+    return _runs(sizes, *_budgets(sizes, batch_bytes, batch_models, min_tasks))
+
+
+def _runs(sizes: Sequence[int], max_bytes: int, max_models: int) -> list[range]:
+    """Consecutive runs of at most ``max_bytes`` (an item above it alone) and ``max_models`` items."""
     runs: list[range] = []
     start, size = 0, 0
     for i, nbytes in enumerate(sizes):
