@@ -13,6 +13,7 @@ recorded with its ``CheckpointError``, and its rows are left out; the other part
 """
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from dataclasses import fields
@@ -144,6 +145,7 @@ class _Batch:
         self.status: list[str] = []
         self.errors: dict[int, CheckpointError] = {}
         self.n_params: dict[int, int] = {}
+        self.plans: dict[tuple, tuple[int, list[LayerInfo]]] = {}  # checkpoint layout -> (n_params, layers)
         self.source_of_part: dict[int, str] = {}
         self.row_errors: dict[int, str] = {}  # rows made errors after their eigenvalues (inverse of a singular layer)
         self.layers: list[tuple[int, LayerInfo, str]] = []  # per layer read: (rows, info, error message or "")
@@ -158,9 +160,7 @@ class _Batch:
         options = self.options
         ckpt = with_channels(ckpt, options.channels)
         self.source_of_part[part] = ckpt.path
-        wanted = set(keys) if keys is not None else None
-        self.n_params[part] = sum(int(np.prod(ckpt.shape(k))) for k in ckpt.keys() if wanted is None or k in wanted)
-        infos = analysed_layers(ckpt, options, keys)
+        self.n_params[part], infos = self._plan(ckpt, keys)
         if options.intra or options.stacked:
             self._add_composite(part, ckpt, infos)
             return
@@ -172,6 +172,18 @@ class _Batch:
             except LayerError as err:
                 stacks, error = None, err
             self._queue(part, info, tensor, stacks, error, 1 if options.pool else info.n_slices)
+
+    def _plan(self, ckpt: Checkpoint, keys: Sequence[str] | None) -> tuple[int, list[LayerInfo]]:
+        """The parameter count and analysed layers of a part, planned once per distinct checkpoint layout (tensor
+        names, shapes, dtypes, module classes): the same-shaped models of a zoo share one plan."""
+        names = ckpt.keys()
+        layout = (type(ckpt), ckpt.format, tuple(names), tuple(map(ckpt.shape, names)), tuple(map(ckpt.dtype, names)),
+                  tuple(sorted(ckpt.module_types().items())), None if keys is None else tuple(keys))
+        if layout not in self.plans:
+            wanted = set(keys) if keys is not None else None
+            n_params = sum(math.prod(shape) for k, shape in zip(names, layout[3]) if wanted is None or k in wanted)
+            self.plans[layout] = n_params, analysed_layers(ckpt, self.options, keys)
+        return self.plans[layout]
 
     def _read(self, ckpt: Checkpoint, info: LayerInfo) -> np.ndarray:
         t0 = time.perf_counter()

@@ -17,6 +17,7 @@ known, the tensor.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -65,6 +66,8 @@ _READABLE = {"float64", "float32", "float16", "bfloat16", "int64", "int32", "int
 #: the largest safetensors header accepted (the safetensors library's own limit), and the largest index json
 MAX_HEADER_BYTES = 100_000_000
 MAX_INDEX_BYTES = 64 << 20
+#: a safetensors file of at most this many bytes is read whole, once (a zoo of small models: one read per file)
+WHOLE_READ_BYTES = 1 << 20
 #: an ``.npz`` member whose declared size exceeds this many times its compressed size (and ``NPZ_BOMB_MIN_BYTES``)
 #: is refused before it is decompressed: a zip bomb, not weights (real weights compress less than 10x)
 NPZ_MAX_RATIO = 1000
@@ -131,13 +134,14 @@ def require_extra(module: str, extra: str, path: str | os.PathLike, what: str) -
                                           f"pip install 'zooscope[{extra}]'") from exc
 
 
-def _require_regular(path: str | os.PathLike) -> None:
+def _require_regular(path: str | os.PathLike, mode: int | None = None) -> None:
     """Raise ``CheckpointError`` unless ``path`` is a regular file (checked by ``stat``, without opening it: a FIFO or
-    device would block or never end)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError as exc:
-        raise CheckpointError(path, None, f"cannot read: {exc.strerror or exc}") from exc
+    device would block or never end). ``mode``: its ``st_mode`` when already known."""
+    if mode is None:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise CheckpointError(path, None, f"cannot read: {exc.strerror or exc}") from exc
     if not stat.S_ISREG(mode):
         kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
                 "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
@@ -201,6 +205,7 @@ class _SafetensorsShard:
         self.path = str(path)
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] | None = None
         self._base = 0
+        self._whole: bytes | None = None  # the file's bytes, when it is at most WHOLE_READ_BYTES
 
     def _header(self) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
         if self._entries is not None:
@@ -210,6 +215,10 @@ class _SafetensorsShard:
         try:
             size = os.path.getsize(p)
             with open(p, "rb") as fh:
+                if size <= WHOLE_READ_BYTES:  # one read serves the header and every tensor
+                    self._whole = fh.read()
+                    size = len(self._whole)
+                    fh = io.BytesIO(self._whole)
                 head = fh.read(8)
                 if len(head) < 8:
                     raise CheckpointError(p, None, f"not a safetensors file: only {size} bytes")
@@ -274,6 +283,9 @@ class _SafetensorsShard:
         name, storage = _ST_DTYPES[code]
         _check_readable(self.path, key, name)
         out = np.empty(shape, dtype=storage)
+        if self._whole is not None:
+            memoryview(out.reshape(-1)).cast("B")[:] = memoryview(self._whole)[self._base + start: self._base + end]
+            return _from_storage(out, name)
         try:
             with open(self.path, "rb") as fh:
                 fh.seek(self._base + start)
@@ -768,9 +780,13 @@ def discover(paths: Iterable[str | os.PathLike] | str | os.PathLike) -> list[Mod
                 if _is_model_dir(here / n):
                     found.setdefault(str(here / n), _model_id(here / n, root))
                     dirnames.remove(n)
-            for n in sorted(filenames):  # FIFOs, devices, broken links too: they become error rows, never opened
-                if not n.startswith(".") and Path(n).suffix.lower() in CHECKPOINT_SUFFIXES:
-                    found.setdefault(str(here / n), _model_id(here / n, root))
+            # FIFOs, devices, broken links too: they become error rows, never opened. Ids by string operations
+            # (a zoo directory holds 100k files): the path relative to root, without its suffix
+            folder, prefix = str(here), "" if here == root else here.relative_to(root).as_posix() + "/"
+            for n in sorted(filenames):
+                stem, suffix = os.path.splitext(n)
+                if not n.startswith(".") and suffix.lower() in CHECKPOINT_SUFFIXES:
+                    found.setdefault(n if folder == "." else os.path.join(folder, n), prefix + stem)
     for onnx_path in [p for p in found if p.lower().endswith(".onnx")]:  # its external-data files are no models
         try:
             for data_file in _format_module(".onnx").external_files(Path(onnx_path)):
@@ -798,8 +814,12 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     """The files a model consists of: the file itself (with an ONNX model's external-data files), an HF
     directory's index json and shards, by name, or a LoRA adapter directory's config and weights."""
     p = Path(path)
-    if not p.is_dir():
-        _require_regular(p)
+    try:
+        mode: int | None = os.stat(p).st_mode
+    except OSError:
+        mode = None  # _require_regular says why
+    if mode is None or not stat.S_ISDIR(mode):
+        _require_regular(p, mode)
         suffix = p.suffix.lower()
         extra = _format_module(suffix).external_files(p) if suffix == ".onnx" else []
         return [p, *sorted(set(extra) - {p}, key=lambda f: f.name)]
@@ -819,9 +839,10 @@ def content_hash(path: str | os.PathLike) -> str:
     """sha256 hex of a model's bytes: a file's content, or for a directory each file's name and content in
     name order (index json and all shards), streamed in 8 MiB blocks."""
     files = model_files(path)
+    named = len(files) > 1 or os.path.isdir(path)
     h = hashlib.sha256()
     for f in files:
-        if len(files) > 1 or Path(path).is_dir():
+        if named:
             h.update(f.name.encode() + b"\0")
         try:
             with open(f, "rb") as fh:
