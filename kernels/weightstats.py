@@ -25,6 +25,9 @@ ZERO_TOL = 1e-3
 
 #: Largest number of points ``kde`` builds its estimator from; bigger layers are subsampled (seeded).
 KDE_MAX_POINTS = 100_000
+#: rows at least this long select their quantiles' order statistics by ``np.partition`` instead of a full sort
+#: (the same numbers; faster from ~300k entries on, e.g. 1.7x on a 2.4M-entry conv layer, slower below)
+PARTITION_MIN_ENTRIES = 1 << 19
 
 Layout = Literal["out_in", "in_out"]
 
@@ -76,10 +79,10 @@ def moments_rows(x: np.ndarray, *, zero_tol: float = ZERO_TOL) -> dict[str, np.n
 
 def quantile_rows(x: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     """``np.quantile(x, q, axis=1)`` (method ``linear``) of finite rows ``x`` (G, n), bit for bit: ``(len(q), G)``
-    fp64. The rows are sorted in their own dtype (float32 sorts about twice as fast as fp64; the order statistics
-    are the same numbers) and interpolated in fp64 as numpy does."""
+    fp64. The order statistics are taken in the rows' own dtype (float32 sorts about twice as fast as fp64; they
+    are the same numbers), by a sort, or by ``np.partition`` for rows of ``PARTITION_MIN_ENTRIES`` or more, and
+    interpolated in fp64 as numpy does."""
     n = x.shape[1]
-    ordered = np.sort(x, axis=1)
     q = np.asarray(q, dtype=np.float64)
     virtual = (n - 1) * q  # numpy's virtual index of method 'linear'
     before = np.floor(virtual)
@@ -87,8 +90,11 @@ def quantile_rows(x: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     before[virtual >= n - 1] = after[virtual >= n - 1] = -1
     before[virtual < 0] = after[virtual < 0] = 0
     gamma = (virtual - before.astype(np.intp))[:, None]
-    a = ordered[:, before.astype(np.intp)].T.astype(np.float64)
-    b = ordered[:, after.astype(np.intp)].T.astype(np.float64)
+    lo, hi = before.astype(np.intp) % n, after.astype(np.intp) % n
+    ordered = (np.partition(x, np.unique(np.r_[lo, hi]), axis=1) if n >= PARTITION_MIN_ENTRIES
+               else np.sort(x, axis=1))
+    a = ordered[:, lo].T.astype(np.float64)
+    b = ordered[:, hi].T.astype(np.float64)
     diff = b - a
     return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
 

@@ -103,6 +103,30 @@ def test_shards_of_a_model_in_a_batch_equal_the_model(tmp_path):
     np.testing.assert_allclose(merged.layers["ns_corr_prev"], whole.layers["ns_corr_prev"], rtol=1e-12)
 
 
+def test_a_plan_is_shared_only_by_checkpoints_of_one_layout(tmp_path):
+    """Models with the same tensor names and shapes but another dtype, or another shard of the same file, are
+    planned on their own: every part of the batch equals its model analysed alone."""
+    rng = np.random.default_rng(7)
+    layout = {"fc0.weight": (32, 40), "fc1.weight": (16, 32), "fc.weight": (10, 16)}
+    paths = []
+    for i, int_layer in enumerate((None, None, "fc1.weight")):
+        w = {k: _t(rng, s) for k, s in layout.items()}
+        if int_layer:  # same names and shapes; an integer tensor is not analysed
+            w[int_layer] = rng.integers(-3, 3, size=layout[int_layer]).astype(np.int32)
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file(w, str(paths[-1]))
+    parts = [(str(p), None) for p in paths] + [(str(paths[0]), ["fc0.weight", "fc1.weight"])]
+    batch = analyze_batch(parts, AnalysisOptions())
+    assert sorted(batch.part(2).layers["name"]) == ["fc", "fc0"]
+    assert sorted(batch.part(3).layers["name"]) == ["fc0", "fc1"]
+    for i, (path, keys) in enumerate(parts):
+        with open_checkpoint(path) as ckpt:
+            alone = analyze_batch([(path, keys)], AnalysisOptions()).part(0)
+            if keys is None:
+                assert_same_rows(analyze_checkpoint(ckpt, AnalysisOptions()), batch.part(i))
+        assert_same_rows(alone, batch.part(i))
+
+
 def test_buckets_reach_the_solver_as_stacks(tmp_path, monkeypatch):
     """All same-shaped matrices of all models go to one eigenvalue call per shape."""
     paths = [p for p in mixed_zoo(tmp_path / "zoo") if "truncated" not in p.name]

@@ -162,10 +162,11 @@ def test_strength_correlation_rows_equal_scipy_row_by_row():
     assert np.isnan(ws.strength_correlation_rows(a[:, :1], b[:, :1])).all()
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 100, 2304])
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 2304, ws.PARTITION_MIN_ENTRIES + 3])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_quantile_rows_equal_numpy_bit_for_bit(n, dtype):
-    """Sorted in the stored dtype, interpolated in fp64: numpy's quantiles of the fp64 values, exactly."""
+    """Sorted (or, for long rows, partitioned) in the stored dtype, interpolated in fp64: numpy's quantiles of the
+    fp64 values, exactly."""
     x = np.random.default_rng(n).standard_t(3, size=(4, n)).astype(dtype)
     x[0, : n // 2] = x[0, 0]  # ties
     q = (0.0, *ws.QUANTILES, 1.0)
