@@ -198,6 +198,58 @@ def _from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
 # shards: one file (or one in-memory mapping) holding some of a model's tensors
 
 
+#: parsed safetensors headers by (header bytes, file size): the same-shaped models of a zoo share one header
+_HEADER_CACHE: dict[tuple[bytes, int], dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
+_HEADER_CACHE_SIZE, _HEADER_CACHE_BYTES = 256, 1 << 16  # entries kept, and the largest header kept
+
+
+def _safetensors_entries(raw: bytes, size: int, p: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """The checked entries ``{key: (dtype code, shape, start, end)}`` of a safetensors header ``raw`` in a file of
+    ``size`` bytes (``p``: its path, for errors); a header seen before with the same file size is not parsed
+    again. The returned dict is shared: never modify it."""
+    cached = _HEADER_CACHE.get((raw, size))
+    if cached is not None:
+        return cached
+    base = 8 + len(raw)
+    header = _loads_json(raw, p, "safetensors header")
+    if not isinstance(header, dict):
+        raise CheckpointError(p, None, "corrupt safetensors header: not a JSON object")
+    entries = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise CheckpointError(p, key, f"corrupt safetensors header entry {short_repr(info)}")
+        code, shape, offsets = info.get("dtype"), _int_list(info.get("shape")), _int_list(info.get("data_offsets"))
+        if not isinstance(code, str) or code not in _ST_DTYPES:
+            raise CheckpointError(p, key, f"unknown safetensors dtype {short_repr(code)}")
+        if shape is None:
+            raise CheckpointError(p, key, f"corrupt safetensors header: shape {short_repr(info.get('shape'))} "
+                                          "is not a list of non-negative integers")
+        if offsets is None or len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise CheckpointError(p, key, "corrupt safetensors header: data_offsets "
+                                          f"{short_repr(info.get('data_offsets'))} is not a pair of non-negative "
+                                          "integers [start, end] with start <= end")
+        start, end = offsets
+        if end - start != math.prod(shape) * _ST_ITEMSIZE[code]:
+            raise CheckpointError(p, key, f"corrupt safetensors header: offsets {start}..{end} do not fit shape "
+                                          f"{short_repr(list(shape))} of {code}")
+        if base + end > size:
+            raise CheckpointError(p, key, f"truncated file: the tensor ends at byte {base + end} "
+                                          f"but the file has {size} bytes")
+        entries[key] = (code, shape, start, end)
+    spans = sorted((start, end, key) for key, (_, _, start, end) in entries.items() if end > start)
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise CheckpointError(p, b, "corrupt safetensors header: its bytes overlap those of tensor "
+                                        f"{short_repr(a)}")
+    if len(raw) <= _HEADER_CACHE_BYTES:
+        if len(_HEADER_CACHE) >= _HEADER_CACHE_SIZE:
+            _HEADER_CACHE.clear()
+        _HEADER_CACHE[raw, size] = entries
+    return entries
+
+
 class _SafetensorsShard:
     """A ``.safetensors`` file; the header is parsed and checked against the file size on first use."""
 
@@ -232,41 +284,9 @@ class _SafetensorsShard:
                 raw = fh.read(n)
         except OSError as exc:
             raise CheckpointError(p, None, f"cannot read: {exc.strerror or exc}") from exc
-        header = _loads_json(raw, p, "safetensors header")
-        if not isinstance(header, dict):
-            raise CheckpointError(p, None, "corrupt safetensors header: not a JSON object")
         self._base = 8 + n
-        entries = {}
-        for key, info in header.items():
-            if key == "__metadata__":
-                continue
-            if not isinstance(info, dict):
-                raise CheckpointError(p, key, f"corrupt safetensors header entry {short_repr(info)}")
-            code, shape, offsets = info.get("dtype"), _int_list(info.get("shape")), _int_list(info.get("data_offsets"))
-            if not isinstance(code, str) or code not in _ST_DTYPES:
-                raise CheckpointError(p, key, f"unknown safetensors dtype {short_repr(code)}")
-            if shape is None:
-                raise CheckpointError(p, key, f"corrupt safetensors header: shape {short_repr(info.get('shape'))} "
-                                              "is not a list of non-negative integers")
-            if offsets is None or len(offsets) != 2 or offsets[0] > offsets[1]:
-                raise CheckpointError(p, key, "corrupt safetensors header: data_offsets "
-                                              f"{short_repr(info.get('data_offsets'))} is not a pair of non-negative "
-                                              "integers [start, end] with start <= end")
-            start, end = offsets
-            if end - start != math.prod(shape) * _ST_ITEMSIZE[code]:
-                raise CheckpointError(p, key, f"corrupt safetensors header: offsets {start}..{end} do not fit shape "
-                                              f"{short_repr(list(shape))} of {code}")
-            if self._base + end > size:
-                raise CheckpointError(p, key, f"truncated file: the tensor ends at byte {self._base + end} "
-                                              f"but the file has {size} bytes")
-            entries[key] = (code, shape, start, end)
-        spans = sorted((start, end, key) for key, (_, _, start, end) in entries.items() if end > start)
-        for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
-            if start_b < end_a:
-                raise CheckpointError(p, b, "corrupt safetensors header: its bytes overlap those of tensor "
-                                            f"{short_repr(a)}")
-        self._entries = entries
-        return entries
+        self._entries = _safetensors_entries(raw, size, p)
+        return self._entries
 
     def keys(self) -> list[str]:
         return list(self._header())

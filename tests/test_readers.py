@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from zooscope.pipelines import readers
 from zooscope.pipelines.readers import CheckpointError, ModelSource, content_hash, discover, is_checkpoint_file, \
     open_checkpoint
 
@@ -255,6 +256,38 @@ def test_truncated_safetensors_names_tensor(tmp_path):
     with pytest.raises(CheckpointError, match="truncated") as err:
         open_checkpoint(tmp_path / "tail.safetensors")
     assert err.value.tensor is not None and err.value.tensor in str(err.value)
+
+
+def test_same_header_parsed_once_and_still_checked_against_each_file(tmp_path):
+    """Models of a zoo share one parsed header; a file with that header but fewer bytes is still truncated, and
+    each file reads its own tensors."""
+    paths = []
+    for seed in range(3):
+        paths.append(tmp_path / f"m{seed}.safetensors")
+        save_file({k: v for k, v in _tensors(seed).items() if k != "step"}, paths[-1])
+    truncated = tmp_path / "short.safetensors"
+    truncated.write_bytes(paths[0].read_bytes()[:-8])
+    calls = []
+    real_loads = readers._loads_json
+
+    def counting(*args):
+        calls.append(args[1])
+        return real_loads(*args)
+
+    readers._HEADER_CACHE.clear()
+    try:
+        readers._loads_json = counting
+        for seed, path in enumerate(paths):
+            with open_checkpoint(path) as ckpt:
+                for key, tensor in _tensors(seed).items():
+                    if key != "step":
+                        np.testing.assert_array_equal(ckpt.read(key), _expected(tensor))
+        with pytest.raises(CheckpointError, match="truncated") as err:
+            open_checkpoint(truncated)
+    finally:
+        readers._loads_json = real_loads
+    assert calls == [str(paths[0]), str(truncated)]  # parsed once for the three same-sized files
+    assert err.value.path == str(truncated)
 
 
 def test_unsupported_dtype_names_tensor(tmp_path):
