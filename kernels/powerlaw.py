@@ -109,6 +109,9 @@ class PowerLawFit:
         return dataclasses.asdict(self)
 
 
+_TABLE_FIELDS = tuple(f.name for f in dataclasses.fields(PowerLawFit))
+
+
 @dataclass(frozen=True)
 class _Options:
     xmin: Any = None
@@ -163,6 +166,62 @@ def fit_many(list_of_evals: Sequence[np.ndarray], *, backend: str = "numba", thr
     per_esd = opts.fix_fingers == "xmin_peak" or opts.distribution != "power_law"  # no shared batch scan
     scan = _scanner(backend, opts, [] if per_esd else [p[1] for p in prepared if p is not None])
     return [_finish(p, scan, opts, backend) if p is not None else PowerLawFit() for p in prepared]
+
+
+def fit_columns(list_of_evals: Sequence[np.ndarray], *, backend: str = "numba", thresh: float = EVALS_THRESH,
+                **options) -> dict[str, np.ndarray]:
+    """``fit_many`` as columns ``{field of PowerLawFit: (B,)}``, the same numbers: ``status`` and ``warning`` object
+    arrays; ``num_pl_spikes`` and ``n_tail`` int64 when every fit succeeded, else float64 with NaN.
+
+    Plain fits (no fingers, truncated power law, comparisons, bootstrap or xmax) of non-empty, finite, ascending
+    ESDs, e.g. the sorted ESDs of a batch, are prepared and finished as arrays around the one batched scan; any
+    other call goes through ``fit_many``."""
+    opts = _parse_options(backend, options)
+    plain = (opts.fix_fingers in (None, False) and opts.distribution == "power_law" and opts.xmax is None
+             and not (opts.tpl or opts.compare or opts.bootstrap))
+    flat = [np.asarray(e, dtype=np.float64).ravel() for e in list_of_evals]
+    if not plain or not flat or min(e.size for e in flat) == 0:
+        return fit_table(fit_many(flat, backend=backend, thresh=thresh, **options))
+    values = np.concatenate(flat)
+    ends = np.cumsum([e.size for e in flat])
+    starts = ends - np.fromiter((e.size for e in flat), dtype=np.int64, count=len(flat))
+    descending = values[1:] < values[:-1]
+    descending[ends[:-1] - 1] = False  # across two ESDs
+    if not np.isfinite(values).all() or descending.any():
+        return fit_table(fit_many(flat, backend=backend, thresh=thresh, **options))
+    # ascending: the values fitted are the last n_fit of each ESD
+    n_fit = np.add.reduceat((values > thresh).astype(np.int64), starts)
+    first = ends - n_fit
+    cores = _scan_batch(backend, opts, [values[a:b] for a, b in zip(first.tolist(), ends.tolist())])
+    i = np.array([-1 if c is None else c.i for c in cores], dtype=np.int64)
+    alpha = np.array([_NAN if c is None else c.alpha for c in cores], dtype=np.float64)
+    D = np.array([_NAN if c is None else c.D for c in cores], dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        ok = (i >= 0) & np.isfinite(alpha) & (alpha > 1.0)
+    at = np.where(ok, first + i, 0)  # index of each fit's xmin in ``values``
+    run = np.r_[True, values[1:] != values[:-1]]  # first of a run of equal values (ties of xmin count as spikes)
+    run[starts] = True
+    run_start = np.maximum.accumulate(np.where(run, np.arange(values.size), 0))
+    n_tail = n_fit - i
+    nan = np.full(len(flat), _NAN)
+    table = {name: nan.copy() for name in _TABLE_FIELDS}
+    table.update(
+        alpha=np.where(ok, alpha, _NAN), xmin=np.where(ok, values[at], _NAN), D=np.where(ok, D, _NAN),
+        xmax=np.where(ok, values[ends - 1], _NAN) if opts.mode == "ww" else nan.copy(),
+        sigma=np.where(ok, (alpha - 1.0) / np.sqrt(np.where(ok, n_tail, 1)), _NAN),
+        num_pl_spikes=np.where(ok, ends - run_start[at], _NAN), n_tail=np.where(ok, n_tail, _NAN),
+        status=np.where(ok, "success", "failed").astype(object),
+        warning=np.where(ok & (alpha < OVER_TRAINED_THRESH), "over-trained",
+                         np.where(ok & (alpha > UNDER_TRAINED_THRESH), "under-trained", "")).astype(object))
+    if ok.all():
+        table["num_pl_spikes"], table["n_tail"] = (table[k].astype(np.int64) for k in ("num_pl_spikes", "n_tail"))
+    return table
+
+
+def fit_table(fits: Sequence[PowerLawFit]) -> dict[str, np.ndarray]:
+    """Fits as columns ``{field: (B,)}``, as ``fit_columns`` gives them (ints stay ints unless a NaN joins them)."""
+    return {name: np.array([getattr(f, name) for f in fits], dtype=object if name in ("status", "warning") else None)
+            for name in _TABLE_FIELDS}
 
 
 @np.errstate(divide="ignore", invalid="ignore")  # a tail of equal values has S = 0 → alpha = inf, as in WWFit

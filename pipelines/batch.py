@@ -1,7 +1,7 @@
 """Analyse many models (or shards of models) at once, by shape: the body of one engine task.
 
 Every layer matrix of every model in the batch is bucketed by its shape (N, M); each bucket goes to
-``kernels.esd.eigenvalues`` as one ``(B, N, M)`` stack, all ESDs of the batch go to one ``powerlaw.fit_many`` call,
+``kernels.esd.eigenvalues`` as one ``(B, N, M)`` stack, all ESDs of the batch go to one ``powerlaw.fit_columns`` call,
 and weight statistics and norm metrics are computed for groups of same-shaped layers at once. Per-layer values equal
 those of analysing each model alone: the eigenvalues bitwise when the bucket takes the same eigenvalue route (every
 route solves each matrix of a stack on its own), the vectorised statistics to rounding (≤ 1e-12 relative).
@@ -380,16 +380,16 @@ class _Batch:
         status = np.array(self.status, dtype=object)
         t0 = time.perf_counter()
         if options.ww_fails_every_fit:
-            fits = [powerlaw.PowerLawFit()] * ok.size
+            fits = powerlaw.fit_table([powerlaw.PowerLawFit()] * ok.size)
         else:
-            fits = powerlaw.fit_many([self.esd[r] for r in ok], backend=options.fit_backend, **options.fit_options())
+            fits = powerlaw.fit_columns([self.esd[r] for r in ok], backend=options.fit_backend,
+                                        **options.fit_options())
         self.timings["fit"] += time.perf_counter() - t0
-        for name in _FIT_COLUMNS:
-            values = [getattr(f, name) for f in fits]  # ints stay ints (num_pl_spikes, n_tail) unless a NaN joins them
-            self.columns.put(name, ok, np.array(values, dtype=object if name == "warning" else None))
+        for name in _FIT_COLUMNS:  # ints stay ints (num_pl_spikes, n_tail) unless a NaN joins them
+            self.columns.put(name, ok, fits[name])
         self.columns.put("fit_backend", ok, np.array(options.fit_backend, dtype=object))
-        status[ok[[f.status != "success" for f in fits]] if ok.size else ok] = "failed"
-        alpha = np.array([f.alpha for f in fits], dtype=np.float64)
+        status[ok[fits["status"] != "success"]] = "failed"
+        alpha = fits["alpha"].astype(np.float64)
         self._norm_metrics(ok, alpha)
         if options.mp_fit or options.detX:
             sizes = {name: dict(zip(*self._gather(name, ok))) for name in ("N", "M")}

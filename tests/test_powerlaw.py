@@ -281,6 +281,49 @@ def test_fit_many_equals_single_fits_and_as_dict():
     assert math.isnan(d["Lambda"]) and math.isnan(d["p_value"])
 
 
+def _esd_zoo():
+    """Sorted ESDs as a batch holds them: heavy tails, ties at xmin, tiny and all-zero ESDs (failed fits), values at
+    the threshold, and small ones (WeightWatcher 0.7.7's small-N branch)."""
+    rng = np.random.default_rng(11)
+    esds = [np.sort(x) for _, x in SAMPLES]
+    esds += [np.sort(_t_esd(rng, 40, int(rng.integers(8, 30)), 3.0)) for _ in range(20)]
+    esds += [np.zeros(12), np.array([2.0]), np.array([1e-6, 3.0]), np.full(15, 4.0), np.sort(np.r_[np.zeros(5), 1e-5,
+             rng.pareto(2.0, 30) + 1.0])]
+    return esds
+
+
+@pytest.mark.parametrize("options", [{}, {"mode": "powerlaw"}, {"small_n": True}, {"min_tail": 5},
+                                     {"xmin": (2.0, 20.0), "mode": "powerlaw"}],
+                         ids=["ww", "powerlaw", "small-n", "min-tail", "xmin-range"])
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_fit_columns_equal_fit_many_field_by_field(options, backend):
+    esds = _esd_zoo()
+    columns = pl.fit_columns(esds, backend=backend, **options)
+    fits = pl.fit_many(esds, backend=backend, **options)
+    assert {"success", "failed"} <= set(columns["status"])
+    for name, values in columns.items():
+        expected = np.array([getattr(f, name) for f in fits], dtype=values.dtype)
+        np.testing.assert_array_equal(values, expected, err_msg=name)  # bitwise, NaN where fit_many has NaN
+        assert values.dtype == np.array([getattr(f, name) for f in fits]).dtype or values.dtype == object, name
+
+
+@pytest.mark.parametrize("case", ["unsorted", "nan", "empty", "fingers", "int-xmax"])
+def test_fit_columns_outside_the_plain_case_equal_fit_many(case):
+    esds = _esd_zoo()[:8]
+    options = {"fix_fingers": "clip_xmax"} if case == "fingers" else {"xmax": 3} if case == "int-xmax" else {}
+    if case == "unsorted":
+        esds[1] = esds[1][::-1].copy()
+    elif case == "nan":
+        esds[2] = np.r_[esds[2], np.nan]
+    elif case == "empty":
+        esds[3] = np.zeros(0)
+    columns = pl.fit_columns(esds, **options)
+    fits = pl.fit_many(esds, **options)
+    for name, values in columns.items():
+        np.testing.assert_array_equal(values, np.array([getattr(f, name) for f in fits], dtype=values.dtype),
+                                      err_msg=name)
+
+
 def test_bad_options_are_rejected():
     x = SAMPLES[0][1]
     with pytest.raises(ValueError, match="backend"):
