@@ -263,9 +263,13 @@ class _SafetensorsShard:
         if self._entries is not None:
             return self._entries
         p = self.path
-        _require_regular(p)
         try:
-            size = os.path.getsize(p)
+            st = os.stat(p)
+        except OSError as exc:
+            raise CheckpointError(p, None, f"cannot read: {exc.strerror or exc}") from exc
+        _require_regular(p, st.st_mode)
+        try:
+            size = st.st_size
             with open(p, "rb") as fh:
                 if size <= WHOLE_READ_BYTES:  # one read serves the header and every tensor
                     self._whole = fh.read()
@@ -723,11 +727,15 @@ def open_checkpoint(source: Any) -> Checkpoint:
         raise TypeError(f"cannot open a checkpoint from {type(source).__name__}: expected a path, an nn.Module "
                         "or a dict of tensors")
     path = Path(source)
-    if path.is_dir():
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise CheckpointError(path, None, "no such file or directory") from None
+    except OSError as exc:
+        raise CheckpointError(path, None, f"cannot read: {exc.strerror or exc}") from exc
+    if stat.S_ISDIR(mode):
         return _open_dir(path)
-    if not path.exists():
-        raise CheckpointError(path, None, "no such file or directory")
-    _require_regular(path)
+    _require_regular(path, mode)
     if not os.access(path, os.R_OK):
         raise CheckpointError(path, None, "permission denied")
     suffix = path.suffix.lower()
