@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from zooscope.kernels.backends import describe_device, visible_gpus
+from zooscope.kernels.backends import available_cores, describe_device, visible_gpus
 
 KINDS = ("none", "local", "local-cuda", "slurm", "address")
 
@@ -131,14 +131,6 @@ def _start(kind: str, fields: dict[str, Any], workers: int | None) -> Any:
                 raise
             attempt += 1
             print(f"Dask cluster start failed ({err}); starting it again", file=sys.stderr)
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, e.g. under taskset or a batch job)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _count(value: Any, default: int, name: str) -> int:

@@ -26,6 +26,23 @@ class BackendUnavailable(RuntimeError):
     """The requested backend needs a library or device that this machine lacks."""
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, e.g. under taskset or a batch job)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def kernel_threads() -> int:
+    """Threads this process's CPU kernels may use: ``NUMBA_NUM_THREADS`` when set (a local Dask worker's share of
+    the cores, ``engine.cluster.local_worker_specs``), else every available core."""
+    try:
+        return max(1, int(os.environ["NUMBA_NUM_THREADS"]))
+    except (KeyError, ValueError):
+        return available_cores()
+
+
 def _no_gpu_driver() -> bool:
     """True on Linux when no GPU device node exists: no GPU, known without importing torch or CuPy (seconds)."""
     return sys.platform.startswith("linux") and not any(os.path.exists(p) for p in _GPU_DEVICE_NODES)

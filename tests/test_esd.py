@@ -414,3 +414,17 @@ def test_build_table_records_the_device():
     table = tune.build_table(fake)
     assert table.device == device_key() and describe_device() in table.machine
     assert RoutingTable.from_dict(json.loads(json.dumps(table.as_dict()))) == table
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_threaded_eigvalsh_blocks_equal_one_call_bitwise(monkeypatch, threads):
+    """A stack of many small Gram matrices solved in NUMBA_NUM_THREADS row blocks: the eigenvalues of one
+    ``np.linalg.eigvalsh`` call, bit for bit (each matrix is solved on its own either way)."""
+    monkeypatch.setenv("NUMBA_NUM_THREADS", threads)
+    assert backends.kernel_threads() == int(threads)
+    x = np.random.default_rng(5).standard_t(3, size=(1001, 24, 16))
+    g = x.transpose(0, 2, 1) @ x
+    assert g.size >= esd.THREADED_MIN_ENTRIES and g.shape[-1] <= esd.THREADED_MAX_N  # a stack that is split
+    np.testing.assert_array_equal(esd._eigvalsh_threaded(g), np.linalg.eigvalsh(g))
+    lam, routes = esd.eigenvalues_with_routes(x, backend="numpy-gram-eigh")
+    np.testing.assert_array_equal(lam, np.linalg.eigvalsh(g))
