@@ -180,11 +180,12 @@ def fit_columns(list_of_evals: Sequence[np.ndarray], *, backend: str = "numba", 
     plain = (opts.fix_fingers in (None, False) and opts.distribution == "power_law" and opts.xmax is None
              and not (opts.tpl or opts.compare or opts.bootstrap))
     flat = [np.asarray(e, dtype=np.float64).ravel() for e in list_of_evals]
-    if not plain or not flat or min(e.size for e in flat) == 0:
+    sizes = np.fromiter((e.size for e in flat), dtype=np.int64, count=len(flat))
+    if not plain or not flat or sizes.min() == 0:
         return fit_table(fit_many(flat, backend=backend, thresh=thresh, **options))
     values = np.concatenate(flat)
-    ends = np.cumsum([e.size for e in flat])
-    starts = ends - np.fromiter((e.size for e in flat), dtype=np.int64, count=len(flat))
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
     descending = values[1:] < values[:-1]
     descending[ends[:-1] - 1] = False  # across two ESDs
     if not np.isfinite(values).all() or descending.any():

@@ -177,11 +177,12 @@ class _Batch:
         """The parameter count and analysed layers of a part, planned once per distinct checkpoint layout (tensor
         names, shapes, dtypes, module classes): the same-shaped models of a zoo share one plan."""
         names = ckpt.keys()
-        layout = (type(ckpt), ckpt.format, tuple(names), tuple(map(ckpt.shape, names)), tuple(map(ckpt.dtype, names)),
+        shapes = tuple(map(ckpt.shape, names))
+        layout = (type(ckpt), ckpt.format, tuple(names), shapes, tuple(map(ckpt.dtype, names)),
                   tuple(sorted(ckpt.module_types().items())), None if keys is None else tuple(keys))
         if layout not in self.plans:
             wanted = set(keys) if keys is not None else None
-            n_params = sum(math.prod(shape) for k, shape in zip(names, layout[3]) if wanted is None or k in wanted)
+            n_params = sum(math.prod(shape) for k, shape in zip(names, shapes) if wanted is None or k in wanted)
             self.plans[layout] = n_params, analysed_layers(ckpt, self.options, keys)
         return self.plans[layout]
 

@@ -134,19 +134,21 @@ def require_extra(module: str, extra: str, path: str | os.PathLike, what: str) -
                                           f"pip install 'zooscope[{extra}]'") from exc
 
 
-def _require_regular(path: str | os.PathLike, mode: int | None = None) -> None:
-    """Raise ``CheckpointError`` unless ``path`` is a regular file (checked by ``stat``, without opening it: a FIFO or
-    device would block or never end). ``mode``: its ``st_mode`` when already known."""
-    if mode is None:
+def _require_regular(path: str | os.PathLike, st: os.stat_result | None = None) -> os.stat_result:
+    """``path``'s ``stat`` (``st`` when already known); raise ``CheckpointError`` unless it is a regular file (checked
+    without opening it: a FIFO or device would block or never end)."""
+    if st is None:
         try:
-            mode = os.stat(path).st_mode
+            st = os.stat(path)
         except OSError as exc:
             raise CheckpointError(path, None, f"cannot read: {exc.strerror or exc}") from exc
+    mode = st.st_mode
     if not stat.S_ISREG(mode):
         kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
                 "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
                 else "not a regular file")
         raise CheckpointError(path, None, f"refused: {kind}, not a regular file")
+    return st
 
 
 def _loads_json(raw: bytes | str, path: str, what: str) -> Any:
@@ -263,13 +265,8 @@ class _SafetensorsShard:
         if self._entries is not None:
             return self._entries
         p = self.path
+        size = _require_regular(p).st_size
         try:
-            st = os.stat(p)
-        except OSError as exc:
-            raise CheckpointError(p, None, f"cannot read: {exc.strerror or exc}") from exc
-        _require_regular(p, st.st_mode)
-        try:
-            size = st.st_size
             with open(p, "rb") as fh:
                 if size <= WHOLE_READ_BYTES:  # one read serves the header and every tensor
                     self._whole = fh.read()
@@ -728,14 +725,14 @@ def open_checkpoint(source: Any) -> Checkpoint:
                         "or a dict of tensors")
     path = Path(source)
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         raise CheckpointError(path, None, "no such file or directory") from None
-    except OSError as exc:
-        raise CheckpointError(path, None, f"cannot read: {exc.strerror or exc}") from exc
-    if stat.S_ISDIR(mode):
+    except OSError:
+        st = None  # _require_regular says why
+    if st is not None and stat.S_ISDIR(st.st_mode):
         return _open_dir(path)
-    _require_regular(path, mode)
+    _require_regular(path, st)
     if not os.access(path, os.R_OK):
         raise CheckpointError(path, None, "permission denied")
     suffix = path.suffix.lower()
@@ -843,11 +840,11 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     directory's index json and shards, by name, or a LoRA adapter directory's config and weights."""
     p = Path(path)
     try:
-        mode: int | None = os.stat(p).st_mode
+        st: os.stat_result | None = os.stat(p)
     except OSError:
-        mode = None  # _require_regular says why
-    if mode is None or not stat.S_ISDIR(mode):
-        _require_regular(p, mode)
+        st = None  # _require_regular says why
+    if st is None or not stat.S_ISDIR(st.st_mode):
+        _require_regular(p, st)
         suffix = p.suffix.lower()
         extra = _format_module(suffix).external_files(p) if suffix == ".onnx" else []
         return [p, *sorted(set(extra) - {p}, key=lambda f: f.name)]

@@ -258,7 +258,7 @@ def test_truncated_safetensors_names_tensor(tmp_path):
     assert err.value.tensor is not None and err.value.tensor in str(err.value)
 
 
-def test_same_header_parsed_once_and_still_checked_against_each_file(tmp_path):
+def test_same_header_parsed_once_and_still_checked_against_each_file(tmp_path, monkeypatch):
     """Models of a zoo share one parsed header; a file with that header but fewer bytes is still truncated, and
     each file reads its own tensors."""
     paths = []
@@ -275,17 +275,14 @@ def test_same_header_parsed_once_and_still_checked_against_each_file(tmp_path):
         return real_loads(*args)
 
     readers._HEADER_CACHE.clear()
-    try:
-        readers._loads_json = counting
-        for seed, path in enumerate(paths):
-            with open_checkpoint(path) as ckpt:
-                for key, tensor in _tensors(seed).items():
-                    if key != "step":
-                        np.testing.assert_array_equal(ckpt.read(key), _expected(tensor))
-        with pytest.raises(CheckpointError, match="truncated") as err:
-            open_checkpoint(truncated)
-    finally:
-        readers._loads_json = real_loads
+    monkeypatch.setattr(readers, "_loads_json", counting)
+    for seed, path in enumerate(paths):
+        with open_checkpoint(path) as ckpt:
+            for key, tensor in _tensors(seed).items():
+                if key != "step":
+                    np.testing.assert_array_equal(ckpt.read(key), _expected(tensor))
+    with pytest.raises(CheckpointError, match="truncated") as err:
+        open_checkpoint(truncated)
     assert calls == [str(paths[0]), str(truncated)]  # parsed once for the three same-sized files
     assert err.value.path == str(truncated)
 
