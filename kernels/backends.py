@@ -11,6 +11,10 @@ import logging
 import os
 import platform
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import numpy as np
 
 #: Device nodes of which at least one exists on a Linux machine with a GPU driver that torch or CuPy can use:
 #: NVIDIA's, WSL2's (``/dev/dxg``) and ROCm's (``/dev/kfd``; torch.cuda and CuPy run on ROCm builds too).
@@ -20,6 +24,7 @@ POOL_KEEP_BYTES = 256 << 20
 """:func:`release_gpu_pools` hands a caching allocator's free blocks back to the driver above this many bytes."""
 
 _log = logging.getLogger(__name__)
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # threads -> the process's pool for row blocks (``map_row_blocks``)
 
 
 class BackendUnavailable(RuntimeError):
@@ -41,6 +46,23 @@ def kernel_threads() -> int:
         return max(1, int(os.environ["NUMBA_NUM_THREADS"]))
     except (KeyError, ValueError):
         return available_cores()
+
+
+def block_threads(rows: int, entries: int, min_entries: int) -> int:
+    """Threads worth giving an array of ``rows`` rows and ``entries`` entries in all: ``kernel_threads()``, at most
+    one per two rows, and 1 below ``min_entries`` (handing a small array to threads costs more than it saves)."""
+    return 1 if entries < min_entries else max(1, min(kernel_threads(), rows // 2))
+
+
+def map_row_blocks(func: Callable[[np.ndarray], np.ndarray], x: np.ndarray, threads: int) -> np.ndarray:
+    """``func(x)`` for a ``func`` that treats the rows (axis 0) of ``x`` on their own and releases the GIL (a
+    LAPACK gufunc, ``np.sort`` along another axis): ``x`` is split into ``threads`` row blocks solved at once on the
+    process's pool, and the results are concatenated, bit for bit those of one call."""
+    if threads < 2:
+        return func(x)
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="zooscope-rows")
+    return np.concatenate(list(_POOLS[threads].map(func, np.array_split(x, threads))))
 
 
 def _no_gpu_driver() -> bool:

@@ -28,13 +28,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from zooscope.kernels.backends import (BackendUnavailable, cupy_available, device_key, gpu_available, kernel_threads,
-                                       release_gpu_pools, torch_cuda_available)
+from zooscope.kernels.backends import (BackendUnavailable, block_threads, cupy_available, device_key, gpu_available,
+                                       map_row_blocks, release_gpu_pools, torch_cuda_available)
 from zooscope.kernels.smallest import smallest_gram_eigenvalues
 
 BACKENDS: tuple[str, ...] = (
@@ -64,7 +63,6 @@ THREADED_MIN_ENTRIES = 1 << 16
 """... in stacks of at least this many entries (smaller stacks cost less than handing them to threads)."""
 
 _log = logging.getLogger(__name__)
-_POOLS: dict[int, ThreadPoolExecutor] = {}  # threads -> the process's pool for threaded eigenvalue blocks
 _GPU_STACK_MAX_SIDE = 512
 _GPU_STACK_MIN_BATCH = 32
 _GPU_SMALL_SIDE = 128
@@ -419,12 +417,8 @@ def _eigvalsh_threaded(g: np.ndarray) -> np.ndarray:
     """``np.linalg.eigvalsh`` of a (b, n, n) stack; a stack of many small matrices (n ≤ ``THREADED_MAX_N``, at least
     ``THREADED_MIN_ENTRIES`` entries) is solved in ``kernel_threads()`` row blocks at once. LAPACK solves each
     matrix on its own, outside the GIL: the eigenvalues are those of one call, bit for bit."""
-    threads = min(kernel_threads(), len(g) // 2)
-    if threads < 2 or g.shape[-1] > THREADED_MAX_N or g.size < THREADED_MIN_ENTRIES:
-        return np.linalg.eigvalsh(g)
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="zooscope-eigvalsh")
-    return np.concatenate(list(_POOLS[threads].map(np.linalg.eigvalsh, np.array_split(g, threads))))
+    threads = block_threads(len(g), g.size, THREADED_MIN_ENTRIES) if g.shape[-1] <= THREADED_MAX_N else 1
+    return map_row_blocks(np.linalg.eigvalsh, g, threads)
 
 
 def _numpy_gram_eigh(x: np.ndarray, dtype) -> tuple[np.ndarray, dict[int, str]]:

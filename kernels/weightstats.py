@@ -17,6 +17,8 @@ from typing import Literal
 
 import numpy as np
 
+from zooscope.kernels.backends import block_threads, map_row_blocks
+
 #: Quantile levels reported by ``moments`` (as ``w_q01`` ... ``w_q99``).
 QUANTILES = (0.01, 0.05, 0.25, 0.50, 0.75, 0.95, 0.99)
 
@@ -28,6 +30,8 @@ KDE_MAX_POINTS = 100_000
 #: rows at least this long select their quantiles' order statistics by ``np.partition`` instead of a full sort
 #: (the same numbers; faster from ~300k entries on, e.g. 1.7x on a 2.4M-entry conv layer, slower below)
 PARTITION_MIN_ENTRIES = 1 << 19
+#: rows are sorted in ``kernel_threads()`` row blocks at once from this many entries in all (the same numbers)
+THREADED_SORT_MIN_ENTRIES = 1 << 16
 
 Layout = Literal["out_in", "in_out"]
 
@@ -60,14 +64,15 @@ MOMENT_KEYS = ("w_mean", "w_std", "w_skew", "w_kurtosis", "w_min", "w_max",
                *(f"w_q{round(q * 100):02d}" for q in QUANTILES), "w_frac_zero")
 
 
-def moments_rows(x: np.ndarray, *, zero_tol: float = ZERO_TOL) -> dict[str, np.ndarray]:
+def moments_rows(x: np.ndarray, *, zero_tol: float = ZERO_TOL, x64: np.ndarray | None = None
+                 ) -> dict[str, np.ndarray]:
     """``moments`` of every row of ``x`` (G, n) at once (finite float values, n ≥ 1): ``{MOMENT_KEYS: (G,)}``, fp64.
 
     The mean is numpy's, the quantiles numpy's bit for bit (``quantile_rows``); the central moments are compensated
-    sums (``weightstats_numba``)."""
+    sums (``weightstats_numba``). ``x64``: ``x`` in fp64 when the caller has it (not converted again)."""
     from zooscope.kernels import weightstats_numba
 
-    x64 = np.ascontiguousarray(x, dtype=np.float64)
+    x64 = np.ascontiguousarray(x if x64 is None else x64, dtype=np.float64)
     mean = x64.mean(axis=1)
     m2, m3, m4, lo, hi, near_zero = weightstats_numba.central_moments(x64, mean, zero_tol).T
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -80,8 +85,9 @@ def moments_rows(x: np.ndarray, *, zero_tol: float = ZERO_TOL) -> dict[str, np.n
 def quantile_rows(x: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     """``np.quantile(x, q, axis=1)`` (method ``linear``) of finite rows ``x`` (G, n), bit for bit: ``(len(q), G)``
     fp64. The order statistics are taken in the rows' own dtype (float32 sorts about twice as fast as fp64; they
-    are the same numbers), by a sort, or by ``np.partition`` for rows of ``PARTITION_MIN_ENTRIES`` or more, and
-    interpolated in fp64 as numpy does."""
+    are the same numbers), by a sort (in ``kernel_threads()`` row blocks from ``THREADED_SORT_MIN_ENTRIES``
+    entries), or by ``np.partition`` for rows of ``PARTITION_MIN_ENTRIES`` or more, and interpolated in fp64 as
+    numpy does."""
     n = x.shape[1]
     q = np.asarray(q, dtype=np.float64)
     virtual = (n - 1) * q  # numpy's virtual index of method 'linear'
@@ -91,12 +97,18 @@ def quantile_rows(x: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     before[virtual < 0] = after[virtual < 0] = 0
     gamma = (virtual - before.astype(np.intp))[:, None]
     lo, hi = before.astype(np.intp) % n, after.astype(np.intp) % n
-    ordered = (np.partition(x, np.unique(np.r_[lo, hi]), axis=1) if n >= PARTITION_MIN_ENTRIES
-               else np.sort(x, axis=1))
+    if n >= PARTITION_MIN_ENTRIES:
+        ordered = np.partition(x, np.unique(np.r_[lo, hi]), axis=1)
+    else:
+        ordered = map_row_blocks(_sort_rows, x, block_threads(x.shape[0], x.size, THREADED_SORT_MIN_ENTRIES))
     a = ordered[:, lo].T.astype(np.float64)
     b = ordered[:, hi].T.astype(np.float64)
     diff = b - a
     return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+
+
+def _sort_rows(x: np.ndarray) -> np.ndarray:
+    return np.sort(x, axis=1)
 
 
 def histogram(w: np.ndarray, bins: int = 64, range: tuple[float, float] | None = None
@@ -268,10 +280,10 @@ def layer_stats_many(tensors: np.ndarray, bins: int = 64, *, layer_type: str = "
     t = stored.astype(np.float64, copy=False)  # converted once: moments, node strength and histogram reuse it
     g = t.shape[0]
     x = t.reshape(g, -1)
-    n_bad = x.size - int(np.count_nonzero(np.isfinite(x)))
+    n_bad = x.size - int(np.count_nonzero(np.isfinite(stored)))  # as in fp64: a cast keeps finiteness
     if n_bad:
         raise ValueError(f"{n_bad} of {x.size} weights are NaN or infinite")
-    stats = moments_rows(stored.reshape(g, -1), zero_tol=zero_tol)
+    stats = moments_rows(stored.reshape(g, -1), zero_tol=zero_tol, x64=x)
     stats["w_count"] = np.full(g, x.shape[1], dtype=np.int64)
     stats["w_nonfinite"] = np.zeros(g, dtype=np.int64)
     strengths = None

@@ -171,3 +171,22 @@ def test_quantile_rows_equal_numpy_bit_for_bit(n, dtype):
     x[0, : n // 2] = x[0, 0]  # ties
     q = (0.0, *ws.QUANTILES, 1.0)
     np.testing.assert_array_equal(ws.quantile_rows(x, q), np.quantile(x.astype(np.float64), q, axis=1))
+
+
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_quantile_rows_threaded_sort_equals_numpy_bit_for_bit(monkeypatch, threads):
+    """Many rows sorted in NUMBA_NUM_THREADS row blocks (a split stack): numpy's quantiles, bit for bit, and the
+    moments of the layers equal those of each layer alone."""
+    from zooscope.kernels import backends
+
+    monkeypatch.setenv("NUMBA_NUM_THREADS", threads)
+    x = np.random.default_rng(7).standard_t(3, size=(301, 16, 16, 3, 3)).astype(np.float32)
+    rows = x.reshape(len(x), -1)
+    assert rows.size >= ws.THREADED_SORT_MIN_ENTRIES
+    assert backends.block_threads(len(rows), rows.size, ws.THREADED_SORT_MIN_ENTRIES) == int(threads)
+    q = ws.QUANTILES
+    np.testing.assert_array_equal(ws.quantile_rows(rows, q), np.quantile(rows.astype(np.float64), q, axis=1))
+    many, _, _, _ = ws.layer_stats_many(x)
+    for i in (0, 150, 300):
+        one = ws.moments(x[i])
+        assert all(many[k][i] == one[k] for k in ws.MOMENT_KEYS)
