@@ -74,5 +74,5 @@ setup(
             # in tests/data (tests/data/make_flax_fixtures.py)
         ],
     },
-    entry_points={"console_scripts": ["zooscope=zooscope.cli:main"]},
+    entry_points={"console_scripts": ["zooscope=zooscope.cli:run"]},
 )

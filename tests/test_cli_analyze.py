@@ -83,3 +83,31 @@ def test_cold_start_imports_only_the_command_it_runs(checkpoint):
     out = subprocess.run([sys.executable, "-c", script, str(checkpoint)], capture_output=True, text=True,
                          check=True).stdout
     assert "RESULT 0 ['zooscope.commands.analyze', 'zooscope.commands.scan'] []" in out
+
+
+def test_program_exits_with_the_commands_status_and_its_output_whole(checkpoint, tmp_path, monkeypatch):
+    """``python -m zooscope`` (the ``zooscope`` program, ``cli.run``) exits with main's status, every object frozen
+    out of the shutdown's garbage collections, and what the command wrote is complete: the CSV has a row per layer,
+    the table reached stdout."""
+    import gc
+    import subprocess
+    import sys
+
+    from zooscope import cli
+
+    out = tmp_path / "layers.csv"
+    done = subprocess.run([sys.executable, "-m", "zooscope", "analyze", str(checkpoint), "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    frame = pd.read_csv(out)
+    assert len(frame) == len(zooscope.analyze(str(checkpoint))) and "mean (WeightWatcher get_summary)" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "zooscope", "analyze", str(tmp_path / "missing.safetensors")],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "missing.safetensors" in bad.stderr
+    monkeypatch.setattr(sys, "argv", ["zooscope", "analyze", str(checkpoint)])
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.run()
+        assert exited.value.code == 0 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

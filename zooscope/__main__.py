@@ -1,5 +1,3 @@
-import sys
+from zooscope.cli import run
 
-from zooscope.cli import main
-
-sys.exit(main())
+run()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import pkgutil
 import sys
@@ -59,5 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args) or 0)
 
 
+def run() -> None:
+    """The ``zooscope`` program: :func:`main`, then exit. Once the command is done (its files closed) the garbage is
+    collected and every object still alive is frozen out of the collector (``gc.freeze``): the interpreter's
+    collections at shutdown then do not walk the hundreds of thousands of objects of numba, pandas and the analysis
+    again, about 0.2–0.4 s of a short command such as ``zooscope analyze FILE``. Exit handlers, stdout and stderr
+    are flushed as usual."""
+    code = main()
+    gc.collect()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
