@@ -6,6 +6,7 @@ every GPU), at WARNING when a GPU is there but cannot be used (library missing, 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -50,8 +51,27 @@ def kernel_threads() -> int:
 
 def block_threads(rows: int, entries: int, min_entries: int) -> int:
     """Threads worth giving an array of ``rows`` rows and ``entries`` entries in all: ``kernel_threads()``, at most
-    one per two rows, and 1 below ``min_entries`` (handing a small array to threads costs more than it saves)."""
-    return 1 if entries < min_entries else max(1, min(kernel_threads(), rows // 2))
+    one per row, and 1 below ``min_entries`` (handing a small array to threads costs more than it saves)."""
+    return 1 if entries < min_entries else max(1, min(kernel_threads(), rows))
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager:
+    """BLAS and LAPACK single-threaded inside (``threadpoolctl``), as on a Dask worker (``OMP_NUM_THREADS=1``).
+
+    OpenBLAS's threaded ``syrk``, ``syevd`` and ``getrf`` of matrices of side ≥ ~256 round differently from its
+    single-threaded ones. CPU eigensolvers run in here, so a matrix's eigenvalues are the same bits whatever the
+    process's thread settings (``zooscope analyze``, an in-process scan, a worker); they get their parallelism
+    from :func:`map_row_blocks` instead."""
+    return _blas_controller("scipy.linalg" in sys.modules).limit(limits=1, user_api="blas")
+
+
+@functools.lru_cache(maxsize=None)
+def _blas_controller(scipy_linalg_loaded: bool):
+    """threadpoolctl's view of the BLAS libraries loaded: numpy's, and scipy's once ``scipy.linalg`` is imported
+    (finding them costs ~1 ms; limiting them through a kept controller ~20 µs)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def map_row_blocks(func: Callable[[np.ndarray], np.ndarray], x: np.ndarray, threads: int) -> np.ndarray:
@@ -60,9 +80,19 @@ def map_row_blocks(func: Callable[[np.ndarray], np.ndarray], x: np.ndarray, thre
     process's pool, and the results are concatenated, bit for bit those of one call."""
     if threads < 2:
         return func(x)
+    return np.concatenate(list(_pool(threads).map(func, np.array_split(x, threads))))
+
+
+def map_threads(func: Callable, items: list, threads: int) -> list:
+    """``[func(item) for item in items]``, on ``threads`` threads of the process's pool when ``threads`` ≥ 2 (for a
+    ``func`` that spends its time in LAPACK, outside the GIL)."""
+    return [func(item) for item in items] if threads < 2 or len(items) < 2 else list(_pool(threads).map(func, items))
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
     if threads not in _POOLS:
         _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="zooscope-rows")
-    return np.concatenate(list(_POOLS[threads].map(func, np.array_split(x, threads))))
+    return _POOLS[threads]
 
 
 def _no_gpu_driver() -> bool:

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from zooscope.kernels.backends import (BackendUnavailable, block_threads, cupy_available, device_key, gpu_available,
-                                       map_row_blocks, release_gpu_pools, torch_cuda_available)
+                                       map_row_blocks, map_threads, one_blas_thread, release_gpu_pools,
+                                       torch_cuda_available)
 from zooscope.kernels.smallest import smallest_gram_eigenvalues
 
 BACKENDS: tuple[str, ...] = (
@@ -56,11 +57,9 @@ CHECKED_ACCURACY = 1e-6
 CHUNK_BYTES = 1 << 28
 """Upper bound on the fp64 bytes (input plus Gram matrices) of one batch chunk handed to a solver."""
 
-THREADED_MAX_N = 128
-"""Gram matrices up to this side are solved in threaded row blocks (``_eigvalsh_threaded``); larger ones leave
-their threads to BLAS."""
 THREADED_MIN_ENTRIES = 1 << 16
-"""... in stacks of at least this many entries (smaller stacks cost less than handing them to threads)."""
+"""CPU solvers run BLAS and LAPACK single-threaded (``backends.one_blas_thread``: the same bits in every process,
+whatever its thread settings) and take a stack of at least this many entries in ``kernel_threads()`` row blocks."""
 
 _log = logging.getLogger(__name__)
 _GPU_STACK_MAX_SIDE = 512
@@ -371,17 +370,33 @@ def _gram(x, transpose):
     return xt @ x if n >= m else x @ xt
 
 
+def _svdvals(x: np.ndarray) -> np.ndarray:
+    return np.linalg.svd(x, compute_uv=False)
+
+
 def _numpy_svd(x: np.ndarray, dtype) -> np.ndarray:
-    sv = np.linalg.svd(x.astype(dtype, copy=False), compute_uv=False).astype(np.float64)
+    x = x.astype(dtype, copy=False)
+    with one_blas_thread():
+        sv = _row_blocks(_svdvals, x).astype(np.float64)
     return sv * sv
 
 
 def _scipy_gesdd(x: np.ndarray, dtype) -> np.ndarray:
     import scipy.linalg
 
+    def gesdd(block: np.ndarray) -> np.ndarray:
+        return np.stack([scipy.linalg.svd(w, compute_uv=False, lapack_driver="gesdd") for w in block])
+
     x = x.astype(dtype, copy=False)
-    sv = np.stack([scipy.linalg.svd(w, compute_uv=False, lapack_driver="gesdd") for w in x]).astype(np.float64)
+    with one_blas_thread():
+        sv = _row_blocks(gesdd, x).astype(np.float64)
     return sv * sv
+
+
+def _row_blocks(func, x: np.ndarray) -> np.ndarray:
+    """``func(x)`` of a CPU solver over a stack, in ``kernel_threads()`` row blocks from ``THREADED_MIN_ENTRIES``
+    entries (each matrix is solved on its own: bit for bit one call's result)."""
+    return map_row_blocks(func, x, block_threads(len(x), x.size, THREADED_MIN_ENTRIES))
 
 
 def _resolve_failures(lam: np.ndarray, todo, finite: np.ndarray, solve_one, svd_one, errors,
@@ -413,24 +428,23 @@ def _failed_rows(lam: np.ndarray, finite: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.isfinite(lam).all(axis=1) & finite)
 
 
-def _eigvalsh_threaded(g: np.ndarray) -> np.ndarray:
-    """``np.linalg.eigvalsh`` of a (b, n, n) stack; a stack of many small matrices (n ≤ ``THREADED_MAX_N``, at least
-    ``THREADED_MIN_ENTRIES`` entries) is solved in ``kernel_threads()`` row blocks at once. LAPACK solves each
-    matrix on its own, outside the GIL: the eigenvalues are those of one call, bit for bit."""
-    threads = block_threads(len(g), g.size, THREADED_MIN_ENTRIES) if g.shape[-1] <= THREADED_MAX_N else 1
-    return map_row_blocks(np.linalg.eigvalsh, g, threads)
+def _numpy_gram(x: np.ndarray) -> np.ndarray:
+    return _gram(x, lambda a: a.transpose(0, 2, 1))
 
 
 def _numpy_gram_eigh(x: np.ndarray, dtype) -> tuple[np.ndarray, dict[int, str]]:
-    g = _gram(x.astype(dtype, copy=False), lambda a: a.transpose(0, 2, 1))
-    finite = np.isfinite(g).all(axis=(1, 2))
-    try:
-        lam = _eigvalsh_threaded(g)
-        todo = _failed_rows(lam, finite)
-    except np.linalg.LinAlgError:  # LAPACK's syevd did not converge on some matrix of the chunk
-        lam, todo = np.empty(g.shape[:2]), range(len(g))
-    return lam, _resolve_failures(lam, todo, finite, lambda i: np.linalg.eigvalsh(g[i]),
-                                  lambda i: _numpy_svd(x[i : i + 1], dtype)[0], (np.linalg.LinAlgError,), None)
+    """numpy's Gram matrices and ``eigvalsh`` (LAPACK ``syevd``), single-threaded, in row blocks: OpenBLAS's threaded
+    ``syrk``/``gemm`` and ``syevd`` of large matrices round differently from the single-threaded ones."""
+    with one_blas_thread():
+        g = _row_blocks(_numpy_gram, x.astype(dtype, copy=False))
+        finite = np.isfinite(g).all(axis=(1, 2))
+        try:
+            lam = _row_blocks(np.linalg.eigvalsh, g)
+            todo = _failed_rows(lam, finite)
+        except np.linalg.LinAlgError:  # LAPACK's syevd did not converge on some matrix of the chunk
+            lam, todo = np.empty(g.shape[:2]), range(len(g))
+        return lam, _resolve_failures(lam, todo, finite, lambda i: np.linalg.eigvalsh(g[i]),
+                                      lambda i: _numpy_svd(x[i : i + 1], dtype)[0], (np.linalg.LinAlgError,), None)
 
 
 def _to_torch(x: np.ndarray, dtype):
@@ -533,15 +547,22 @@ def _checked(gram_solver, svd_solver):
         lam, fallbacks = gram_solver(x, dtype)  # ascending per row
         noise = gram_rounding(*x.shape[-2:], lam[:, -1])
         uncertain = np.count_nonzero(~(lam * CHECKED_ACCURACY >= noise[:, None]), axis=1)  # NaN counts too
-        whole = []
-        for i in np.flatnonzero(uncertain):
+        rows = np.flatnonzero(uncertain).tolist()
+
+        def smallest(i: int) -> np.ndarray | None:
             k = uncertain[i]
-            low = None if k == lam.shape[1] else smallest_gram_eigenvalues(
+            return None if k == lam.shape[1] else smallest_gram_eigenvalues(
                 x[i], k, lam_max=lam[i, -1], next_lower=lam[i, k] - noise[i], accuracy=CHECKED_ACCURACY / 10)
+
+        m = min(x.shape[-2:])
+        with one_blas_thread():  # numpy's LAPACK on the CPU, whatever the Gram solver's device
+            lows = map_threads(smallest, rows, block_threads(len(rows), len(rows) * m * m, THREADED_MIN_ENTRIES))
+        whole = []
+        for i, low in zip(rows, lows):
             if low is None:
                 whole.append(i)
             else:
-                lam[i, :k] = low
+                lam[i, :uncertain[i]] = low
         if whole:
             lam[whole] = svd_solver(x[whole], dtype)
         return lam, fallbacks

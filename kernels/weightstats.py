@@ -13,6 +13,7 @@ Node strength layouts (paper 000: sum of absolute incoming weights of a unit):
 """
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import numpy as np
@@ -30,7 +31,7 @@ KDE_MAX_POINTS = 100_000
 #: rows at least this long select their quantiles' order statistics by ``np.partition`` instead of a full sort
 #: (the same numbers; faster from ~300k entries on, e.g. 1.7x on a 2.4M-entry conv layer, slower below)
 PARTITION_MIN_ENTRIES = 1 << 19
-#: rows are sorted in ``kernel_threads()`` row blocks at once from this many entries in all (the same numbers)
+#: rows are sorted (or partitioned) in ``kernel_threads()`` row blocks from this many entries in all (the same numbers)
 THREADED_SORT_MIN_ENTRIES = 1 << 16
 
 Layout = Literal["out_in", "in_out"]
@@ -85,8 +86,8 @@ def moments_rows(x: np.ndarray, *, zero_tol: float = ZERO_TOL, x64: np.ndarray |
 def quantile_rows(x: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     """``np.quantile(x, q, axis=1)`` (method ``linear``) of finite rows ``x`` (G, n), bit for bit: ``(len(q), G)``
     fp64. The order statistics are taken in the rows' own dtype (float32 sorts about twice as fast as fp64; they
-    are the same numbers), by a sort (in ``kernel_threads()`` row blocks from ``THREADED_SORT_MIN_ENTRIES``
-    entries), or by ``np.partition`` for rows of ``PARTITION_MIN_ENTRIES`` or more, and interpolated in fp64 as
+    are the same numbers), by a sort, or by ``np.partition`` for rows of ``PARTITION_MIN_ENTRIES`` or more (in
+    ``kernel_threads()`` row blocks from ``THREADED_SORT_MIN_ENTRIES`` entries in all), and interpolated in fp64 as
     numpy does."""
     n = x.shape[1]
     q = np.asarray(q, dtype=np.float64)
@@ -97,10 +98,9 @@ def quantile_rows(x: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     before[virtual < 0] = after[virtual < 0] = 0
     gamma = (virtual - before.astype(np.intp))[:, None]
     lo, hi = before.astype(np.intp) % n, after.astype(np.intp) % n
-    if n >= PARTITION_MIN_ENTRIES:
-        ordered = np.partition(x, np.unique(np.r_[lo, hi]), axis=1)
-    else:
-        ordered = map_row_blocks(_sort_rows, x, block_threads(x.shape[0], x.size, THREADED_SORT_MIN_ENTRIES))
+    kth = np.unique(np.r_[lo, hi])
+    order = functools.partial(np.partition, kth=kth, axis=1) if n >= PARTITION_MIN_ENTRIES else _sort_rows
+    ordered = map_row_blocks(order, x, block_threads(x.shape[0], x.size, THREADED_SORT_MIN_ENTRIES))
     a = ordered[:, lo].T.astype(np.float64)
     b = ordered[:, hi].T.astype(np.float64)
     diff = b - a

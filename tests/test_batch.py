@@ -176,6 +176,27 @@ def test_scan_in_batches_equals_model_by_model(tmp_path):
     np.testing.assert_array_equal(la["alpha"], lb["alpha"])
 
 
+def test_analyze_equals_a_scan_bitwise_on_large_layers(tmp_path):
+    """One checkpoint with layers of side 256-384 (where threaded OpenBLAS rounds its eigensolvers differently):
+    analysed alone in this process (BLAS with all its threads, as ``zooscope analyze``) and by an in-process scan
+    (BLAS single-threaded, as a Dask worker), the eigenvalues and alphas are the same bits."""
+    from zooscope.pipelines.analyze import analyze_path
+
+    rng = np.random.default_rng(3)
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    save_file({"a.weight": _t(rng, (384, 320)), "b.weight": _t(rng, (320, 300)), "c.weight": _t(rng, (384, 320)),
+               "conv.weight": _t(rng, (256, 256, 3, 3))}, str(zoo / "big.safetensors"))
+    alone = analyze_path(str(zoo / "big.safetensors"), AnalysisOptions())
+    scan([zoo], tmp_path / "big.zarr", cluster="none", progress=False)
+    with ZooStore.open(str(tmp_path / "big.zarr")) as store:
+        layers, esds = store.layers(), store.esds()
+    assert len(layers) == len(alone.layers) == 4
+    np.testing.assert_array_equal(layers["alpha"].to_numpy(), alone.layers["alpha"].to_numpy())
+    for x, y in zip(alone.esd, esds):
+        np.testing.assert_array_equal(x, y)
+
+
 # -- the vectorised kernels against their one-at-a-time references -------------------------------------------
 
 

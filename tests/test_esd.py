@@ -416,15 +416,44 @@ def test_build_table_records_the_device():
     assert RoutingTable.from_dict(json.loads(json.dumps(table.as_dict()))) == table
 
 
+def _single_threaded(func):
+    """``func()`` with BLAS single-threaded, as on a Dask worker."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return func()
+
+
 @pytest.mark.parametrize("threads", ["1", "2", "3"])
 def test_threaded_eigvalsh_blocks_equal_one_call_bitwise(monkeypatch, threads):
     """A stack of many small Gram matrices solved in NUMBA_NUM_THREADS row blocks: the eigenvalues of one
-    ``np.linalg.eigvalsh`` call, bit for bit (each matrix is solved on its own either way)."""
+    single-threaded ``np.linalg.eigvalsh`` call, bit for bit (each matrix is solved on its own either way)."""
     monkeypatch.setenv("NUMBA_NUM_THREADS", threads)
     assert backends.kernel_threads() == int(threads)
     x = np.random.default_rng(5).standard_t(3, size=(1001, 24, 16))
     g = x.transpose(0, 2, 1) @ x
-    assert g.size >= esd.THREADED_MIN_ENTRIES and g.shape[-1] <= esd.THREADED_MAX_N  # a stack that is split
-    np.testing.assert_array_equal(esd._eigvalsh_threaded(g), np.linalg.eigvalsh(g))
+    assert backends.block_threads(len(g), g.size, esd.THREADED_MIN_ENTRIES) == int(threads)  # a split stack
     lam, routes = esd.eigenvalues_with_routes(x, backend="numpy-gram-eigh")
-    np.testing.assert_array_equal(lam, np.linalg.eigvalsh(g))
+    np.testing.assert_array_equal(lam, _single_threaded(lambda: np.linalg.eigvalsh(g)))
+
+
+@pytest.mark.parametrize("backend", ["numpy-gram-eigh", "numpy-gram-checked", "numpy-svd", "scipy-gesdd"])
+def test_cpu_eigenvalues_do_not_depend_on_threads(monkeypatch, backend):
+    """Large matrices (side 320, where OpenBLAS's threaded syevd/getrf round differently from its single-threaded
+    ones): a stack solved with the process's BLAS threads and NUMBA_NUM_THREADS row blocks, one matrix at a time,
+    and as a Dask worker (BLAS single-threaded, one thread) gives the same bits. The checked route re-solves the
+    smallest eigenvalues of ill-conditioned matrices (on the thread pool), which must not change them either."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((6, 400, 320))
+    x[:, :, :3] *= 1e-7  # three tiny singular values per matrix: the checked route's certification runs
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "3")
+    together, _ = esd.eigenvalues_with_routes(x, backend=backend)
+    one_by_one = np.concatenate([esd.eigenvalues_with_routes(x[i : i + 1], backend=backend)[0] for i in range(6)])
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "1")
+    worker = _single_threaded(lambda: esd.eigenvalues_with_routes(x, backend=backend)[0])
+    np.testing.assert_array_equal(together, one_by_one)
+    np.testing.assert_array_equal(together, worker)
+    reference = np.sort(np.linalg.svd(x, compute_uv=False) ** 2, axis=1)
+    np.testing.assert_allclose(together[:, 3:], reference[:, 3:], rtol=1e-9)
+    if backend != "numpy-gram-eigh":  # the unchecked Gram route loses the tiny ones to rounding, by design
+        np.testing.assert_allclose(together[:, :3], reference[:, :3], rtol=1e-6)
