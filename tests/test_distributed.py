@@ -77,6 +77,25 @@ def test_cluster_scan_equals_in_process_scan(client, zoo, reference, tmp_path):
     assert_same_store(reference, store)
 
 
+def test_cluster_scan_equals_in_process_scan_on_large_layers(client, tmp_path):
+    """Two models whose layers (side 256-384) OpenBLAS's threads would round differently: scanned on the workers
+    (one BLAS thread, one kernel thread each) and in-process (one BLAS thread, the matrices in row blocks over
+    every core), the stores are equal bit for bit."""
+    from safetensors.numpy import save_file
+
+    zoo = tmp_path / "big"
+    zoo.mkdir()
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        save_file({"a.weight": rng.standard_t(3, (384, 320)).astype(np.float32),
+                   "b.weight": rng.standard_t(3, (320, 300)).astype(np.float32),
+                   "conv.weight": rng.standard_t(3, (256, 256, 3, 3)).astype(np.float32)},
+                  str(zoo / f"big{seed}.safetensors"))
+    scan([zoo], tmp_path / "in-process.zarr", cluster="none", progress=False)
+    scan([zoo], tmp_path / "cluster.zarr", client=client, progress=False)
+    assert_same_store(tmp_path / "in-process.zarr", tmp_path / "cluster.zarr")
+
+
 def test_task_resources():
     small, big = (Task((Part("m", "p", "h", None, 0, 1, nbytes, wants_gpu=True),)) for nbytes in (10, 1000))
     assert task_resources(big, gpu_workers=0, workers=4) is None  # no GPU anywhere
