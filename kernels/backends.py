@@ -26,6 +26,8 @@ POOL_KEEP_BYTES = 256 << 20
 
 _log = logging.getLogger(__name__)
 _POOLS: dict[int, ThreadPoolExecutor] = {}  # threads -> the process's pool for row blocks (``map_row_blocks``)
+if hasattr(os, "register_at_fork"):  # a forked child has none of the parent's threads: its pools start afresh
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 class BackendUnavailable(RuntimeError):

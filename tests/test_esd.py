@@ -457,3 +457,27 @@ def test_cpu_eigenvalues_do_not_depend_on_threads(monkeypatch, backend):
     np.testing.assert_allclose(together[:, 3:], reference[:, 3:], rtol=1e-9)
     if backend != "numpy-gram-eigh":  # the unchecked Gram route loses the tiny ones to rounding, by design
         np.testing.assert_allclose(together[:, :3], reference[:, :3], rtol=1e-6)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_row_blocks_work_in_a_forked_child(monkeypatch):
+    """A child forked after the parent's row-block pool started (a fork-based multiprocessing pool) solves in row
+    blocks too, instead of waiting forever on the parent's threads, which it does not have."""
+    import time
+
+    monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
+    g = np.random.default_rng(2).standard_normal((64, 40, 40))
+    expected = backends.map_row_blocks(np.linalg.eigvalsh, g, 2)  # the parent's pool exists now
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only with the same eigenvalues
+        os._exit(0 if np.array_equal(backends.map_row_blocks(np.linalg.eigvalsh, g, 2), expected) else 1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child hung on its parent's thread pool")
