@@ -63,7 +63,10 @@ def one_blas_thread() -> contextlib.AbstractContextManager:
     OpenBLAS's threaded ``syrk``, ``syevd`` and ``getrf`` of matrices of side ≥ ~256 round differently from its
     single-threaded ones. CPU eigensolvers run in here, so a matrix's eigenvalues are the same bits whatever the
     process's thread settings (``zooscope analyze``, an in-process scan, a worker); they get their parallelism
-    from :func:`map_row_blocks` instead."""
+    from :func:`map_row_blocks` instead. threadpoolctl lets one thread at a time control OpenBLAS's process-wide
+    setting (the first to set it, usually the main thread); a limit asked for by another thread meanwhile is
+    ignored, so the guarantee holds for solvers called from that thread (and on workers, where BLAS starts
+    single-threaded)."""
     return _blas_controller("scipy.linalg" in sys.modules).limit(limits=1, user_api="blas")
 
 
