@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from zooscope.engine.plan import Part, Task
+from zooscope.kernels.backends import one_blas_thread
 from zooscope.pipelines.analyze import AnalysisOptions
 from zooscope.pipelines.batch import analyze_batch
 from zooscope.pipelines.result import BatchResult
@@ -94,9 +95,7 @@ def execute(
 def _in_process(tasks: Sequence[Task], options: AnalysisOptions) -> Iterator[tuple[Task, Any]]:
     """One task after another, with BLAS single-threaded like a Dask worker (``OMP_NUM_THREADS=1``): the same
     LAPACK path as on a cluster, and no thread oversubscription on the many small matrices of a batch."""
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1, user_api="blas"):
+    with one_blas_thread():
         for task in tasks:
             try:
                 outcome = run_task(task, options)

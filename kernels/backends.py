@@ -51,10 +51,14 @@ def kernel_threads() -> int:
         return available_cores()
 
 
-def block_threads(rows: int, entries: int, min_entries: int) -> int:
-    """Threads worth giving an array of ``rows`` rows and ``entries`` entries in all: ``kernel_threads()``, at most
-    one per row, and 1 below ``min_entries`` (handing a small array to threads costs more than it saves)."""
-    return 1 if entries < min_entries else max(1, min(kernel_threads(), rows))
+ROW_BLOCK_MIN_ENTRIES = 1 << 16
+"""Arrays of fewer entries in all are solved in one call: handing them to threads costs more than it saves."""
+
+
+def block_threads(rows: int, entries: int) -> int:
+    """Threads :func:`map_row_blocks` gives an array of ``rows`` rows and ``entries`` entries in all:
+    ``kernel_threads()``, at most one per row, and 1 below ``ROW_BLOCK_MIN_ENTRIES``."""
+    return 1 if entries < ROW_BLOCK_MIN_ENTRIES else max(1, min(kernel_threads(), rows))
 
 
 def one_blas_thread() -> contextlib.AbstractContextManager:
@@ -79,19 +83,21 @@ def _blas_controller(scipy_linalg_loaded: bool):
     return ThreadpoolController()
 
 
-def map_row_blocks(func: Callable[[np.ndarray], np.ndarray], x: np.ndarray, threads: int) -> np.ndarray:
+def map_row_blocks(func: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
     """``func(x)`` for a ``func`` that treats the rows (axis 0) of ``x`` on their own and releases the GIL (a
-    LAPACK gufunc, ``np.sort`` along another axis): ``x`` is split into ``threads`` row blocks solved at once on the
-    process's pool, and the results are concatenated, bit for bit those of one call."""
+    LAPACK gufunc, ``np.sort`` along another axis): ``x`` is split into ``block_threads`` row blocks solved at once
+    on the process's pool, and the results are concatenated, bit for bit those of one call."""
+    threads = block_threads(len(x), x.size)
     if threads < 2:
         return func(x)
     return np.concatenate(list(_pool(threads).map(func, np.array_split(x, threads))))
 
 
-def map_threads(func: Callable, items: list, threads: int) -> list:
-    """``[func(item) for item in items]``, on ``threads`` threads of the process's pool when ``threads`` ≥ 2 (for a
-    ``func`` that spends its time in LAPACK, outside the GIL)."""
-    return [func(item) for item in items] if threads < 2 or len(items) < 2 else list(_pool(threads).map(func, items))
+def map_threads(func: Callable, items: list, entries: int) -> list:
+    """``[func(item) for item in items]`` for a ``func`` that spends its time in LAPACK, outside the GIL: on
+    ``block_threads`` threads of the process's pool, ``entries`` being the size of all the work's arrays."""
+    threads = block_threads(len(items), entries)
+    return [func(item) for item in items] if threads < 2 else list(_pool(threads).map(func, items))
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:

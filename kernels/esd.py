@@ -32,9 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from zooscope.kernels.backends import (BackendUnavailable, block_threads, cupy_available, device_key, gpu_available,
-                                       map_row_blocks, map_threads, one_blas_thread, release_gpu_pools,
-                                       torch_cuda_available)
+from zooscope.kernels.backends import (BackendUnavailable, cupy_available, device_key, gpu_available, map_row_blocks,
+                                       map_threads, one_blas_thread, release_gpu_pools, torch_cuda_available)
 from zooscope.kernels.smallest import smallest_gram_eigenvalues
 
 BACKENDS: tuple[str, ...] = (
@@ -56,10 +55,6 @@ CHECKED_ACCURACY = 1e-6
 """Relative accuracy that the checked Gram routes certify for every eigenvalue (else they fall back to SVD)."""
 CHUNK_BYTES = 1 << 28
 """Upper bound on the fp64 bytes (input plus Gram matrices) of one batch chunk handed to a solver."""
-
-THREADED_MIN_ENTRIES = 1 << 16
-"""CPU solvers run BLAS and LAPACK single-threaded (``backends.one_blas_thread``: the same bits in every process,
-whatever its thread settings) and take a stack of at least this many entries in ``kernel_threads()`` row blocks."""
 
 _log = logging.getLogger(__name__)
 _GPU_STACK_MAX_SIDE = 512
@@ -377,7 +372,7 @@ def _svdvals(x: np.ndarray) -> np.ndarray:
 def _numpy_svd(x: np.ndarray, dtype) -> np.ndarray:
     x = x.astype(dtype, copy=False)
     with one_blas_thread():
-        sv = _row_blocks(_svdvals, x).astype(np.float64)
+        sv = map_row_blocks(_svdvals, x).astype(np.float64)
     return sv * sv
 
 
@@ -389,14 +384,8 @@ def _scipy_gesdd(x: np.ndarray, dtype) -> np.ndarray:
 
     x = x.astype(dtype, copy=False)
     with one_blas_thread():
-        sv = _row_blocks(gesdd, x).astype(np.float64)
+        sv = map_row_blocks(gesdd, x).astype(np.float64)
     return sv * sv
-
-
-def _row_blocks(func, x: np.ndarray) -> np.ndarray:
-    """``func(x)`` of a CPU solver over a stack, in ``kernel_threads()`` row blocks from ``THREADED_MIN_ENTRIES``
-    entries (each matrix is solved on its own: bit for bit one call's result)."""
-    return map_row_blocks(func, x, block_threads(len(x), x.size, THREADED_MIN_ENTRIES))
 
 
 def _resolve_failures(lam: np.ndarray, todo, finite: np.ndarray, solve_one, svd_one, errors,
@@ -436,10 +425,10 @@ def _numpy_gram_eigh(x: np.ndarray, dtype) -> tuple[np.ndarray, dict[int, str]]:
     """numpy's Gram matrices and ``eigvalsh`` (LAPACK ``syevd``), single-threaded, in row blocks: OpenBLAS's threaded
     ``syrk``/``gemm`` and ``syevd`` of large matrices round differently from the single-threaded ones."""
     with one_blas_thread():
-        g = _row_blocks(_numpy_gram, x.astype(dtype, copy=False))
+        g = map_row_blocks(_numpy_gram, x.astype(dtype, copy=False))
         finite = np.isfinite(g).all(axis=(1, 2))
         try:
-            lam = _row_blocks(np.linalg.eigvalsh, g)
+            lam = map_row_blocks(np.linalg.eigvalsh, g)
             todo = _failed_rows(lam, finite)
         except np.linalg.LinAlgError:  # LAPACK's syevd did not converge on some matrix of the chunk
             lam, todo = np.empty(g.shape[:2]), range(len(g))
@@ -556,7 +545,7 @@ def _checked(gram_solver, svd_solver):
 
         m = min(x.shape[-2:])
         with one_blas_thread():  # numpy's LAPACK on the CPU, whatever the Gram solver's device
-            lows = map_threads(smallest, rows, block_threads(len(rows), len(rows) * m * m, THREADED_MIN_ENTRIES))
+            lows = map_threads(smallest, rows, len(rows) * m * m)
         whole = []
         for i, low in zip(rows, lows):
             if low is None:

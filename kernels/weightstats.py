@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from zooscope.kernels.backends import block_threads, map_row_blocks
+from zooscope.kernels.backends import map_row_blocks
 
 #: Quantile levels reported by ``moments`` (as ``w_q01`` ... ``w_q99``).
 QUANTILES = (0.01, 0.05, 0.25, 0.50, 0.75, 0.95, 0.99)
@@ -31,8 +31,6 @@ KDE_MAX_POINTS = 100_000
 #: rows at least this long select their quantiles' order statistics by ``np.partition`` instead of a full sort
 #: (the same numbers; faster from ~300k entries on, e.g. 1.7x on a 2.4M-entry conv layer, slower below)
 PARTITION_MIN_ENTRIES = 1 << 19
-#: rows are sorted (or partitioned) in ``kernel_threads()`` row blocks from this many entries in all (the same numbers)
-THREADED_SORT_MIN_ENTRIES = 1 << 16
 
 Layout = Literal["out_in", "in_out"]
 
@@ -87,8 +85,7 @@ def quantile_rows(x: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     """``np.quantile(x, q, axis=1)`` (method ``linear``) of finite rows ``x`` (G, n), bit for bit: ``(len(q), G)``
     fp64. The order statistics are taken in the rows' own dtype (float32 sorts about twice as fast as fp64; they
     are the same numbers), by a sort, or by ``np.partition`` for rows of ``PARTITION_MIN_ENTRIES`` or more (in
-    ``kernel_threads()`` row blocks from ``THREADED_SORT_MIN_ENTRIES`` entries in all), and interpolated in fp64 as
-    numpy does."""
+    row blocks, ``backends.map_row_blocks``), and interpolated in fp64 as numpy does."""
     n = x.shape[1]
     q = np.asarray(q, dtype=np.float64)
     virtual = (n - 1) * q  # numpy's virtual index of method 'linear'
@@ -100,7 +97,7 @@ def quantile_rows(x: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     lo, hi = before.astype(np.intp) % n, after.astype(np.intp) % n
     kth = np.unique(np.r_[lo, hi])
     order = functools.partial(np.partition, kth=kth, axis=1) if n >= PARTITION_MIN_ENTRIES else _sort_rows
-    ordered = map_row_blocks(order, x, block_threads(x.shape[0], x.size, THREADED_SORT_MIN_ENTRIES))
+    ordered = map_row_blocks(order, x)
     a = ordered[:, lo].T.astype(np.float64)
     b = ordered[:, hi].T.astype(np.float64)
     diff = b - a

@@ -432,7 +432,7 @@ def test_threaded_eigvalsh_blocks_equal_one_call_bitwise(monkeypatch, threads):
     assert backends.kernel_threads() == int(threads)
     x = np.random.default_rng(5).standard_t(3, size=(1001, 24, 16))
     g = x.transpose(0, 2, 1) @ x
-    assert backends.block_threads(len(g), g.size, esd.THREADED_MIN_ENTRIES) == int(threads)  # a split stack
+    assert backends.block_threads(len(g), g.size) == int(threads)  # a split stack
     lam, routes = esd.eigenvalues_with_routes(x, backend="numpy-gram-eigh")
     np.testing.assert_array_equal(lam, _single_threaded(lambda: np.linalg.eigvalsh(g)))
 
@@ -467,10 +467,11 @@ def test_row_blocks_work_in_a_forked_child(monkeypatch):
 
     monkeypatch.setenv("NUMBA_NUM_THREADS", "2")
     g = np.random.default_rng(2).standard_normal((64, 40, 40))
-    expected = backends.map_row_blocks(np.linalg.eigvalsh, g, 2)  # the parent's pool exists now
+    assert backends.block_threads(len(g), g.size) == 2
+    expected = backends.map_row_blocks(np.linalg.eigvalsh, g)  # the parent's pool exists now
     pid = os.fork()
     if pid == 0:  # the child: exit 0 only with the same eigenvalues
-        os._exit(0 if np.array_equal(backends.map_row_blocks(np.linalg.eigvalsh, g, 2), expected) else 1)
+        os._exit(0 if np.array_equal(backends.map_row_blocks(np.linalg.eigvalsh, g), expected) else 1)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)

@@ -182,8 +182,8 @@ def test_quantile_rows_threaded_sort_equals_numpy_bit_for_bit(monkeypatch, threa
     monkeypatch.setenv("NUMBA_NUM_THREADS", threads)
     x = np.random.default_rng(7).standard_t(3, size=(301, 16, 16, 3, 3)).astype(np.float32)
     rows = x.reshape(len(x), -1)
-    assert rows.size >= ws.THREADED_SORT_MIN_ENTRIES
-    assert backends.block_threads(len(rows), rows.size, ws.THREADED_SORT_MIN_ENTRIES) == int(threads)
+    assert rows.size >= backends.ROW_BLOCK_MIN_ENTRIES
+    assert backends.block_threads(len(rows), rows.size) == int(threads)
     q = ws.QUANTILES
     np.testing.assert_array_equal(ws.quantile_rows(rows, q), np.quantile(rows.astype(np.float64), q, axis=1))
     many, _, _, _ = ws.layer_stats_many(x)
