@@ -110,6 +110,13 @@ class PowerLawFit:
 
 
 _TABLE_FIELDS = tuple(f.name for f in dataclasses.fields(PowerLawFit))
+#: Fields only an option computes (NaN in every other fit), by the test of that option.
+_OPTIONAL_FIELDS = (
+    (lambda o: o.fix_fingers == "clip_xmax", ("raw_alpha", "num_fingers")),
+    (lambda o: o.tpl or o.distribution == "truncated_power_law", ("tpl_alpha", "Lambda", "tpl_loglik")),
+    (lambda o: o.compare, ("R_exponential", "p_exponential", "R_lognormal", "p_lognormal")),
+    (lambda o: o.bootstrap, ("p_value", "alpha_ci_low", "alpha_ci_high")),
+)
 
 
 @dataclass(frozen=True)
@@ -168,10 +175,24 @@ def fit_many(list_of_evals: Sequence[np.ndarray], *, backend: str = "numba", thr
     return [_finish(p, scan, opts, backend) if p is not None else PowerLawFit() for p in prepared]
 
 
+def fit_fields(**options) -> tuple[str, ...]:
+    """The ``PowerLawFit`` fields a fit with these options computes, in field order: alpha to warning always, and
+    ``raw_alpha``/``num_fingers`` (``fix_fingers='clip_xmax'``), ``tpl_alpha``/``Lambda``/``tpl_loglik``
+    (``tpl`` or a truncated power law), the comparisons (``compare``), ``p_value``/``alpha_ci_*`` (``bootstrap``)
+    only with their option."""
+    return _fields(_parse_options("numpy", options))
+
+
+def _fields(opts: _Options) -> tuple[str, ...]:
+    skipped = {name for wanted, names in _OPTIONAL_FIELDS if not wanted(opts) for name in names}
+    return tuple(name for name in _TABLE_FIELDS if name not in skipped)
+
+
 def fit_columns(list_of_evals: Sequence[np.ndarray], *, backend: str = "numba", thresh: float = EVALS_THRESH,
                 **options) -> dict[str, np.ndarray]:
-    """``fit_many`` as columns ``{field of PowerLawFit: (B,)}``, the same numbers: ``status`` and ``warning`` object
-    arrays; ``num_pl_spikes`` and ``n_tail`` int64 when every fit succeeded, else float64 with NaN.
+    """``fit_many`` as columns ``{field: (B,)}`` for the ``fit_fields`` of the options, the same numbers: ``status``
+    and ``warning`` object arrays; ``num_pl_spikes`` and ``n_tail`` int64 when every fit succeeded, else float64
+    with NaN.
 
     Plain fits (no fingers, truncated power law, comparisons, bootstrap or xmax) of non-empty, finite, ascending
     ESDs, e.g. the sorted ESDs of a batch, are prepared and finished as arrays around the one batched scan; any
@@ -181,15 +202,16 @@ def fit_columns(list_of_evals: Sequence[np.ndarray], *, backend: str = "numba", 
              and not (opts.tpl or opts.compare or opts.bootstrap))
     flat = [np.asarray(e, dtype=np.float64).ravel() for e in list_of_evals]
     sizes = np.fromiter((e.size for e in flat), dtype=np.int64, count=len(flat))
+    fields = _fields(opts)
     if not plain or not flat or sizes.min() == 0:
-        return fit_table(fit_many(flat, backend=backend, thresh=thresh, **options))
+        return fit_table(fit_many(flat, backend=backend, thresh=thresh, **options), fields)
     values = np.concatenate(flat)
     ends = np.cumsum(sizes)
     starts = ends - sizes
     descending = values[1:] < values[:-1]
     descending[ends[:-1] - 1] = False  # across two ESDs
     if not np.isfinite(values).all() or descending.any():
-        return fit_table(fit_many(flat, backend=backend, thresh=thresh, **options))
+        return fit_table(fit_many(flat, backend=backend, thresh=thresh, **options), fields)
     # ascending: the values fitted are the last n_fit of each ESD
     n_fit = np.add.reduceat((values > thresh).astype(np.int64), starts)
     first = ends - n_fit
@@ -204,12 +226,10 @@ def fit_columns(list_of_evals: Sequence[np.ndarray], *, backend: str = "numba", 
     run[starts] = True
     run_start = np.maximum.accumulate(np.where(run, np.arange(values.size), 0))
     n_tail = n_fit - i
-    nan = np.full(len(flat), _NAN)
-    table = {name: nan.copy() for name in _TABLE_FIELDS}
-    table.update(
-        alpha=np.where(ok, alpha, _NAN), xmin=np.where(ok, values[at], _NAN), D=np.where(ok, D, _NAN),
-        xmax=np.where(ok, values[ends - 1], _NAN) if opts.mode == "ww" else nan.copy(),
-        sigma=np.where(ok, (alpha - 1.0) / np.sqrt(np.where(ok, n_tail, 1)), _NAN),
+    table = dict(
+        alpha=np.where(ok, alpha, _NAN), xmin=np.where(ok, values[at], _NAN),
+        xmax=np.where(ok, values[ends - 1], _NAN) if opts.mode == "ww" else np.full(len(flat), _NAN),
+        D=np.where(ok, D, _NAN), sigma=np.where(ok, (alpha - 1.0) / np.sqrt(np.where(ok, n_tail, 1)), _NAN),
         num_pl_spikes=np.where(ok, ends - run_start[at], _NAN), n_tail=np.where(ok, n_tail, _NAN),
         status=np.where(ok, "success", "failed").astype(object),
         warning=np.where(ok & (alpha < OVER_TRAINED_THRESH), "over-trained",
@@ -219,10 +239,11 @@ def fit_columns(list_of_evals: Sequence[np.ndarray], *, backend: str = "numba", 
     return table
 
 
-def fit_table(fits: Sequence[PowerLawFit]) -> dict[str, np.ndarray]:
-    """Fits as columns ``{field: (B,)}``, as ``fit_columns`` gives them (ints stay ints unless a NaN joins them)."""
+def fit_table(fits: Sequence[PowerLawFit], fields: Sequence[str] = _TABLE_FIELDS) -> dict[str, np.ndarray]:
+    """The ``fields`` of fits as columns ``{field: (B,)}``, as ``fit_columns`` gives them (ints stay ints unless a
+    NaN joins them)."""
     return {name: np.array([getattr(f, name) for f in fits], dtype=object if name in ("status", "warning") else None)
-            for name in _TABLE_FIELDS}
+            for name in fields}
 
 
 @np.errstate(divide="ignore", invalid="ignore")  # a tail of equal values has S = 0 → alpha = inf, as in WWFit

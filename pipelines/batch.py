@@ -381,13 +381,15 @@ class _Batch:
         status = np.array(self.status, dtype=object)
         t0 = time.perf_counter()
         if options.ww_fails_every_fit:
-            fits = powerlaw.fit_table([powerlaw.PowerLawFit()] * ok.size)
+            fits = powerlaw.fit_table([powerlaw.PowerLawFit()] * ok.size,
+                                      powerlaw.fit_fields(**options.fit_options()))
         else:
             fits = powerlaw.fit_columns([self.esd[r] for r in ok], backend=options.fit_backend,
                                         **options.fit_options())
         self.timings["fit"] += time.perf_counter() - t0
-        for name in _FIT_COLUMNS:  # ints stay ints (num_pl_spikes, n_tail) unless a NaN joins them
-            self.columns.put(name, ok, fits[name])
+        for name, values in fits.items():  # ints stay ints (num_pl_spikes, n_tail) unless a NaN joins them
+            if name != "status":
+                self.columns.put(name, ok, values)
         self.columns.put("fit_backend", ok, np.array(options.fit_backend, dtype=object))
         status[ok[fits["status"] != "success"]] = "failed"
         alpha = fits["alpha"].astype(np.float64)

@@ -1,5 +1,6 @@
 """Power-law fit kernels against the plain numpy reference, WeightWatcher's WWFit and the powerlaw package."""
 import contextlib
+import dataclasses
 import io
 import math
 import warnings
@@ -305,6 +306,31 @@ def test_fit_columns_equal_fit_many_field_by_field(options, backend):
         expected = np.array([getattr(f, name) for f in fits], dtype=values.dtype)
         np.testing.assert_array_equal(values, expected, err_msg=name)  # bitwise, NaN where fit_many has NaN
         assert values.dtype == np.array([getattr(f, name) for f in fits]).dtype or values.dtype == object, name
+
+
+CORE_FIELDS = {"alpha", "xmin", "xmax", "D", "sigma", "num_pl_spikes", "n_tail", "status", "warning"}
+
+
+@pytest.mark.parametrize("options, optional", [
+    ({}, set()),
+    ({"fix_fingers": "clip_xmax"}, {"raw_alpha", "num_fingers"}),
+    ({"tpl": True}, {"tpl_alpha", "Lambda", "tpl_loglik"}),
+    ({"mode": "powerlaw", "distribution": "truncated_power_law"}, {"tpl_alpha", "Lambda", "tpl_loglik"}),
+    ({"compare": True}, {"R_exponential", "p_exponential", "R_lognormal", "p_lognormal"}),
+    ({"bootstrap": 3, "seed": 1}, {"p_value", "alpha_ci_low", "alpha_ci_high"}),
+], ids=["plain", "fingers", "tpl", "tpl-scan", "compare", "bootstrap"])
+def test_fit_columns_hold_the_fields_their_options_compute(options, optional):
+    """A fit's optional fields are columns only with their option (a default scan stores no all-NaN columns);
+    the fields left out are NaN in every ``fit_many`` fit, the ones kept are computed."""
+    esds = _esd_zoo()[len(SAMPLES):len(SAMPLES) + 6]
+    columns = pl.fit_columns(esds, **options)
+    assert list(columns) == list(pl.fit_fields(**options))
+    assert set(columns) == CORE_FIELDS | optional
+    fits = pl.fit_many(esds, **options)
+    for name in {f.name for f in dataclasses.fields(pl.PowerLawFit)} - set(columns):
+        assert all(math.isnan(getattr(f, name)) for f in fits), name
+    for name in optional:
+        assert np.isfinite(columns[name].astype(np.float64)).any(), name
 
 
 @pytest.mark.parametrize("case", ["unsorted", "nan", "empty", "fingers", "int-xmax"])

@@ -163,6 +163,8 @@ def test_scan_round_trip_matches_direct_analysis(scanned):
         assert zoo.check() == []
         models, layers = zoo.models(), zoo.layers()
         assert sorted(models["model_id"]) == ["mlp0", "mlp1", "mlp2"]
+        empty = layers.columns[layers.isna().all()].tolist()
+        assert empty == [], f"a default scan stores only columns it computed; all-NaN: {empty}"
         for model_row, model in models.iterrows():
             i = int(model["model_id"][-1])
             assert model["path"] == str(paths[i].resolve()) and model["content_hash"] == content_hash(paths[i])
@@ -209,7 +211,7 @@ def test_rerun_adds_nothing_and_a_changed_file_adds_version_2(scanned, tmp_path,
     store = copy_store(store, tmp_path / "zoo.zarr")
     before = layers_by_model(store)
     calls = []
-    monkeypatch.setattr(scan_module, "content_hash", lambda p: calls.append(p) or content_hash(p))
+    monkeypatch.setattr(scan_module, "content_hash", lambda p, files=None: calls.append(p) or content_hash(p, files))
     report = scan([zoo_dir], store, progress=False)  # same files, same paths: not even hashed again
     assert (report.n_ok, report.n_error, report.n_skipped) == (0, 0, 3) and calls == []
     report = scan([zoo_dir], store, rehash=True, progress=False)
