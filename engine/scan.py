@@ -391,10 +391,10 @@ def resolve_cluster(cluster: str, tasks: Sequence[Task]) -> str:
     return "local" if big and available_cores() >= 2 else "none"
 
 
-def file_stat(path: str) -> str:
-    """``"files:bytes:newest mtime in ns"`` of a model's files: cheap evidence that a file did not change."""
-    files = model_files(path)
-    stats = [f.stat() for f in files]
+def file_stat(path: str, files: Sequence[Path] | None = None) -> str:
+    """``"files:bytes:newest mtime in ns"`` of a model's files (``model_files(path)``, when known): cheap evidence
+    that a file did not change."""
+    stats = [f.stat() for f in (model_files(path) if files is None else files)]
     return f"{len(stats)}:{sum(s.st_size for s in stats)}:{max(s.st_mtime_ns for s in stats)}"
 
 
@@ -427,9 +427,10 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def _input_stat(model: ModelInput) -> str:
-    """``file_stat`` of a model, and for a model with a base also the base's stat and path (and ``peft``)."""
-    stat = file_stat(model.path) + (" peft" if model.peft else "")
+def _input_stat(model: ModelInput, files: Sequence[Path]) -> str:
+    """``file_stat`` of a model of ``files``, and for a model with a base also the base's stat and path (and
+    ``peft``)."""
+    stat = file_stat(model.path, files) + (" peft" if model.peft else "")
     if model.base is None:
         return stat
     try:
@@ -454,10 +455,12 @@ def _hash_all(models: Sequence[ModelInput], known: pd.DataFrame,
         cached = {(p, s): h for p, s, h in zip(known["path"], known["file_stat"], known["content_hash"])
                   if isinstance(s, str) and s}
     stats: dict[str, str] = {}
+    files: dict[str, list[Path]] = {}
     failures: list[tuple[ModelInput, str]] = []
     for model in models:
         try:
-            stats[model.path] = _input_stat(model)
+            files[model.path] = model_files(model.path)
+            stats[model.path] = _input_stat(model, files[model.path])
         except (CheckpointError, OSError) as err:
             failures.append((model, str(err)))
     hashes = {m.path: cached[(m.path, stats[m.path])] for m in models if (m.path, stats.get(m.path)) in cached}
@@ -467,7 +470,7 @@ def _hash_all(models: Sequence[ModelInput], known: pd.DataFrame,
 
     def one(path: str) -> tuple[str | None, str]:
         try:
-            return content_hash(path), ""
+            return content_hash(path, files.get(path)), ""
         except (CheckpointError, OSError) as err:
             return None, str(err)
 

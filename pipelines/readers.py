@@ -26,7 +26,7 @@ import stat
 import struct
 import sys
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -860,10 +860,10 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def content_hash(path: str | os.PathLike) -> str:
+def content_hash(path: str | os.PathLike, files: Sequence[Path] | None = None) -> str:
     """sha256 hex of a model's bytes: a file's content, or for a directory each file's name and content in
-    name order (index json and all shards), streamed in 8 MiB blocks."""
-    files = model_files(path)
+    name order (index json and all shards), streamed in 8 MiB blocks. ``files``: ``model_files(path)``, when known."""
+    files = model_files(path) if files is None else files
     named = len(files) > 1 or os.path.isdir(path)
     h = hashlib.sha256()
     for f in files:

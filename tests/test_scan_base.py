@@ -89,7 +89,7 @@ def test_rerun_skips_and_a_changed_or_other_base_is_analysed_again(zoo, tmp_path
     root, store = zoo
     store = copy_store(store, tmp_path / "zoo.zarr")
     calls = []
-    monkeypatch.setattr(scan_module, "content_hash", lambda p: calls.append(p) or content_hash(p))
+    monkeypatch.setattr(scan_module, "content_hash", lambda p, files=None: calls.append(p) or content_hash(p, files))
     report = scan([root / "ft"], store, base=root / "base.safetensors", progress=False)
     assert (report.n_ok, report.n_skipped) == (0, 2) and calls == []  # file stats of both files match
     report = scan([root / "ft"], store, base=root / "base.safetensors", rehash=True, progress=False)
