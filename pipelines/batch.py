@@ -308,11 +308,10 @@ class _Batch:
         """One eigenvalue call per (N, M) bucket of every stack pending, then the per-row ESD columns."""
         options = self.options
         info_of = {row: info for rows, info, _, _, _ in pending for row in rows}
-        buckets: dict[tuple[int, int], list[tuple[int, np.ndarray, dict[str, int], tuple | None]]] = defaultdict(list)
+        buckets: dict[tuple[int, int], list[tuple[int, np.ndarray, int, tuple | None]]] = defaultdict(list)
         for rows, info, _, stacks, spectrum in pending:
             for k, (row, stack) in enumerate(zip(rows, stacks or ())):  # k: the slice, in per-slice mode
-                ids = {"layer_id": info.layer_id, "N": info.N, "M": info.M, **({} if options.pool else {"slice_id": k})}
-                buckets[stack.shape[1:]].append((row, stack, ids, spectrum))
+                buckets[stack.shape[1:]].append((row, stack, k, spectrum))
         for (n, m), members in buckets.items():
             t0 = time.perf_counter()
             stacks = [s for _, s, _, _ in members]
@@ -322,12 +321,18 @@ class _Batch:
             evals, routes = esd_kernels.eigenvalues_with_routes(big, backend=backend, precision=options.precision)
             del big
             self.timings["esd"] += time.perf_counter() - t0
-            starts = np.cumsum([0] + [s.shape[0] for s in stacks])
+            depths = np.array([s.shape[0] for s in stacks])
+            starts = np.cumsum(depths) - depths
+            rerouted: dict[int, str] = {}  # stack -> the route of its first matrix that a fallback re-solved
+            if routes.count(backend) != len(routes):
+                for i, route in enumerate(routes):
+                    if route != backend:
+                        rerouted.setdefault(int(np.searchsorted(starts, i, side="right")) - 1, route)
             # rows with the same number of slices and spectrum (and, for conv2d_fft, the same ESD length and N)
             by_depth: dict[tuple, list[int]] = defaultdict(list)
-            for j, stack in enumerate(stacks):
-                info = info_of[members[j][0]]
-                by_depth[stack.shape[0], members[j][3], None if info.kept is None else (info.kept, info.N)].append(j)
+            for j, (row, stack, _, spectrum) in enumerate(members):
+                kept = info_of[row].kept
+                by_depth[stack.shape[0], spectrum, None if kept is None else (kept, info_of[row].N)].append(j)
             for (depth, spectrum, fft_layer), js in by_depth.items():
                 per_slice = evals[(starts[js][:, None] + np.arange(depth)).ravel()].reshape(len(js), depth, -1)
                 if spectrum is not None:
@@ -345,21 +350,21 @@ class _Batch:
                         per_slice.reshape(len(js), -1) < options.tolerance, axis=1).astype(np.int64)
                 for name, values in stats.items():
                     self.columns.put(name, rows, values)
-                self.columns.put("esd_backend", rows, np.array([_route(routes[starts[j]:starts[j] + depth], backend)
-                                                                for j in js], dtype=object))
+                self.columns.put("esd_backend", rows, np.array([rerouted.get(j, backend) for j in js], dtype=object))
                 self.columns.put("num_evals", rows, np.int64(per_slice.shape[1] * per_slice.shape[2]))
                 sorted_esd = np.sort(per_slice.reshape(len(js), -1), axis=1)
                 singular = stats["rank_loss"] > 0 if options.inverse else np.zeros(len(js), bool)
-                for row, esd, bad, lost in zip(rows, sorted_esd, singular, stats["rank_loss"]):
-                    if bad:
-                        self._singular_inverse(row, info_of[row], int(lost), esd.size)
-                    else:
-                        self.esd[row] = esd
-                        self.ok_rows.append(row)
+                for i in np.flatnonzero(singular):
+                    self._singular_inverse(rows[i], info_of[rows[i]], int(stats["rank_loss"][i]), sorted_esd.shape[1])
+                kept_rows = [(row, esd) for row, esd, bad in zip(rows, sorted_esd, singular) if not bad]
+                for row, esd in kept_rows:
+                    self.esd[row] = esd
+                self.ok_rows.extend(row for row, _ in kept_rows)
                 if options.randomize:  # needs the matrices: done while they are in memory
-                    kept_js = [(r, j) for r, j, bad in zip(rows, js, singular) if not bad]
-                    self.columns.put_dicts([r for r, _ in kept_js], [
-                        _randomize(members[j][1], self.esd[r], members[j][2], backend, options) for r, j in kept_js])
+                    kept_js = [j for j, bad in zip(js, singular) if not bad]
+                    self.columns.put_dicts([members[j][0] for j in kept_js], [
+                        _randomize(members[j][1], self.esd[members[j][0]], info_of[members[j][0]],
+                                   0 if options.pool else members[j][2], backend, options) for j in kept_js])
 
     def _singular_inverse(self, row: int, info: LayerInfo, lost: int, size: int) -> None:
         """Make ``row`` an error row: with ``inverse=True`` a layer with rank loss has no inverse ESD."""
@@ -480,10 +485,6 @@ def _composite_spectrum(evals: np.ndarray, singular: bool, keep: int | None) -> 
     return np.sort(values, axis=-1)[..., -keep:] if keep is not None else values
 
 
-def _route(routes: list[str], backend: str) -> str:
-    """What solved a layer: ``backend``, or the fallback that re-solved one of its slices (``backend:…-fallback``)."""
-    return next((r for r in routes if r != backend), backend)
-
 #: Layer columns in the order the table shows them; other columns (optional metric groups) follow in their order.
 _LEADING = ("layer_id", "name", "layer_type", "N", "M", "Q", "rf", "slice_id", *weightstats.MOMENT_KEYS,
             "w_count", "w_nonfinite", "ns_mean", "ns_std", "status", "error", "esd_backend", "num_evals", "sv_max",
@@ -500,13 +501,14 @@ def _order(columns: Sequence[str]) -> list[str]:
         [c for c in _TRAILING if c in present]
 
 
-def _randomize(stack: np.ndarray, evals: np.ndarray, row: dict[str, Any], backend: str,
+def _randomize(stack: np.ndarray, evals: np.ndarray, info: LayerInfo, slice_id: int, backend: str,
                options: Any) -> dict[str, float]:
-    """WeightWatcher's ``randomize`` columns for one layer row, with draws seeded by (seed, layer, slice)."""
-    rng = np.random.default_rng([options.seed, row["layer_id"], row.get("slice_id", 0)])
+    """WeightWatcher's ``randomize`` columns for one layer row (``slice_id`` 0 when pooled), with draws seeded by
+    (seed, layer, slice)."""
+    rng = np.random.default_rng([options.seed, info.layer_id, slice_id])
     rand_evals = spectral.randomized_eigenvalues(stack, rng=rng, backend=backend)
     rand_single = spectral.randomized_eigenvalues(stack, rng=rng, backend=backend, replicas=1)
     if options.inverse:  # WeightWatcher inverts the randomized ESD once (no alternation)
         with np.errstate(divide="ignore"):
             rand_evals, rand_single = np.sort(1.0 / rand_evals), np.sort(1.0 / rand_single)
-    return spectral.randomize_metrics(evals, rand_evals, rand_single, n=row["N"], m=row["M"])
+    return spectral.randomize_metrics(evals, rand_evals, rand_single, n=info.N, m=info.M)

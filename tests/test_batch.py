@@ -146,6 +146,35 @@ def test_buckets_reach_the_solver_as_stacks(tmp_path, monkeypatch):
     assert by_shape[(16, 16)] == 2 * 2 * 9 + 2
 
 
+def test_a_fallback_route_names_the_layer_whose_matrix_it_solved(tmp_path, monkeypatch):
+    """``esd_backend`` of a layer is the route of the first of its matrices that a fallback re-solved, else the
+    backend: checked on the (16, 16) bucket with every matrix marked (which finds each layer's matrices), then
+    with every other one."""
+    paths = [str(p) for p in mixed_zoo(tmp_path / "zoo") if "truncated" not in p.name]
+    solve = esd_kernels.eigenvalues_with_routes
+
+    def routes_of(marked):
+        def spy(stack, **kw):
+            evals, routes = solve(stack, **kw)
+            if stack.shape[1:] == (16, 16):
+                routes = [f"x:fb{i}-fallback" if marked(i) else r for i, r in enumerate(routes)]
+            return evals, routes
+
+        monkeypatch.setattr(esd_kernels, "eigenvalues_with_routes", spy)
+        batch = analyze_batch([(p, None) for p in paths], AnalysisOptions())
+        layers = batch.result.layers.assign(part=batch.part_of_row)
+        return layers[(layers["N"] == 16) & (layers["M"] == 16)].set_index(["part", "name"])["esd_backend"]
+
+    first = routes_of(lambda i: True).map(lambda r: int(r[4:-9])).sort_values()
+    depth = np.diff(np.r_[first.to_numpy(), 2 * 2 * 9 + 2])  # the bucket of test_buckets_reach_the_solver_as_stacks
+    assert first.iloc[0] == 0 and sorted(depth) == [1, 1, 9, 9, 9, 9]  # two dense layers, four convs of 9 slices
+    (backend,) = set(routes_of(lambda i: False))
+    odd = routes_of(lambda i: i % 2 == 1)
+    for key, start, n in zip(first.index, first, depth):
+        marked = [i for i in range(start, start + n) if i % 2 == 1]
+        assert odd[key] == (f"x:fb{marked[0]}-fallback" if marked else backend), key
+
+
 def test_pack_limits_and_shards():
     parts = [Part(f"m{i}", f"p{i}", f"h{i}", None, 0, 1, 100) for i in range(10)]
     shards = [Part("big", "pb", "hb", ("a",), s, 2, 5000) for s in range(2)]
