@@ -356,10 +356,10 @@ class _Batch:
                 singular = stats["rank_loss"] > 0 if options.inverse else np.zeros(len(js), bool)
                 for i in np.flatnonzero(singular):
                     self._singular_inverse(rows[i], info_of[rows[i]], int(stats["rank_loss"][i]), sorted_esd.shape[1])
-                kept_rows = [(row, esd) for row, esd, bad in zip(rows, sorted_esd, singular) if not bad]
-                for row, esd in kept_rows:
-                    self.esd[row] = esd
-                self.ok_rows.extend(row for row, _ in kept_rows)
+                for row, esd, bad in zip(rows, sorted_esd, singular):
+                    if not bad:
+                        self.esd[row] = esd
+                        self.ok_rows.append(row)
                 if options.randomize:  # needs the matrices: done while they are in memory
                     kept_js = [j for j, bad in zip(js, singular) if not bad]
                     self.columns.put_dicts([members[j][0] for j in kept_js], [
