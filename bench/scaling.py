@@ -32,7 +32,8 @@ from make_zoo import write_zoo
 from zooscope.engine.cluster import describe_compute, make_client
 from zooscope.engine.scan import scan
 from zooscope.engine.store import ZooStore
-from zooscope.pipelines.analyze import AnalysisOptions, analyze_path
+from zooscope.pipelines.analyze import AnalysisOptions
+from zooscope.pipelines.batch import analyze_batch
 
 
 def ensure_zoo(root: Path, arch: str, n_models: int) -> Path:
@@ -76,9 +77,9 @@ def run_one(label: str, profile: str, config: Path | None, workers: int | None, 
     with make_client(profile, config=config, workers=workers) as client:
         started = time.perf_counter()
         if client is not None:
-            client.run(analyze_path, str(warm), options)
+            client.run(analyze_batch, [(str(warm), None)], options)  # a task: the scan's routes
         else:
-            analyze_path(str(warm), options)
+            analyze_batch([(str(warm), None)], options)
         warmed = time.perf_counter()
         rss_warm = worker_peak_rss(client)
         report = scan(store=store, manifest=manifest, options=options, client=client, cluster="none",

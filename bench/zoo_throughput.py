@@ -46,14 +46,15 @@ import json, resource, sys, time, shutil
 from zooscope.engine.scan import scan
 from zooscope.pipelines.analyze import AnalysisOptions, analyze_path
 zoo, store, cluster, workers, warm = sys.argv[1:6]
-analyze_path(warm, AnalysisOptions())
+warm_options = AnalysisOptions(fit_backend="numba")  # a scan's power-law route (a model alone may take numpy's)
+analyze_path(warm, warm_options)
 kwargs = {}
 client = None
 if cluster != "none":
     from zooscope.engine.cluster import make_client
     ctx = make_client(cluster, workers=int(workers))
     client = ctx.__enter__()
-    client.run(analyze_path, warm, AnalysisOptions())
+    client.run(analyze_path, warm, warm_options)
     kwargs["client"] = client
 else:
     kwargs["cluster"] = "none"

@@ -175,6 +175,24 @@ def fit_many(list_of_evals: Sequence[np.ndarray], *, backend: str = "numba", thr
     return [_finish(p, scan, opts, backend) if p is not None else PowerLawFit() for p in prepared]
 
 
+#: ``choose_backend`` scans on numpy when the ESDs' summed N² (times the scans per ESD) is at most this: about
+#: 0.2 s of numpy's unpruned scan on one core, against ~0.8 s to import Numba and load its cached kernel.
+AUTO_NUMPY_WORK = 25_000_000
+
+
+def choose_backend(sizes: Sequence[int], **options) -> str:
+    """``'numpy'`` or ``'numba'``: the faster CPU backend for fitting ESDs of these lengths once, in a fresh process.
+
+    Numpy's scan costs about 15 ns per (candidate, point) pair, N²/2 pairs per ESD, and nothing to start; Numba's
+    pruned kernel is far faster per ESD but costs ~0.8 s to import and load from its cache the first time. ``options`` are :func:`fit`'s:
+    ``fix_fingers='clip_xmax'`` rescans an ESD up to ``max_fingers`` more times and ``bootstrap=B`` 2B times.
+    """
+    opts = _parse_options("numpy", options)
+    scans = 1 + (opts.max_fingers if opts.fix_fingers == "clip_xmax" else 0) + 2 * opts.bootstrap
+    work = scans * sum(int(n) ** 2 for n in sizes)
+    return "numpy" if work <= AUTO_NUMPY_WORK else "numba"
+
+
 def fit_fields(**options) -> tuple[str, ...]:
     """The ``PowerLawFit`` fields a fit with these options computes, in field order: alpha to warning always, and
     ``raw_alpha``/``num_fingers`` (``fix_fingers='clip_xmax'``), ``tpl_alpha``/``Lambda``/``tpl_loglik``
@@ -246,14 +264,20 @@ def fit_table(fits: Sequence[PowerLawFit], fields: Sequence[str] = _TABLE_FIELDS
             for name in fields}
 
 
-@np.errstate(divide="ignore", invalid="ignore")  # a tail of equal values has S = 0 → alpha = inf, as in WWFit
+#: Elements of one (candidates x points) block of :func:`scan_numpy` (8 MiB per float64 temporary).
+SCAN_BLOCK = 1 << 20
+
+
+@np.errstate(divide="ignore", invalid="ignore", over="ignore")  # a tail of equal values has S = 0 → alpha = inf
 def scan_numpy(x: np.ndarray, *, mode: str = "ww", xmin: Any = None, min_tail: int = 2, small_n: bool = False,
                xmax: float = math.inf) -> tuple[int, float, float] | None:
     """Plain O(N²) reference scan of ascending ``x``: ``(index of xmin, alpha, D)``, or None without candidates.
 
-    ``mode='ww'`` repeats WWFit's arithmetic; ``mode='powerlaw'`` powerlaw 1.5's (distinct values only).
-    ``xmax``: upper bound of the KS model CDF ``(1 - (x/xmin)^(1-alpha)) / (1 - (xmax/xmin)^(1-alpha))``
-    (powerlaw 1.5 with an ``xmax``); ``inf`` for none, NaN for the largest value of ``x``.
+    Every candidate's D is evaluated at every point of its tail (no pruning), in blocks of ``SCAN_BLOCK``
+    (candidate, point) pairs, with the arithmetic of the numba kernel: ``S_i`` by the same recursion, ``alpha_i =
+    1 + n/S_i``, ``F_i(x_j) = (1 - (x_j/x_i)^(1-alpha_i)) / (1 - (xmax/x_i)^(1-alpha_i))`` against the lower step
+    ``(j-i)/n``, NaN deviations ignored. ``mode='ww'`` scans WWFit's candidates and points; ``mode='powerlaw'``
+    powerlaw 1.5's (distinct values only). ``xmax``: ``inf`` for none, NaN for the largest value of ``x``.
     """
     x = np.asarray(x, dtype=np.float64)
     N = x.size
@@ -264,24 +288,27 @@ def scan_numpy(x: np.ndarray, *, mode: str = "ww", xmin: Any = None, min_tail: i
     cand = _candidates_numpy(x, first, unique, xmin, min_tail)
     if cand.size == 0:
         return None
-    log_x = np.log(x)
-    alphas = np.zeros(cand.size)
+    n = (N - cand).astype(np.float64)
+    alphas = 1.0 + n / _tail_log_sums(x)[cand]
     Ds = np.ones(cand.size)
     top = x[-1] if math.isnan(xmax) else xmax
-    for c, i in enumerate(cand):
-        n = float(N - i)
-        if unique:
-            alpha = 1 + n / np.sum(np.log(x[i:] / x[i]))
-        else:
-            alpha = 1 + n / (np.sum(log_x[i:]) - n * log_x[i])
-        alphas[c] = alpha
-        if alpha > 1:
-            points = first[i:]
-            model = (1 - (x[i:][points] / x[i]) ** (-alpha + 1)) / (1 - (top / x[i]) ** (-alpha + 1))
-            empirical = np.arange(n)[points] / n
-            Ds[c] = np.max(np.abs(model - empirical))
+    points = np.flatnonzero(first)
+    rows = max(1, SCAN_BLOCK // N)
+    for c0 in range(0, cand.size, rows):
+        i, a, size = cand[c0:c0 + rows, None], alphas[c0:c0 + rows, None], n[c0:c0 + rows, None]
+        j = points[points >= i[0, 0]][None, :]
+        e = 1.0 - a
+        model = (1.0 - (x[j] / x[i]) ** e) / (1.0 - (top / x[i]) ** e)
+        deviation = np.where(j >= i, np.abs(model - (j - i) / size), 0.0)
+        Ds[c0:c0 + rows] = np.where(a[:, 0] > 1.0, np.fmax.reduce(deviation, axis=1), 1.0)
     c = int(np.argmin(Ds))
     return int(cand[c]), float(alphas[c]), float(Ds[c])
+
+
+def _tail_log_sums(x: np.ndarray) -> np.ndarray:
+    """``S_i = sum_{j>=i} ln(x_j/x_i)`` of ascending ``x`` (N,), summed as ``powerlaw_numba.tail_log_sums`` does."""
+    terms = np.arange(x.size - 1, 0, -1) * np.log(x[1:] / x[:-1])
+    return np.r_[np.cumsum(terms[::-1])[::-1], 0.0]
 
 
 # ------------------------------------------------------------------------------------------ preparation

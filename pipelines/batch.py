@@ -79,7 +79,7 @@ def analysed_layers(ckpt: Checkpoint, options: Any, keys: Sequence[str] | None =
 
 def analyze_one(ckpt: Checkpoint, options: Any, keys: Sequence[str] | None = None) -> ModelResult:
     """Analyse one open checkpoint (``keys``: one shard); a ``CheckpointError`` propagates."""
-    batch = _Batch(options, MEMORY_BYTES)
+    batch = _Batch(options, MEMORY_BYTES, alone=True)
     batch.add(0, ckpt, keys)
     return batch.finish(1).part(0)
 
@@ -133,9 +133,10 @@ class _Columns:
 class _Batch:
     """Rows of a batch in layer order; weights pending until their shape bucket is solved."""
 
-    def __init__(self, options: Any, memory_bytes: int) -> None:
+    def __init__(self, options: Any, memory_bytes: int, *, alone: bool = False) -> None:
         self.options = options
         self.memory_bytes = memory_bytes
+        self.alone = alone  # one model analysed on its own, not a task of a scan
         self.columns = _Columns()
         self.part_of_row: list[int] = []
         self.esd: list[np.ndarray] = []
@@ -376,6 +377,17 @@ class _Batch:
 
     # -- finishing -------------------------------------------------------------------------------------------
 
+    def _fit_backend(self, ok: np.ndarray) -> str:
+        """The power-law backend of ``options.fit_backend``: ``auto`` is Numba in a scan (whatever its batches, so a
+        model's numbers do not depend on the models it is batched with) and, for one model alone, the faster of
+        numpy and Numba for its ESDs in a fresh process."""
+        backend = self.options.fit_backend
+        if backend != "auto":
+            return backend
+        if not self.alone:
+            return "numba"
+        return powerlaw.choose_backend([self.esd[r].size for r in ok.tolist()], **self.options.fit_options())
+
     def finish(self, n_parts: int) -> BatchResult:
         """Solve what is pending, fit every ESD at once, add the norm metrics and build the batch's tables."""
         self._solve_pending()
@@ -384,18 +396,18 @@ class _Batch:
         part_of_row = np.asarray(self.part_of_row, dtype=np.int64)
         ok = np.array(sorted(r for r in self.ok_rows if int(part_of_row[r]) not in self.errors), dtype=np.int64)
         status = np.array(self.status, dtype=object)
+        fit_backend = self._fit_backend(ok)
         t0 = time.perf_counter()
         if options.ww_fails_every_fit:
             fits = powerlaw.fit_table([powerlaw.PowerLawFit()] * ok.size,
                                       powerlaw.fit_fields(**options.fit_options()))
         else:
-            fits = powerlaw.fit_columns([self.esd[r] for r in ok], backend=options.fit_backend,
-                                        **options.fit_options())
+            fits = powerlaw.fit_columns([self.esd[r] for r in ok], backend=fit_backend, **options.fit_options())
         self.timings["fit"] += time.perf_counter() - t0
         for name, values in fits.items():  # ints stay ints (num_pl_spikes, n_tail) unless a NaN joins them
             if name != "status":
                 self.columns.put(name, ok, values)
-        self.columns.put("fit_backend", ok, np.array(options.fit_backend, dtype=object))
+        self.columns.put("fit_backend", ok, np.array(fit_backend, dtype=object))
         status[ok[fits["status"] != "success"]] = "failed"
         alpha = fits["alpha"].astype(np.float64)
         self._norm_metrics(ok, alpha)

@@ -72,8 +72,13 @@ def assert_same_rows(alone, batched) -> None:
     assert alone.n_params == batched.n_params
 
 
-@pytest.mark.parametrize("options", [AnalysisOptions(), AnalysisOptions(pool=False, mp_fit=True),
-                                     AnalysisOptions(randomize=True, detX=True, weightstats=False)],
+#: A model analysed alone takes the scan's power-law route (``fit_backend='auto'`` may take numpy's there).
+SAME_ROUTE = dict(fit_backend="numba")
+
+
+@pytest.mark.parametrize("options", [AnalysisOptions(**SAME_ROUTE),
+                                     AnalysisOptions(pool=False, mp_fit=True, **SAME_ROUTE),
+                                     AnalysisOptions(randomize=True, detX=True, weightstats=False, **SAME_ROUTE)],
                          ids=["default", "slices-mp", "randomize-detx"])
 @pytest.mark.parametrize("memory_bytes", [1 << 30, 1], ids=["one-solve", "solve-per-layer"])
 def test_batch_equals_each_model_alone(tmp_path, options, memory_bytes):
@@ -94,7 +99,7 @@ def test_shards_of_a_model_in_a_batch_equal_the_model(tmp_path):
     path = mixed_zoo(tmp_path / "zoo")[0]
     with open_checkpoint(str(path)) as ckpt:
         keys = ckpt.keys()
-        whole = analyze_checkpoint(ckpt, AnalysisOptions())
+        whole = analyze_checkpoint(ckpt, AnalysisOptions(**SAME_ROUTE))
     batch = analyze_batch([(str(path), keys[:2]), (str(path), keys[2:])], AnalysisOptions())
     from zooscope.pipelines.result import merge_results
 
@@ -123,7 +128,7 @@ def test_a_plan_is_shared_only_by_checkpoints_of_one_layout(tmp_path):
         with open_checkpoint(path) as ckpt:
             alone = analyze_batch([(path, keys)], AnalysisOptions()).part(0)
             if keys is None:
-                assert_same_rows(analyze_checkpoint(ckpt, AnalysisOptions()), batch.part(i))
+                assert_same_rows(analyze_checkpoint(ckpt, AnalysisOptions(**SAME_ROUTE)), batch.part(i))
         assert_same_rows(alone, batch.part(i))
 
 
@@ -216,7 +221,7 @@ def test_analyze_equals_a_scan_bitwise_on_large_layers(tmp_path):
     zoo.mkdir()
     save_file({"a.weight": _t(rng, (384, 320)), "b.weight": _t(rng, (320, 300)), "c.weight": _t(rng, (384, 320)),
                "conv.weight": _t(rng, (256, 256, 3, 3))}, str(zoo / "big.safetensors"))
-    alone = analyze_path(str(zoo / "big.safetensors"), AnalysisOptions())
+    alone = analyze_path(str(zoo / "big.safetensors"), AnalysisOptions(**SAME_ROUTE))
     scan([zoo], tmp_path / "big.zarr", cluster="none", progress=False)
     with ZooStore.open(str(tmp_path / "big.zarr")) as store:
         layers, esds = store.layers(), store.esds()
@@ -224,6 +229,30 @@ def test_analyze_equals_a_scan_bitwise_on_large_layers(tmp_path):
     np.testing.assert_array_equal(layers["alpha"].to_numpy(), alone.layers["alpha"].to_numpy())
     for x, y in zip(alone.esd, esds):
         np.testing.assert_array_equal(x, y)
+
+
+def test_auto_fit_backend_is_numpy_for_a_small_model_alone_and_numba_in_a_scan(tmp_path, monkeypatch):
+    """``fit_backend='auto'``: a small model analysed alone is fitted by numpy's scan (no Numba to load), the same
+    model in a scan's task by Numba, as is a model alone above ``AUTO_NUMPY_WORK``. The ``fit_backend`` column
+    names the route; the routes agree to 1e-12 (the same xmin), and Numba alone equals the scan bit for bit."""
+    from zooscope.kernels import powerlaw
+
+    rng = np.random.default_rng(4)
+    path = tmp_path / "model.safetensors"
+    save_file({"fc0.weight": _t(rng, (300, 200)), "fc1.weight": _t(rng, (200, 120)),
+               "conv.weight": _t(rng, (64, 32, 3, 3))}, str(path))
+    in_a_scan = analyze_batch([(str(path), None)], AnalysisOptions()).part(0)
+    with open_checkpoint(str(path)) as ckpt:
+        alone = analyze_checkpoint(ckpt, AnalysisOptions())
+        monkeypatch.setattr(powerlaw, "AUTO_NUMPY_WORK", 0)
+        large = analyze_checkpoint(ckpt, AnalysisOptions())
+    assert list(alone.layers["fit_backend"]) == ["numpy"] * 3
+    assert list(in_a_scan.layers["fit_backend"]) == list(large.layers["fit_backend"]) == ["numba"] * 3
+    assert_same_rows(large, in_a_scan)
+    for column in ("xmin", "num_pl_spikes", "n_tail", "status"):
+        assert list(alone.layers[column]) == list(in_a_scan.layers[column])
+    for column in ("alpha", "D", "sigma", "alpha_weighted", "log_alpha_norm"):
+        np.testing.assert_allclose(alone.layers[column], in_a_scan.layers[column], rtol=1e-12, atol=0)
 
 
 # -- the vectorised kernels against their one-at-a-time references -------------------------------------------

@@ -72,13 +72,14 @@ def test_one_model_options_reach_the_analysis(tmp_path, capsys):
 
 def test_cold_start_imports_only_the_command_it_runs(checkpoint):
     """A fresh `zooscope analyze FILE` imports its own command module (and the one whose options it shares) only,
-    and neither torch, dask nor scipy.stats (half a second each or more)."""
+    and neither torch, dask, scipy.stats nor numba (half a second each or more): a small model's power laws are
+    fitted by numpy's scan (``fit_backend='auto'``)."""
     import subprocess
     import sys
 
     script = ("import sys\nfrom zooscope.cli import main\ncode = main(['analyze', sys.argv[1]])\n"
               "commands = sorted(m for m in sys.modules if m.startswith('zooscope.commands.') and '._' not in m)\n"
-              "heavy = sorted(m for m in ('torch', 'dask', 'scipy.stats') if m in sys.modules)\n"
+              "heavy = sorted(m for m in ('torch', 'dask', 'scipy.stats', 'numba') if m in sys.modules)\n"
               "print('RESULT', code, commands, heavy)\n")
     out = subprocess.run([sys.executable, "-c", script, str(checkpoint)], capture_output=True, text=True,
                          check=True).stdout

@@ -156,7 +156,7 @@ def test_worker_killed_mid_task_is_retried(client, workdir, tmp_path):
     with ZooStore.open(str(store)) as zoo:
         assert zoo.check() == []
     layers = layers_by_model(store)
-    direct = analyze_path(str(victim), AnalysisOptions())
+    direct = analyze_path(str(victim), AnalysisOptions(fit_backend="numba"))  # the scan's route
     np.testing.assert_array_equal(layers.loc[layers["model_id"] == "victim", "alpha"].to_numpy(),
                                   direct.layers["alpha"].to_numpy())
 

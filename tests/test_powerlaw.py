@@ -72,6 +72,33 @@ def test_numba_equals_numpy_reference(name, x, mode):
 
 
 @pytest.mark.parametrize("mode", ["ww", "powerlaw"])
+def test_numpy_scan_in_small_blocks_equals_one_block(mode, monkeypatch):
+    """The numpy scan evaluates (candidate, point) pairs in blocks of SCAN_BLOCK: any block size, down to one
+    candidate per block and a last partial block, gives the same bits, and a fixed or bounded xmin too."""
+    x = np.sort(np.round(_t_esd(np.random.default_rng(2), 300, 150, 2.5), 3))  # ties for mode='powerlaw'
+    whole = [pl.scan_numpy(x, mode=mode, **kw) for kw in ({}, {"xmin": (0.5, 3.0)}, {"xmin": 1.0})]
+    for block in (1, 7 * x.size + 3):
+        monkeypatch.setattr(pl, "SCAN_BLOCK", block)
+        assert [pl.scan_numpy(x, mode=mode, **kw) for kw in ({}, {"xmin": (0.5, 3.0)}, {"xmin": 1.0})] == whole
+    assert whole[0][0] != whole[2][0]
+
+
+def test_choose_backend_weighs_numpys_scan_against_numbas_start():
+    """numpy while the summed N² times the scans per ESD stays within AUTO_NUMPY_WORK, Numba above it."""
+    side = math.isqrt(pl.AUTO_NUMPY_WORK)
+    assert pl.choose_backend([side]) == "numpy" and pl.choose_backend([side + 1]) == "numba"
+    assert pl.choose_backend([]) == "numpy"
+    assert pl.choose_backend([side // 2] * 4) == "numpy" and pl.choose_backend([side // 2 + 1] * 4) == "numba"
+    few = [side // 4]
+    assert pl.choose_backend(few * 16) == "numpy" and pl.choose_backend(few * 17) == "numba"
+    assert pl.choose_backend(few, fix_fingers="clip_xmax", max_fingers=15) == "numpy"  # 16 scans of N²/16
+    assert pl.choose_backend(few, fix_fingers="clip_xmax", max_fingers=16) == "numba"
+    assert pl.choose_backend(few, bootstrap=7) == "numpy" and pl.choose_backend(few, bootstrap=8) == "numba"
+    with pytest.raises(TypeError, match="unknown power-law option"):
+        pl.choose_backend([10], fingers=3)
+
+
+@pytest.mark.parametrize("mode", ["ww", "powerlaw"])
 def test_pruned_scan_keeps_exact_D_and_drops_only_losers(mode):
     """Every candidate the kernel evaluates has the reference D; every pruned one has a larger reference D."""
     x = np.sort(_t_esd(np.random.default_rng(5), 400, 200, 2.0))

@@ -170,7 +170,7 @@ def test_scan_round_trip_matches_direct_analysis(scanned):
             assert model["path"] == str(paths[i].resolve()) and model["content_hash"] == content_hash(paths[i])
             assert (model["status"], model["version"], model["series"]) == ("ok", 1, "mlp")
             assert model["top1_error"] == pytest.approx([0.3, 0.2, 0.1][i])
-            direct = analyze_path(str(paths[i]), AnalysisOptions())
+            direct = analyze_path(str(paths[i]), AnalysisOptions(fit_backend="numba"))  # the scan's route
             mine = layers[layers["model_row"] == model_row].sort_values("layer_id")
             assert model["n_layers"] == len(direct.layers) == len(mine) == 3
             assert model["n_params"] == direct.n_params > 0
@@ -229,7 +229,7 @@ def test_rerun_adds_nothing_and_a_changed_file_adds_version_2(scanned, tmp_path,
     layers = layers_by_model(store)
     pd.testing.assert_frame_equal(layers[layers["version"] == 1].reset_index(drop=True), before)
     new = layers[(layers["model_id"] == "mlp1") & (layers["version"] == 2)]
-    direct = analyze_path(str(changed), AnalysisOptions())
+    direct = analyze_path(str(changed), AnalysisOptions(fit_backend="numba"))
     np.testing.assert_array_equal(new["alpha"].to_numpy(), direct.layers["alpha"].to_numpy())
 
 

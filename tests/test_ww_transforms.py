@@ -237,7 +237,7 @@ def test_batches_keep_fft_layers_apart_from_same_shaped_slices():
     rng = np.random.default_rng(4)
     models = [{"c.weight": rng.standard_t(3, (3, 3, 7, 7)), "s.weight": rng.standard_t(3, (32, 32, 9)),
                "d.weight": rng.standard_t(3, (64, 32))} for _ in range(3)]
-    options = AnalysisOptions(conv2d_fft=True, inverse=True, weightstats=False)
+    options = AnalysisOptions(conv2d_fft=True, inverse=True, weightstats=False, fit_backend="numba")
     batch = analyze_batch([(m, None) for m in models], options).result
     alone = [analyze_checkpoint(open_checkpoint(m), options, keys=[k]) for m in models for k in m]
     assert batch.layers["num_evals"].tolist() == [7 * 9, 32 * 9, 32] * 3

@@ -112,8 +112,8 @@ def add_analysis_arguments(parser: argparse.ArgumentParser) -> None:
     analysis.add_argument("--esd-backend", default="auto", choices=("auto", *esd.BACKENDS), help="eigenvalue backend")
     analysis.add_argument("--precision", default="fp64", choices=esd.PRECISIONS,
                           help="eigenvalue precision (fp32: SVD backends only)")
-    analysis.add_argument("--fit-backend", default="numba", choices=powerlaw.BACKENDS,
-                          help="power-law fit kernel")
+    analysis.add_argument("--fit-backend", default="auto", choices=("auto", *powerlaw.BACKENDS),
+                          help="power-law fit kernel (auto: numba in a scan; in analyze, numpy for small models)")
     analysis.add_argument("--min-evals", type=int, default=None,
                           help="skip layers with fewer eigenvalues (default: 10 for --ww-version 0.7.5, 8 for 0.7.7)")
     analysis.add_argument("--max-evals", type=int, default=15000, help="skip layers with more eigenvalues")
