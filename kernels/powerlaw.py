@@ -183,9 +183,10 @@ AUTO_NUMPY_WORK = 25_000_000
 def choose_backend(sizes: Sequence[int], **options) -> str:
     """``'numpy'`` or ``'numba'``: the faster CPU backend for fitting ESDs of these lengths once, in a fresh process.
 
-    Numpy's scan costs about 15 ns per (candidate, point) pair, N²/2 pairs per ESD, and nothing to start; Numba's
-    pruned kernel is far faster per ESD but costs ~0.8 s to import and load from its cache the first time. ``options`` are :func:`fit`'s:
-    ``fix_fingers='clip_xmax'`` rescans an ESD up to ``max_fingers`` more times and ``bootstrap=B`` 2B times.
+    Numpy's scan costs 10-15 ns per (candidate, point) pair, N²/2 pairs per ESD, and nothing to start; Numba's
+    pruned kernel is far faster per ESD but costs ~0.8 s to import and load from its cache the first time.
+    ``options`` are :func:`fit`'s: ``fix_fingers='clip_xmax'`` rescans an ESD up to ``max_fingers`` more times and
+    ``bootstrap=B`` 2B times.
     """
     opts = _parse_options("numpy", options)
     scans = 1 + (opts.max_fingers if opts.fix_fingers == "clip_xmax" else 0) + 2 * opts.bootstrap
