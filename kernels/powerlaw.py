@@ -175,22 +175,24 @@ def fit_many(list_of_evals: Sequence[np.ndarray], *, backend: str = "numba", thr
     return [_finish(p, scan, opts, backend) if p is not None else PowerLawFit() for p in prepared]
 
 
-#: ``choose_backend`` scans on numpy when the ESDs' summed N² (times the scans per ESD) is at most this: about
-#: 0.2 s of numpy's unpruned scan on one core, against ~0.8 s to import Numba and load its cached kernel.
+#: ``choose_backend`` scans on numpy when its estimated work, in N² units of ESD length, is at most this: about
+#: 0.3 s of numpy's unpruned scan on one core, against ~0.8 s to import Numba and load its cached kernel.
 AUTO_NUMPY_WORK = 25_000_000
+#: The numpy scan's cost per ESD besides its N², in the same units (~45 µs of Python at ~13 ns per N²).
+AUTO_ESD_OVERHEAD = 3_500
 
 
 def choose_backend(sizes: Sequence[int], **options) -> str:
     """``'numpy'`` or ``'numba'``: the faster CPU backend for fitting ESDs of these lengths once, in a fresh process.
 
-    Numpy's scan costs 10-15 ns per (candidate, point) pair, N²/2 pairs per ESD, and nothing to start; Numba's
-    pruned kernel is far faster per ESD but costs ~0.8 s to import and load from its cache the first time.
-    ``options`` are :func:`fit`'s: ``fix_fingers='clip_xmax'`` rescans an ESD up to ``max_fingers`` more times and
-    ``bootstrap=B`` 2B times.
+    Numpy's scan of an ESD of N values costs about 13 ns·N² (N²/2 candidate-point pairs) plus ~45 µs, and nothing
+    to start; Numba's pruned kernel is far faster per ESD but costs ~0.8 s to import and load from its cache the
+    first time. ``options`` are :func:`fit`'s: ``fix_fingers='clip_xmax'`` rescans an ESD up to ``max_fingers``
+    more times and ``bootstrap=B`` 2B times.
     """
     opts = _parse_options("numpy", options)
     scans = 1 + (opts.max_fingers if opts.fix_fingers == "clip_xmax" else 0) + 2 * opts.bootstrap
-    work = scans * sum(int(n) ** 2 for n in sizes)
+    work = scans * sum(int(n) ** 2 + AUTO_ESD_OVERHEAD for n in sizes)
     return "numpy" if work <= AUTO_NUMPY_WORK else "numba"
 
 

@@ -64,7 +64,7 @@ class AnalysisOptions:
     esd_table: a ``kernels.esd.RoutingTable`` measured by ``zooscope bench svd --tune`` (None: built-in rule).
     fit_backend: ``numba`` (CPU), ``numpy`` (reference), ``cuda`` or ``auto``: ``numba`` in a scan; for one model
         analysed alone (``analyze()``, ``zooscope analyze``) ``powerlaw.choose_backend`` of its ESDs: numpy when
-        their summed N² is at most 2.5e7 (MiniLM-L6: 5.8e6; a ResNet-18's pooled 3x3 convs alone: 8.5e7), which
+        their summed N² is at most ~2.5e7 (MiniLM-L6: 5.8e6; a ResNet-18's pooled 3x3 convs alone: 8.5e7), which
         spares a fresh process Numba's ~0.8 s start. The two agree to ~1e-15 relative; the ``fit_backend`` column
         names the one used.
     fix_fingers: None, ``"clip_xmax"`` or ``"xmin_peak"`` (xmin searched in ``[0.95·peak, xmin_max]`` of the

@@ -84,14 +84,17 @@ def test_numpy_scan_in_small_blocks_equals_one_block(mode, monkeypatch):
 
 
 def test_choose_backend_weighs_numpys_scan_against_numbas_start():
-    """numpy while the summed N² times the scans per ESD stays within AUTO_NUMPY_WORK, Numba above it."""
-    side = math.isqrt(pl.AUTO_NUMPY_WORK)
+    """numpy while the ESDs' N² plus a per-ESD overhead, times the scans per ESD, stays within AUTO_NUMPY_WORK;
+    Numba above it, for a few long ESDs as for many short ones."""
+    budget, overhead = pl.AUTO_NUMPY_WORK, pl.AUTO_ESD_OVERHEAD
+    side = math.isqrt(budget - overhead)
     assert pl.choose_backend([side]) == "numpy" and pl.choose_backend([side + 1]) == "numba"
     assert pl.choose_backend([]) == "numpy"
-    assert pl.choose_backend([side // 2] * 4) == "numpy" and pl.choose_backend([side // 2 + 1] * 4) == "numba"
-    few = [side // 4]
+    many = budget // (10**2 + overhead)  # short ESDs: their per-ESD cost decides
+    assert pl.choose_backend([10] * many) == "numpy" and pl.choose_backend([10] * (many + 1)) == "numba"
+    few = [math.isqrt(budget // 16 - overhead)]
     assert pl.choose_backend(few * 16) == "numpy" and pl.choose_backend(few * 17) == "numba"
-    assert pl.choose_backend(few, fix_fingers="clip_xmax", max_fingers=15) == "numpy"  # 16 scans of N²/16
+    assert pl.choose_backend(few, fix_fingers="clip_xmax", max_fingers=15) == "numpy"  # 16 scans
     assert pl.choose_backend(few, fix_fingers="clip_xmax", max_fingers=16) == "numba"
     assert pl.choose_backend(few, bootstrap=7) == "numpy" and pl.choose_backend(few, bootstrap=8) == "numba"
     with pytest.raises(TypeError, match="unknown power-law option"):
