@@ -298,11 +298,11 @@ def scan_numpy(x: np.ndarray, *, mode: str = "ww", xmin: Any = None, min_tail: i
     points = np.flatnonzero(first)
     rows = max(1, SCAN_BLOCK // N)
     for c0 in range(0, cand.size, rows):
-        i, a, size = cand[c0:c0 + rows, None], alphas[c0:c0 + rows, None], n[c0:c0 + rows, None]
+        i, a, tail = cand[c0:c0 + rows, None], alphas[c0:c0 + rows, None], n[c0:c0 + rows, None]
         j = points[points >= i[0, 0]][None, :]
         e = 1.0 - a
         model = (1.0 - (x[j] / x[i]) ** e) / (1.0 - (top / x[i]) ** e)
-        deviation = np.where(j >= i, np.abs(model - (j - i) / size), 0.0)
+        deviation = np.where(j >= i, np.abs(model - (j - i) / tail), 0.0)
         Ds[c0:c0 + rows] = np.where(a[:, 0] > 1.0, np.fmax.reduce(deviation, axis=1), 1.0)
     c = int(np.argmin(Ds))
     return int(cand[c]), float(alphas[c]), float(Ds[c])
