@@ -355,17 +355,17 @@ class _Batch:
                 self.columns.put("num_evals", rows, np.int64(per_slice.shape[1] * per_slice.shape[2]))
                 sorted_esd = np.sort(per_slice.reshape(len(js), -1), axis=1)
                 singular = stats["rank_loss"] > 0 if options.inverse else np.zeros(len(js), bool)
-                for i in np.flatnonzero(singular):
-                    self._singular_inverse(rows[i], info_of[rows[i]], int(stats["rank_loss"][i]), sorted_esd.shape[1])
-                for row, esd, bad in zip(rows, sorted_esd, singular):
-                    if not bad:
+                for row, esd, bad, lost in zip(rows, sorted_esd, singular, stats["rank_loss"]):
+                    if bad:
+                        self._singular_inverse(row, info_of[row], int(lost), esd.size)
+                    else:
                         self.esd[row] = esd
                         self.ok_rows.append(row)
                 if options.randomize:  # needs the matrices: done while they are in memory
-                    kept_js = [j for j, bad in zip(js, singular) if not bad]
-                    self.columns.put_dicts([members[j][0] for j in kept_js], [
-                        _randomize(members[j][1], self.esd[members[j][0]], info_of[members[j][0]],
-                                   0 if options.pool else members[j][2], backend, options) for j in kept_js])
+                    kept = [(row, j) for row, j, bad in zip(rows, js, singular) if not bad]
+                    self.columns.put_dicts([row for row, _ in kept], [
+                        _randomize(members[j][1], self.esd[row], info_of[row], 0 if options.pool else members[j][2],
+                                   backend, options) for row, j in kept])
 
     def _singular_inverse(self, row: int, info: LayerInfo, lost: int, size: int) -> None:
         """Make ``row`` an error row: with ``inverse=True`` a layer with rank loss has no inverse ESD."""
