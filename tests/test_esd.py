@@ -188,26 +188,32 @@ def test_checked_gram_keeps_gram_eigenvalues_of_well_conditioned_matrices():
                                   eigenvalues(stack, backend="numpy-gram-eigh"))
 
 
-def test_checked_gram_resolves_what_gram_cannot_certify():
+@pytest.mark.parametrize("n, m, condition", [(300, 150, 1e6), (60, 30, 1e6)])
+def test_checked_gram_resolves_what_gram_cannot_certify(n, m, condition):
+    """Uncertain eigenvalues are re-solved by inverse iteration, the certified ones kept, from a side of
+    ``ITERATION_MIN_SIDE`` (300×150); below it (60×30) by a whole SVD, which is cheaper there."""
     rng = np.random.default_rng(3)
     stack = np.stack([
-        rng.standard_normal((60, 30)),  # well conditioned: Gram kept
-        _ill_conditioned(rng, 60, 30, 1e6),  # λ from 1 to 1e-12: the 11 below the Gram route's bound re-solved
-        rng.standard_normal((60, 4)) @ rng.standard_normal((4, 30)),  # rank 4 of 30: 26 zeros, whole SVD
+        rng.standard_normal((n, m)),  # well conditioned: Gram kept
+        _ill_conditioned(rng, n, m, condition),  # λ from 1 to 1e-12: the smallest uncertain
+        rng.standard_normal((n, 4)) @ rng.standard_normal((4, m)),  # rank 4: m - 4 zeros, whole SVD
     ])
     gram = eigenvalues(stack, backend="numpy-gram-eigh")
     svd = eigenvalues(stack, backend="numpy-svd")  # the same library's LAPACK gesdd
     got = eigenvalues(stack, backend="numpy-gram-checked")
     np.testing.assert_array_equal(got[0], gram[0])
-    uncertain = gram[1] * esd.CHECKED_ACCURACY < 90 * np.finfo(float).eps * gram[1, -1]
-    assert uncertain.sum() == 11
-    np.testing.assert_array_equal(got[1, ~uncertain], gram[1, ~uncertain])  # kept: no whole-matrix SVD
-    np.testing.assert_allclose(got[1, uncertain], svd[1, uncertain], rtol=esd.CHECKED_ACCURACY)
+    uncertain = gram[1] * esd.CHECKED_ACCURACY < (n + m) * np.finfo(float).eps * gram[1, -1]
+    assert 0 < uncertain.sum() < m // 2
+    if m >= esd.ITERATION_MIN_SIDE:
+        np.testing.assert_array_equal(got[1, ~uncertain], gram[1, ~uncertain])  # kept: no whole-matrix SVD
+        np.testing.assert_allclose(got[1, uncertain], svd[1, uncertain], rtol=esd.CHECKED_ACCURACY)
+    else:
+        np.testing.assert_array_equal(got[1], svd[1])
     assert np.max(np.abs(gram[1, uncertain] / svd[1, uncertain] - 1)) > esd.CHECKED_ACCURACY  # Gram alone is not
     np.testing.assert_array_equal(got[2], svd[2])
-    rank_loss = singular_value_stats(got[2:], 60)["rank_loss"]
-    assert rank_loss == singular_value_stats(svd[2:], 60)["rank_loss"] == 26
-    assert singular_value_stats(gram[2:], 60)["rank_loss"] != 26  # what the unchecked Gram route gets wrong
+    rank_loss = singular_value_stats(got[2:], n)["rank_loss"]
+    assert rank_loss == singular_value_stats(svd[2:], n)["rank_loss"] == m - 4
+    assert singular_value_stats(gram[2:], n)["rank_loss"] != m - 4  # what the unchecked Gram route gets wrong
 
 
 @pytest.mark.parametrize("backend", ["numpy-gram-checked", "torch-gram-checked", "cupy-gram-checked"])
