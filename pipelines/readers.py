@@ -151,8 +151,8 @@ def _require_regular(path: str | os.PathLike, st: os.stat_result | None = None) 
     return st
 
 
-def _loads_json(raw: bytes | str, path: str, what: str) -> Any:
-    """JSON with duplicate keys and nesting bombs refused as ``CheckpointError``."""
+def _unique_pairs(path: str, what: str):
+    """A JSON ``object_pairs_hook`` that refuses duplicate keys as ``CheckpointError``."""
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         out = dict(items)
         if len(out) != len(items):
@@ -161,8 +161,13 @@ def _loads_json(raw: bytes | str, path: str, what: str) -> Any:
             raise CheckpointError(path, None, f"corrupt {what}: key {short_repr(dup)} appears twice")
         return out
 
+    return pairs
+
+
+def _loads_json(raw: bytes | str, path: str, what: str) -> Any:
+    """JSON with duplicate keys and nesting bombs refused as ``CheckpointError``."""
     try:
-        return json.loads(raw, object_pairs_hook=pairs)
+        return json.loads(raw, object_pairs_hook=_unique_pairs(path, what))
     except RecursionError as exc:
         raise CheckpointError(path, None, f"corrupt {what}: nested too deeply") from exc
     except (UnicodeDecodeError, ValueError) as exc:
@@ -200,16 +205,39 @@ def _from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
 # shards: one file (or one in-memory mapping) holding some of a model's tensors
 
 
-#: parsed safetensors headers by (header bytes, file size): the same-shaped models of a zoo share one header
-_HEADER_CACHE: dict[tuple[bytes, int], dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
+#: parsed safetensors headers by ``_header_key``: the same-shaped models of a zoo share one header
+_HEADER_CACHE: dict[tuple[str, str, int, int], dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
 _HEADER_CACHE_SIZE, _HEADER_CACHE_BYTES = 256, 1 << 16  # entries kept, and the largest header kept
+_METADATA_KEY = '"__metadata__":'
+
+
+def _header_key(raw: bytes, size: int, p: str) -> tuple[str, str, int, int] | None:
+    """The cache key of a safetensors header ``raw`` of a file of ``size`` bytes: the header's text before and
+    after the value of its ``__metadata__`` key (the files of a zoo often differ only there: a seed, a step), the
+    header's length and the file size. The metadata value itself is checked here as JSON without duplicate keys,
+    as the whole header's parse checks it. None (not cached) for a header that is not UTF-8 or whose metadata is
+    not such a value right after its key: the whole parse then says what is wrong."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    start = text.find(_METADATA_KEY)
+    if start < 0:
+        return text, "", len(raw), size
+    start += len(_METADATA_KEY)
+    try:
+        _, end = json.JSONDecoder(object_pairs_hook=_unique_pairs(p, "safetensors header")).raw_decode(text, start)
+    except (ValueError, RecursionError):
+        return None
+    return text[:start], text[end:], len(raw), size
 
 
 def _safetensors_entries(raw: bytes, size: int, p: str) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     """The checked entries ``{key: (dtype code, shape, start, end)}`` of a safetensors header ``raw`` in a file of
-    ``size`` bytes (``p``: its path, for errors); a header seen before with the same file size is not parsed
-    again. The returned dict is shared: never modify it."""
-    cached = _HEADER_CACHE.get((raw, size))
+    ``size`` bytes (``p``: its path, for errors); a header seen before with the same file size, up to its
+    ``__metadata__`` value (``_header_key``), is not parsed again. The returned dict is shared: never modify it."""
+    cache_key = _header_key(raw, size, p) if len(raw) <= _HEADER_CACHE_BYTES else None
+    cached = _HEADER_CACHE.get(cache_key) if cache_key is not None else None
     if cached is not None:
         return cached
     base = 8 + len(raw)
@@ -245,10 +273,10 @@ def _safetensors_entries(raw: bytes, size: int, p: str) -> dict[str, tuple[str, 
         if start_b < end_a:
             raise CheckpointError(p, b, "corrupt safetensors header: its bytes overlap those of tensor "
                                         f"{short_repr(a)}")
-    if len(raw) <= _HEADER_CACHE_BYTES:
+    if cache_key is not None:
         if len(_HEADER_CACHE) >= _HEADER_CACHE_SIZE:
             _HEADER_CACHE.clear()
-        _HEADER_CACHE[raw, size] = entries
+        _HEADER_CACHE[cache_key] = entries
     return entries
 
 

@@ -287,6 +287,39 @@ def test_same_header_parsed_once_and_still_checked_against_each_file(tmp_path, m
     assert err.value.path == str(truncated)
 
 
+def test_header_cache_ignores_metadata_values_but_still_checks_them(tmp_path, monkeypatch):
+    """Files that differ only in their ``__metadata__`` (a zoo's seeds) share one parsed header; metadata that the
+    whole parse refuses (duplicate keys, not JSON) is refused as well when a file of that layout was parsed."""
+    tensors = {k: v for k, v in _tensors(0).items() if k != "step"}
+    paths = []
+    for seed in range(3):
+        paths.append(tmp_path / f"m{seed}.safetensors")
+        save_file(tensors, paths[-1], metadata={"seed": f"{seed:03d}"})
+    template = paths[0].read_bytes()
+    assert template.count(b'{"seed":"000"}') == 1
+    bad = {"appears twice": '{"s":0, "s":1}', "corrupt safetensors header": '{"seed": 0000}'}  # as long as the seed
+    calls = []
+    real_loads = readers._loads_json
+
+    def counting(*args):
+        calls.append(args[1])
+        return real_loads(*args)
+
+    readers._HEADER_CACHE.clear()
+    monkeypatch.setattr(readers, "_loads_json", counting)
+    for path in paths:
+        with open_checkpoint(path) as ckpt:
+            for key, tensor in tensors.items():
+                np.testing.assert_array_equal(ckpt.read(key), _expected(tensor))
+    assert calls == [str(paths[0])]
+    for i, (message, metadata) in enumerate(bad.items()):
+        path = tmp_path / f"bad{i}.safetensors"
+        path.write_bytes(template.replace(b'{"seed":"000"}', metadata.encode()))
+        with pytest.raises(CheckpointError, match=message) as err:
+            open_checkpoint(path)
+        assert err.value.path == str(path)
+
+
 def test_unsupported_dtype_names_tensor(tmp_path):
     f = tmp_path / "b.safetensors"
     save_file({"mask.weight": torch.ones(3, 3, dtype=torch.bool), "w.weight": torch.ones(3, 3)}, f)
