@@ -21,6 +21,18 @@ CHECKPOINTS = {
 }
 
 
+def importable_tree(tree: Path) -> Path:
+    """``tree`` (a zooscope checkout, e.g. a ``git worktree``) made importable as ``zooscope`` from
+    ``PYTHONPATH=tree``: links ``zooscope/engine``, ``kernels``, ``pipelines`` to the tree's own folders where
+    missing. Without them an editable install of another checkout would serve those three packages, and a
+    "baseline" would silently time the current code."""
+    for name in ("engine", "kernels", "pipelines"):
+        link = tree / "zooscope" / name
+        if not link.exists():
+            link.symlink_to(Path("..") / name)
+    return tree
+
+
 def checkpoint_path(name: str) -> Path | None:
     """The file of ``CHECKPOINTS[name]``, or None when its package is not installed."""
     package, relative = CHECKPOINTS[name]

@@ -28,7 +28,7 @@ import numpy as np
 from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _results import record  # noqa: E402
+from _results import importable_tree, record  # noqa: E402
 from zooscope.kernels import drift, weightstats  # noqa: E402
 
 
@@ -175,11 +175,7 @@ def _export(rev: str, into: Path) -> Path:
     repo = Path(__file__).resolve().parents[1]
     archive = subprocess.run(["git", "-C", str(repo), "archive", rev], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    for name in ("engine", "kernels", "pipelines"):
-        link = into / "zooscope" / name
-        if not link.exists():
-            link.symlink_to(Path("..") / name)
-    return into
+    return importable_tree(into)
 
 
 def zoo_main(manifest: str, baseline: str, cluster: str) -> None:

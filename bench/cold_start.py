@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _results import record
+from _results import importable_tree, record
 from zoo_throughput import _write_5mb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,7 +64,7 @@ def main() -> None:
         if path is None:
             path = Path(tmp) / "cold-5mb.safetensors"
             _write_5mb(path)
-        trees = [ROOT, *([args.baseline.resolve()] if args.baseline else [])]
+        trees = [ROOT, *([importable_tree(args.baseline.resolve())] if args.baseline else [])]
         wall_times(path, 1, trees)  # the first run after a change may compile Numba kernels into the on-disk cache
         load_before = os.getloadavg()
         times = wall_times(path, args.repeats, trees)

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import record
+from _results import importable_tree, record
 from make_zoo import write_zoo
 
 HERE = Path(__file__).resolve().parent
@@ -100,8 +100,8 @@ print(json.dumps({"seconds": time.perf_counter() - t, "n": len(paths)}))
 
 def _env(tree: Path | None) -> dict[str, str]:
     env = dict(os.environ)
-    if tree is not None:  # that checkout's zooscope first on sys.path (its zooscope/ needs engine/kernels/pipelines)
-        env["PYTHONPATH"] = str(tree)
+    if tree is not None:  # that checkout's zooscope first on sys.path
+        env["PYTHONPATH"] = str(importable_tree(tree))
     return env
 
 
