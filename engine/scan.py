@@ -12,7 +12,6 @@ both files (``derived.derived_hash``) and its file stat both stats, so a changed
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import math
 import os
@@ -605,7 +604,7 @@ def _message(err: BaseException) -> str:
 
 def _model_row(model: ModelInput, digest: str, stat: str, error: str) -> dict[str, Any]:
     """The ``/models`` row of one model without its results (docs/INTERFACES.md, Table columns; the store adds
-    ``version``; the caller adds ``n_layers``, ``n_params``, ``seconds`` and the summaries)."""
+    ``version`` and ``scanned_at``; the caller adds ``n_layers``, ``n_params``, ``seconds`` and the summaries)."""
     return {
         "model_id": model.model_id,
         "path": model.path,
@@ -614,7 +613,6 @@ def _model_row(model: ModelInput, digest: str, stat: str, error: str) -> dict[st
         "error": error if not error or model.path in error else f"{model.path}: {error}",
         "n_layers": 0,
         "seconds": math.nan,
-        "scanned_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "file_stat": stat,
         **({"base_path": model.base} if model.base is not None else {}),
         **({"peft": True} if model.peft else {}),

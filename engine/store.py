@@ -568,8 +568,9 @@ class ZooStore:
         known: dict[str, tuple[int, str]] = {}  # this call's rows, checked against each other too
         pairs: set[tuple[str, str]] = set()
         rows = []
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         for model_row in model_rows:
-            row = self._model_row(model_row, known, pairs)
+            row = self._model_row(model_row, known, pairs, now)
             known[row["model_id"]] = (row["version"], row["content_hash"])
             pairs.add((row["model_id"], row["content_hash"]))
             rows.append(row)
@@ -593,9 +594,9 @@ class ZooStore:
             self.flush()
 
     def _model_row(self, model_row: dict[str, Any], known: dict[str, tuple[int, str]],
-                   pairs: set[tuple[str, str]]) -> dict[str, Any]:
-        """A model row checked and completed (version, status, error, counts, time) for :meth:`append_many`;
-        ``known``/``pairs``: rows of the same call not yet in the index."""
+                   pairs: set[tuple[str, str]], now: str) -> dict[str, Any]:
+        """A model row checked and completed (version, status, error, counts, ``scanned_at`` = ``now``) for
+        :meth:`append_many`; ``known``/``pairs``: rows of the same call not yet in the index."""
         if "model_id" not in model_row:
             raise ValueError("a model row needs a 'model_id'")
         new_names = [k for k in model_row if k not in self._columns["models"] and k not in self._checked_names]
@@ -612,8 +613,7 @@ class ZooStore:
         row.setdefault("status", "ok")
         row.setdefault("error", "")
         row.setdefault("n_layers", 0)
-        if "scanned_at" not in row:
-            row["scanned_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        row.setdefault("scanned_at", now)
         return {**{k: row[k] for k in MODEL_COLUMNS if k in row}, **row}
 
     def append_drift(self, df: pd.DataFrame) -> None:

@@ -165,6 +165,8 @@ def test_scan_round_trip_matches_direct_analysis(scanned):
         assert sorted(models["model_id"]) == ["mlp0", "mlp1", "mlp2"]
         empty = layers.columns[layers.isna().all()].tolist()
         assert empty == [], f"a default scan stores only columns it computed; all-NaN: {empty}"
+        age = pd.Timestamp.now(tz="UTC") - pd.to_datetime(models["scanned_at"], utc=False)  # ISO 8601 with +00:00
+        assert ((age >= pd.Timedelta(0)) & (age < pd.Timedelta(hours=1))).all(), models["scanned_at"]
         for model_row, model in models.iterrows():
             i = int(model["model_id"][-1])
             assert model["path"] == str(paths[i].resolve()) and model["content_hash"] == content_hash(paths[i])
