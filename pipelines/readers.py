@@ -209,9 +209,10 @@ def _from_storage(raw: np.ndarray, dtype: str) -> np.ndarray:
 _HEADER_CACHE: dict[tuple[str, str, int, int], dict[str, tuple[str, tuple[int, ...], int, int]]] = {}
 _HEADER_CACHE_SIZE, _HEADER_CACHE_BYTES = 256, 1 << 16  # entries kept, and the largest header kept
 _METADATA_KEY = '"__metadata__":'
+_METADATA_DECODER = json.JSONDecoder(object_pairs_hook=_unique_pairs("", "safetensors header"))
 
 
-def _header_key(raw: bytes, size: int, p: str) -> tuple[str, str, int, int] | None:
+def _header_key(raw: bytes, size: int) -> tuple[str, str, int, int] | None:
     """The cache key of a safetensors header ``raw`` of a file of ``size`` bytes: the header's text before and
     after the value of its ``__metadata__`` key (the files of a zoo often differ only there: a seed, a step), the
     header's length and the file size. The metadata value itself is checked here as JSON without duplicate keys,
@@ -226,7 +227,7 @@ def _header_key(raw: bytes, size: int, p: str) -> tuple[str, str, int, int] | No
         return text, "", len(raw), size
     start += len(_METADATA_KEY)
     try:
-        _, end = json.JSONDecoder(object_pairs_hook=_unique_pairs(p, "safetensors header")).raw_decode(text, start)
+        _, end = _METADATA_DECODER.raw_decode(text, start)
     except (ValueError, RecursionError):
         return None
     return text[:start], text[end:], len(raw), size
@@ -236,7 +237,7 @@ def _safetensors_entries(raw: bytes, size: int, p: str) -> dict[str, tuple[str, 
     """The checked entries ``{key: (dtype code, shape, start, end)}`` of a safetensors header ``raw`` in a file of
     ``size`` bytes (``p``: its path, for errors); a header seen before with the same file size, up to its
     ``__metadata__`` value (``_header_key``), is not parsed again. The returned dict is shared: never modify it."""
-    cache_key = _header_key(raw, size, p) if len(raw) <= _HEADER_CACHE_BYTES else None
+    cache_key = _header_key(raw, size) if len(raw) <= _HEADER_CACHE_BYTES else None
     cached = _HEADER_CACHE.get(cache_key) if cache_key is not None else None
     if cached is not None:
         return cached
