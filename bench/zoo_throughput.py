@@ -3,6 +3,10 @@ per-model loop and against an earlier zooscope (a git checkout given with ``--ba
 
     python bench/zoo_throughput.py --n-models 10000 --ww-models 200 --workers 2 --baseline /tmp/old
     python bench/zoo_throughput.py --n-models 300 --ww-models 50 --resnet 0          # quick look
+    python bench/zoo_throughput.py --rounds 5 --resnet 0 --sweep 0                  # the 15x and 2-worker rows
+
+With ``--rounds R`` the in-process, local-workers and WeightWatcher rows run R times, taking turns, and show the
+median (min-max) ms/model; their ratios compare medians.
 
 Rows (each scan in a fresh process, after warming Numba and imports on one model outside the timing; ms/model is
 the scan's wall time over the models scanned, peak RSS that process's high-water mark):
@@ -28,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -146,6 +151,13 @@ def ww_loop(paths: list[Path], arch: str) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
 
 
+def _spread(values: list[float]) -> str:
+    """``median`` of one value, or ``median (min-max)`` of several, in ms."""
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
 def _write_5mb(path: Path) -> None:
     """A 5.2 MB fp32 MLP (1024-1024-1024-256-10 less the input layer) with heavy-tailed weights."""
     import numpy as np
@@ -172,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-models", type=int, default=10000)
     parser.add_argument("--ww-models", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="in-process, local-workers and WeightWatcher runs, taking turns; medians are compared")
     parser.add_argument("--resnet", type=int, default=50, help="ResNet-18-shaped models (0: skip the row)")
     parser.add_argument("--sweep", type=int, default=1000, help="MLPs of the sweep row (0: skip the row)")
     parser.add_argument("--baseline", type=Path, help="a zooscope checkout to compare with (before)")
@@ -186,20 +200,28 @@ def main(argv: list[str] | None = None) -> int:
         write_zoo("small-cnn", args.n_models, cnn, dtype="fp32")
     rows = [("zoo", "run", "models", "ms/model", "ratio", "peak RSS MB", "note")]
 
-    inproc = run_scan(None, cnn)
-    ms = 1e3 * inproc["seconds"] / args.n_models
-    rows.append(("small CNN", "in-process (after)", args.n_models, f"{ms:.2f}", "1.00", f"{inproc['peak_mb']:.0f}", ""))
-    if args.workers > 1:
-        dist = run_scan(None, cnn, "local", args.workers)
-        dms = 1e3 * dist["seconds"] / args.n_models
-        equal = same_stores(inproc["store"], dist["store"])
-        rows.append(("small CNN", f"local --workers {args.workers}", args.n_models, f"{dms:.2f}",
-                     f"{ms / dms:.2f}x throughput", f"{dist['peak_mb']:.0f}", f"bitwise equal: {equal}"))
+    inproc_ms, dist_ms, ww_ms, equal, peaks = [], [], [], [], {"in": 0.0, "dist": 0.0}
     subset = sorted(cnn.glob("*.safetensors"))[: args.ww_models]
-    ww_s = ww_loop(subset, "small-cnn")
-    ww_ms = 1e3 * ww_s / len(subset)
-    rows.append(("small CNN", "WeightWatcher 0.7.7 loop", len(subset), f"{ww_ms:.2f}",
-                 f"zooscope {ww_ms / ms:.1f}x faster", "", f"first {len(subset)} files of the same zoo"))
+    for _ in range(args.rounds):  # the three runs take turns, so that a drifting machine slows each alike
+        inproc = run_scan(None, cnn)
+        inproc_ms.append(1e3 * inproc["seconds"] / args.n_models)
+        peaks["in"] = max(peaks["in"], inproc["peak_mb"])
+        if args.workers > 1:
+            dist = run_scan(None, cnn, "local", args.workers)
+            dist_ms.append(1e3 * dist["seconds"] / args.n_models)
+            peaks["dist"] = max(peaks["dist"], dist["peak_mb"])
+            equal.append(same_stores(inproc["store"], dist["store"]))
+        ww_ms.append(1e3 * ww_loop(subset, "small-cnn") / len(subset))
+    ms = statistics.median(inproc_ms)
+    rows.append(("small CNN", "in-process (after)", args.n_models, _spread(inproc_ms), "1.00", f"{peaks['in']:.0f}",
+                 ""))
+    if dist_ms:
+        dms = statistics.median(dist_ms)
+        rows.append(("small CNN", f"local --workers {args.workers}", args.n_models, _spread(dist_ms),
+                     f"{ms / dms:.2f}x throughput", f"{peaks['dist']:.0f}", f"bitwise equal: {all(equal)}"))
+    rows.append(("small CNN", "WeightWatcher 0.7.7 loop", len(subset), _spread(ww_ms),
+                 f"zooscope {statistics.median(ww_ms) / ms:.1f}x faster", "",
+                 f"first {len(subset)} files of the same zoo"))
     if args.baseline is not None:
         sub = args.out / f"small-cnn-{args.n_models}-first{args.baseline_models}"
         if not sub.exists():
