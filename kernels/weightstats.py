@@ -13,12 +13,10 @@ Node strength layouts (paper 000: sum of absolute incoming weights of a unit):
 """
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import numpy as np
 
-from zooscope.kernels.backends import map_row_blocks
 
 #: Quantile levels reported by ``moments`` (as ``w_q01`` ... ``w_q99``).
 QUANTILES = (0.01, 0.05, 0.25, 0.50, 0.75, 0.95, 0.99)
@@ -28,9 +26,6 @@ ZERO_TOL = 1e-3
 
 #: Largest number of points ``kde`` builds its estimator from; bigger layers are subsampled (seeded).
 KDE_MAX_POINTS = 100_000
-#: rows at least this long select their quantiles' order statistics by ``np.partition`` instead of a full sort
-#: (the same numbers; faster from ~300k entries on, e.g. 1.7x on a 2.4M-entry conv layer, slower below)
-PARTITION_MIN_ENTRIES = 1 << 19
 
 Layout = Literal["out_in", "in_out"]
 
@@ -83,9 +78,11 @@ def moments_rows(x: np.ndarray, *, zero_tol: float = ZERO_TOL, x64: np.ndarray |
 
 def quantile_rows(x: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     """``np.quantile(x, q, axis=1)`` (method ``linear``) of finite rows ``x`` (G, n), bit for bit: ``(len(q), G)``
-    fp64. The order statistics are taken in the rows' own dtype (float32 sorts about twice as fast as fp64; they
-    are the same numbers), by a sort, or by ``np.partition`` for rows of ``PARTITION_MIN_ENTRIES`` or more (in
-    row blocks, ``backends.map_row_blocks``), and interpolated in fp64 as numpy does."""
+    fp64. The order statistics are taken in the rows' own dtype (float16 as float32: the same numbers) by
+    ``weightstats_numba.order_statistics``, which sorts only the values near them, and interpolated in fp64 as
+    numpy does."""
+    from zooscope.kernels import weightstats_numba
+
     n = x.shape[1]
     q = np.asarray(q, dtype=np.float64)
     virtual = (n - 1) * q  # numpy's virtual index of method 'linear'
@@ -96,16 +93,12 @@ def quantile_rows(x: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     gamma = (virtual - before.astype(np.intp))[:, None]
     lo, hi = before.astype(np.intp) % n, after.astype(np.intp) % n
     kth = np.unique(np.r_[lo, hi])
-    order = functools.partial(np.partition, kth=kth, axis=1) if n >= PARTITION_MIN_ENTRIES else _sort_rows
-    ordered = map_row_blocks(order, x)
-    a = ordered[:, lo].T.astype(np.float64)
-    b = ordered[:, hi].T.astype(np.float64)
+    values = np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float16 else None)
+    ordered = weightstats_numba.order_statistics(values, kth)
+    a = ordered[:, np.searchsorted(kth, lo)].T.astype(np.float64)
+    b = ordered[:, np.searchsorted(kth, hi)].T.astype(np.float64)
     diff = b - a
     return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
-
-
-def _sort_rows(x: np.ndarray) -> np.ndarray:
-    return np.sort(x, axis=1)
 
 
 def histogram(w: np.ndarray, bins: int = 64, range: tuple[float, float] | None = None
@@ -287,7 +280,7 @@ def layer_stats_many(tensors: np.ndarray, bins: int = 64, *, layer_type: str = "
     if t.ndim >= 3:
         a = np.abs(t.transpose(0, 2, 1) if strength_layout(layer_type, t.ndim - 1) == "in_out" else t)
         ins = a.reshape(g, a.shape[1], -1).sum(axis=2) if in_strength is None else np.asarray(in_strength)
-        strengths = (ins, a.sum(axis=tuple(i for i in range(1, a.ndim) if i != 2)))
+        strengths = (ins, a.sum(axis=1).reshape(g, a.shape[2], -1).sum(axis=2))  # over the outputs first: faster
         stats["ns_mean"], stats["ns_std"] = ins.mean(axis=1), ins.std(axis=1)
     else:
         stats["ns_mean"] = stats["ns_std"] = np.full(g, np.nan)

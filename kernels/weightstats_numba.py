@@ -2,7 +2,8 @@
 
 Each row of ``x`` (G, n) is one layer's finite fp64 weights. ``central_moments`` makes two passes per row (extremes,
 then compensated sums of the centred powers); ``histograms`` reproduces ``np.histogram(row, bins)`` bin for bin (its
-edges, its index arithmetic and its corrections at the edges). Definitions are in ``weightstats.py``.
+edges, its index arithmetic and its corrections at the edges); ``order_statistics`` takes the values of given ranks
+(for the quantiles) without sorting whole rows. Definitions are in ``weightstats.py``.
 """
 from __future__ import annotations
 
@@ -92,3 +93,71 @@ def histograms(x: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray]:
                 i += 1
             counts[g, i] += 1.0
     return counts, edges
+
+
+#: Most bins ``order_statistics`` spreads a row over (a row of n values gets ``n // 2`` bins, at least 1).
+SELECT_MAX_BINS = 1 << 16
+
+
+@njit(inline="always")
+def _bin(value: float, low: float, scale: float, last: int) -> int:
+    """The bin of ``value``: ``floor((value - low) * scale)``, at most ``last`` (also for an overflow's NaN)."""
+    position = (np.float64(value) - low) * scale
+    return int(position) if position < last else last
+
+
+@njit(parallel=True, **_JIT)
+def order_statistics(x: np.ndarray, ranks: np.ndarray) -> np.ndarray:
+    """``np.sort(x, axis=1)[:, ranks]`` of finite rows ``x`` (G, n), float32 or float64, for ascending distinct
+    ``ranks`` (K,) in [0, n): (G, K) in ``x``'s dtype.
+
+    Per row: a count of its values in equal-width bins of the row's (min, max) (the bin index is computed by one
+    monotone formula, so every value of a bin is at most every value of the next), then a sort of only the values
+    of the bins that hold a wanted rank. A row whose range is too small for its reciprocal is one bin (sorted
+    whole); one whose range overflows puts the values too far above its minimum to subtract in the last bin.
+    """
+    g_rows, n = x.shape
+    k_count = ranks.shape[0]
+    out = np.empty((g_rows, k_count), dtype=x.dtype)
+    n_bins = min(SELECT_MAX_BINS, max(1, n // 2))
+    for g in prange(g_rows):
+        row = x[g]
+        lo = row[0]
+        hi = row[0]
+        for j in range(1, n):
+            lo = min(lo, row[j])
+            hi = max(hi, row[j])
+        if lo == hi:
+            out[g, :] = lo
+            continue
+        low = np.float64(lo)
+        scale = n_bins / (np.float64(hi) - low)
+        if not scale < np.inf:
+            scale = 0.0
+        starts = np.zeros(n_bins + 1, np.int64)  # after the prefix sum: the rank of each bin's first value
+        for j in range(n):
+            starts[_bin(row[j], low, scale, n_bins - 1) + 1] += 1
+        for b in range(n_bins):
+            starts[b + 1] += starts[b]
+        slot = np.full(n_bins, -1, np.int64)  # where a wanted bin's values go in ``picked``; -1: not wanted
+        bin_of = np.empty(k_count, np.int64)
+        size = 0
+        for k in range(k_count):
+            b = np.searchsorted(starts, ranks[k], side="right") - 1
+            bin_of[k] = b
+            if slot[b] < 0:
+                slot[b] = size
+                size += starts[b + 1] - starts[b]
+        picked = np.empty(size, x.dtype)
+        fill = slot.copy()
+        for j in range(n):
+            b = _bin(row[j], low, scale, n_bins - 1)
+            if fill[b] >= 0:
+                picked[fill[b]] = row[j]
+                fill[b] += 1
+        for k in range(k_count):
+            b = bin_of[k]
+            if k == 0 or b != bin_of[k - 1]:
+                picked[slot[b]: slot[b] + starts[b + 1] - starts[b]].sort()
+            out[g, k] = picked[slot[b] + ranks[k] - starts[b]]
+    return out

@@ -162,30 +162,44 @@ def test_strength_correlation_rows_equal_scipy_row_by_row():
     assert np.isnan(ws.strength_correlation_rows(a[:, :1], b[:, :1])).all()
 
 
-@pytest.mark.parametrize("n", [1, 2, 7, 100, 2304, ws.PARTITION_MIN_ENTRIES + 3])
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 2304, (1 << 19) + 3])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_quantile_rows_equal_numpy_bit_for_bit(n, dtype):
-    """Sorted (or, for long rows, partitioned) in the stored dtype, interpolated in fp64: numpy's quantiles of the
-    fp64 values, exactly."""
+    """Order statistics taken in the stored dtype, interpolated in fp64: numpy's quantiles of the fp64 values,
+    exactly, also with ties, signed zeros and a constant row."""
     x = np.random.default_rng(n).standard_t(3, size=(4, n)).astype(dtype)
     x[0, : n // 2] = x[0, 0]  # ties
+    x[1, ::3], x[1, 1::3] = 0.0, -0.0
+    x[3] = x[3, 0]  # constant
     q = (0.0, *ws.QUANTILES, 1.0)
     np.testing.assert_array_equal(ws.quantile_rows(x, q), np.quantile(x.astype(np.float64), q, axis=1))
 
 
-@pytest.mark.parametrize("threads", ["1", "2", "3"])
-def test_quantile_rows_threaded_sort_equals_numpy_bit_for_bit(monkeypatch, threads):
-    """Many rows sorted in NUMBA_NUM_THREADS row blocks (a split stack): numpy's quantiles, bit for bit, and the
-    moments of the layers equal those of each layer alone."""
-    from zooscope.kernels import backends
+def test_order_statistics_of_ranges_that_cannot_be_binned():
+    """A row whose range overflows fp64 (its largest values cannot be subtracted from its minimum) and one whose
+    range is subnormal (its reciprocal overflows): still the sorted rows' values at every rank."""
+    x = np.array([[1e-300, -1e308, 1e308, 0.0, 5.0, -3.0, 1.7e308, 2.0],
+                  [1e-310, 2e-310, 3e-310, 0.0, 1e-320, -1e-315, 4e-310, 5e-324]])
+    ranks = np.arange(x.shape[1])
+    np.testing.assert_array_equal(weightstats_numba.order_statistics(x, ranks), np.sort(x, axis=1))
 
-    monkeypatch.setenv("NUMBA_NUM_THREADS", threads)
+
+def test_quantile_rows_do_not_depend_on_numba_threads():
+    """Many rows on one or on every Numba thread: numpy's quantiles, bit for bit, and the moments of the layers equal
+    those of each layer alone."""
+    import numba
+
     x = np.random.default_rng(7).standard_t(3, size=(301, 16, 16, 3, 3)).astype(np.float32)
     rows = x.reshape(len(x), -1)
-    assert rows.size >= backends.ROW_BLOCK_MIN_ENTRIES
-    assert backends.block_threads(len(rows), rows.size) == int(threads)
     q = ws.QUANTILES
-    np.testing.assert_array_equal(ws.quantile_rows(rows, q), np.quantile(rows.astype(np.float64), q, axis=1))
+    reference = np.quantile(rows.astype(np.float64), q, axis=1)
+    threads = numba.get_num_threads()
+    try:
+        for n_threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(n_threads)
+            np.testing.assert_array_equal(ws.quantile_rows(rows, q), reference)
+    finally:
+        numba.set_num_threads(threads)
     many, _, _, _ = ws.layer_stats_many(x)
     for i in (0, 150, 300):
         one = ws.moments(x[i])
