@@ -258,15 +258,8 @@ def test_truncated_safetensors_names_tensor(tmp_path):
     assert err.value.tensor is not None and err.value.tensor in str(err.value)
 
 
-def test_same_header_parsed_once_and_still_checked_against_each_file(tmp_path, monkeypatch):
-    """Models of a zoo share one parsed header; a file with that header but fewer bytes is still truncated, and
-    each file reads its own tensors."""
-    paths = []
-    for seed in range(3):
-        paths.append(tmp_path / f"m{seed}.safetensors")
-        save_file({k: v for k, v in _tensors(seed).items() if k != "step"}, paths[-1])
-    truncated = tmp_path / "short.safetensors"
-    truncated.write_bytes(paths[0].read_bytes()[:-8])
+def _count_header_parses(monkeypatch) -> list[str]:
+    """The paths of the headers parsed from now on (JSON parses of the readers), starting from an empty cache."""
     calls = []
     real_loads = readers._loads_json
 
@@ -276,6 +269,19 @@ def test_same_header_parsed_once_and_still_checked_against_each_file(tmp_path, m
 
     readers._HEADER_CACHE.clear()
     monkeypatch.setattr(readers, "_loads_json", counting)
+    return calls
+
+
+def test_same_header_parsed_once_and_still_checked_against_each_file(tmp_path, monkeypatch):
+    """Models of a zoo share one parsed header; a file with that header but fewer bytes is still truncated, and
+    each file reads its own tensors."""
+    paths = []
+    for seed in range(3):
+        paths.append(tmp_path / f"m{seed}.safetensors")
+        save_file({k: v for k, v in _tensors(seed).items() if k != "step"}, paths[-1])
+    truncated = tmp_path / "short.safetensors"
+    truncated.write_bytes(paths[0].read_bytes()[:-8])
+    calls = _count_header_parses(monkeypatch)
     for seed, path in enumerate(paths):
         with open_checkpoint(path) as ckpt:
             for key, tensor in _tensors(seed).items():
@@ -298,15 +304,7 @@ def test_header_cache_ignores_metadata_values_but_still_checks_them(tmp_path, mo
     template = paths[0].read_bytes()
     assert template.count(b'{"seed":"000"}') == 1
     bad = {"appears twice": '{"s":0, "s":1}', "corrupt safetensors header": '{"seed": 0000}'}  # as long as the seed
-    calls = []
-    real_loads = readers._loads_json
-
-    def counting(*args):
-        calls.append(args[1])
-        return real_loads(*args)
-
-    readers._HEADER_CACHE.clear()
-    monkeypatch.setattr(readers, "_loads_json", counting)
+    calls = _count_header_parses(monkeypatch)
     for path in paths:
         with open_checkpoint(path) as ckpt:
             for key, tensor in tensors.items():
