@@ -893,7 +893,7 @@ def content_hash(path: str | os.PathLike, files: Sequence[Path] | None = None) -
     """sha256 hex of a model's bytes: a file's content, or for a directory each file's name and content in
     name order (index json and all shards), streamed in 8 MiB blocks. ``files``: ``model_files(path)``, when known."""
     files = model_files(path) if files is None else files
-    named = len(files) > 1 or os.path.isdir(path)
+    named = len(files) > 1 or Path(files[0]) != Path(path)  # a directory's files are named; no stat needed
     h = hashlib.sha256()
     for f in files:
         if named:

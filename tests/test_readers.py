@@ -382,6 +382,10 @@ def test_content_hash(tmp_path):
     data[len(data) - 3] ^= 1
     (tmp_path / "copy.safetensors").write_bytes(data)
     assert content_hash(tmp_path / "copy.safetensors") != content_hash(f)
+    one = tmp_path / "one-file-dir"  # an HF directory of one file: the file's name is hashed with its bytes
+    one.mkdir()
+    shutil.copy(tmp_path / "copy.safetensors", one / "model.safetensors")
+    assert content_hash(one) == hashlib.sha256(b"model.safetensors\0" + bytes(data)).hexdigest()
     d = tmp_path / "hf"
     _write_sharded_st(d, _tensors())
     h = content_hash(d)
