@@ -6,7 +6,7 @@ per-model loop and against an earlier zooscope (a git checkout given with ``--ba
     python bench/zoo_throughput.py --rounds 5 --resnet 0 --sweep 0                  # the 15x and 2-worker rows
 
 With ``--rounds R`` the in-process, local-workers and WeightWatcher rows run R times, taking turns, and show the
-median (min-max) ms/model; their ratios compare medians.
+median (min-max) ms/model; their ratios compare medians. The small-CNN before/after row takes turns R times too.
 
 Rows (each scan in a fresh process, after warming Numba and imports on one model outside the timing; ms/model is
 the scan's wall time over the models scanned, peak RSS that process's high-water mark):
@@ -228,10 +228,11 @@ def main(argv: list[str] | None = None) -> int:
             sub.mkdir(parents=True)
             for p in sorted(cnn.glob("*.safetensors"))[: args.baseline_models]:
                 os.link(p, sub / p.name)
-        after, before = run_scan(None, sub), run_scan(args.baseline, sub)
-        a, b = (1e3 * r["seconds"] / args.baseline_models for r in (after, before))
+        runs = [(run_scan(None, sub), run_scan(args.baseline, sub)) for _ in range(args.rounds)]  # taking turns
+        a, b = (statistics.median(1e3 * r[i]["seconds"] / args.baseline_models for r in runs) for i in (0, 1))
         rows.append(("small CNN", "before -> after (in-process)", args.baseline_models, f"{b:.2f} -> {a:.2f}",
-                     f"{b / a:.1f}x", f"{before['peak_mb']:.0f} -> {after['peak_mb']:.0f}", ""))
+                     f"{b / a:.2f}x", f"{runs[-1][1]['peak_mb']:.0f} -> {runs[-1][0]['peak_mb']:.0f}",
+                     f"medians of {args.rounds}" if args.rounds > 1 else ""))
     if args.resnet:
         rn = args.out / f"resnet18-{args.resnet}"
         if not (rn / "manifest.csv").exists():
