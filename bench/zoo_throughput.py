@@ -152,7 +152,7 @@ def ww_loop(paths: list[Path], arch: str) -> float:
 
 
 def _spread(values: list[float]) -> str:
-    """``median`` of one value, or ``median (min-max)`` of several, in ms."""
+    """One value as it is, or ``median (min-max)`` of several, in ms."""
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ww-models", type=int, default=200)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=1,
-                        help="in-process, local-workers and WeightWatcher runs, taking turns; medians are compared")
+                        help="runs of the in-process, local-workers, WeightWatcher and before/after rows, taking "
+                             "turns; medians are compared")
     parser.add_argument("--resnet", type=int, default=50, help="ResNet-18-shaped models (0: skip the row)")
     parser.add_argument("--sweep", type=int, default=1000, help="MLPs of the sweep row (0: skip the row)")
     parser.add_argument("--baseline", type=Path, help="a zooscope checkout to compare with (before)")
