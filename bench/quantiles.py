@@ -19,21 +19,7 @@ import numpy as np
 
 from _results import best_time, record
 from zooscope.kernels.backends import map_row_blocks
-from zooscope.kernels.weightstats import QUANTILES, quantile_rows
-
-
-def _ranks(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(lower ranks, upper ranks, interpolation weights) of numpy's ``linear`` quantiles of ``QUANTILES``."""
-    virtual = (n - 1) * np.asarray(QUANTILES)
-    lo = np.floor(virtual).astype(np.intp)
-    return lo, np.minimum(lo + 1, n - 1), (virtual - lo)[:, None]
-
-
-def _from_ordered(ordered: np.ndarray, n: int) -> np.ndarray:
-    lo, hi, gamma = _ranks(n)
-    a, b = ordered[:, lo].T.astype(np.float64), ordered[:, hi].T.astype(np.float64)
-    diff = b - a
-    return np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+from zooscope.kernels.weightstats import QUANTILES, quantile_ranks, quantile_rows, quantiles_at_ranks
 
 
 def main() -> None:
@@ -47,16 +33,16 @@ def main() -> None:
             "|---|---|---|---|---|---|---|"]
     for name, x in cases.items():
         n = x.shape[1]
-        lo, hi, _ = _ranks(n)
-        kth = np.unique(np.r_[lo, hi])
+        kth = quantile_ranks(n, QUANTILES)
         reference = np.quantile(x.astype(np.float64), QUANTILES, axis=1)
         quantile_rows(x[:1], QUANTILES)  # Numba's first call (cache load or compile) outside the timing
         t_ours, ours = best_time(lambda: quantile_rows(x, QUANTILES), args.repeats)
         baselines = {
             "np.quantile(axis=1) of fp64": lambda: np.quantile(x.astype(np.float64), QUANTILES, axis=1),
-            "np.sort rows (row blocks)": lambda: _from_ordered(
-                map_row_blocks(functools.partial(np.sort, axis=1), x), n),
-            "np.partition at the ranks": lambda: _from_ordered(np.partition(x, kth, axis=1), n),
+            "np.sort rows (row blocks)": lambda: quantiles_at_ranks(
+                map_row_blocks(functools.partial(np.sort, axis=1), x)[:, kth], n, QUANTILES),
+            "np.partition at the ranks": lambda: quantiles_at_ranks(np.partition(x, kth, axis=1)[:, kth], n,
+                                                                    QUANTILES),
         }
         for label, route in baselines.items():
             t_base, theirs = best_time(route, args.repeats)

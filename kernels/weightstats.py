@@ -80,21 +80,38 @@ def quantile_rows(x: np.ndarray, q: tuple[float, ...]) -> np.ndarray:
     """``np.quantile(x, q, axis=1)`` (method ``linear``) of finite rows ``x`` (G, n), bit for bit: ``(len(q), G)``
     fp64. The order statistics are taken in the rows' own dtype (float16 as float32: the same numbers) by
     ``weightstats_numba.order_statistics``, which sorts only the values near them, and interpolated in fp64 as
-    numpy does."""
+    numpy does (``quantiles_at_ranks``)."""
     from zooscope.kernels import weightstats_numba
 
+    values = np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float16 else None)
     n = x.shape[1]
+    return quantiles_at_ranks(weightstats_numba.order_statistics(values, quantile_ranks(n, q)), n, q)
+
+
+def _linear_positions(n: int, q: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """numpy's method ``linear`` for rows of n values: (rank below, rank above, weight (len(q), 1)) per level."""
     q = np.asarray(q, dtype=np.float64)
-    virtual = (n - 1) * q  # numpy's virtual index of method 'linear'
+    virtual = (n - 1) * q  # numpy's virtual index
     before = np.floor(virtual)
     after = before + 1
     before[virtual >= n - 1] = after[virtual >= n - 1] = -1
     before[virtual < 0] = after[virtual < 0] = 0
     gamma = (virtual - before.astype(np.intp))[:, None]
-    lo, hi = before.astype(np.intp) % n, after.astype(np.intp) % n
+    return before.astype(np.intp) % n, after.astype(np.intp) % n, gamma
+
+
+def quantile_ranks(n: int, q: tuple[float, ...]) -> np.ndarray:
+    """The ranks (ascending, distinct) of the order statistics that numpy's ``linear`` quantiles ``q`` of n values
+    interpolate between."""
+    lo, hi, _ = _linear_positions(n, q)
+    return np.unique(np.r_[lo, hi])
+
+
+def quantiles_at_ranks(ordered: np.ndarray, n: int, q: tuple[float, ...]) -> np.ndarray:
+    """``np.quantile(x, q, axis=1)``, bit for bit, from ``ordered`` (G, K): the values of ``quantile_ranks(n, q)``
+    in each row of ``x`` (G, n), i.e. ``np.sort(x, axis=1)[:, quantile_ranks(n, q)]``. Returns (len(q), G) fp64."""
+    lo, hi, gamma = _linear_positions(n, q)
     kth = np.unique(np.r_[lo, hi])
-    values = np.ascontiguousarray(x, dtype=np.float32 if x.dtype == np.float16 else None)
-    ordered = weightstats_numba.order_statistics(values, kth)
     a = ordered[:, np.searchsorted(kth, lo)].T.astype(np.float64)
     b = ordered[:, np.searchsorted(kth, hi)].T.astype(np.float64)
     diff = b - a

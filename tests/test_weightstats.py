@@ -173,6 +173,8 @@ def test_quantile_rows_equal_numpy_bit_for_bit(n, dtype):
     x[3] = x[3, 0]  # constant
     q = (0.0, *ws.QUANTILES, 1.0)
     np.testing.assert_array_equal(ws.quantile_rows(x, q), np.quantile(x.astype(np.float64), q, axis=1))
+    sorted_at = np.sort(x, axis=1)[:, ws.quantile_ranks(n, q)]  # the same interpolation from sorted rows
+    np.testing.assert_array_equal(ws.quantiles_at_ranks(sorted_at, n, q), np.quantile(x.astype(np.float64), q, axis=1))
 
 
 def test_order_statistics_of_ranges_that_cannot_be_binned():
