@@ -53,6 +53,11 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
+def load_average() -> str:
+    """``load average a / b / c`` (1, 5 and 15 minutes), for a record's notes."""
+    return "load average {:.2f} / {:.2f} / {:.2f}".format(*os.getloadavg())
+
+
 def machine() -> str:
     """One line naming the CPU, core count and GPU (if any) of this machine."""
     cpu = platform.processor() or platform.machine()

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 
 import numpy as np
 
-from _results import best_time, record
+from _results import best_time, load_average, record
 from zooscope.kernels.backends import map_row_blocks
 from zooscope.kernels.weightstats import QUANTILES, quantile_ranks, quantile_rows, quantiles_at_ranks
 
@@ -49,10 +48,8 @@ def main() -> None:
             same = np.array_equal(ours, reference) and np.array_equal(theirs, reference)
             rows.append(f"| {name} | {x.size} | {1e3 * t_ours:.2f} | {label} | {1e3 * t_base:.2f} | "
                         f"{t_base / t_ours:.1f}x | {same} |")
-    load = os.getloadavg()
     record("Quantiles of weight rows: order statistics kernel vs numpy", "\n".join(rows),
-           notes=f"fastest of {args.repeats}; Student-t (df 3) float32 rows; quantiles {QUANTILES}; "
-                 f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
+           notes=f"fastest of {args.repeats}; Student-t (df 3) float32 rows; quantiles {QUANTILES}; {load_average()}")
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ is cheaper are those below ``kernels.esd.ITERATION_MIN_SIDE``, where the checked
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 import numpy as np
 
-from _results import best_time, checkpoint_path, record
+from _results import best_time, checkpoint_path, load_average, record
 from zooscope.kernels.backends import one_blas_thread
 from zooscope.kernels.esd import CHECKED_ACCURACY, ITERATION_MIN_SIDE, gram_rounding
 from zooscope.kernels.smallest import smallest_gram_eigenvalues
@@ -77,11 +76,10 @@ def sides_table(sides: list[int], repeats: int) -> None:
             rows.append(f"| {side} | {len(todo)} | {sum(r is not None for r in refined)} | "
                         f"{1e3 * t_svd / len(todo):.3f} | {1e3 * t_refine / len(todo):.3f} | "
                         f"{t_svd / t_refine:.2f} | {route} |")
-    load = os.getloadavg()
     record("Checked Gram route: inverse iteration vs whole SVD by matrix side", "\n".join(rows),
            notes=f"fastest of {repeats}; synthetic Student-t m×m matrices with one singular value at 3e-5·σmax "
                  f"(one uncertain eigenvalue); one BLAS thread; ITERATION_MIN_SIDE = {ITERATION_MIN_SIDE}; "
-                 f"load average {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
+                 f"{load_average()}")
 
 
 def main() -> None:

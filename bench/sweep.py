@@ -26,7 +26,7 @@ import tempfile
 import time
 
 import numpy as np
-from _results import record  # bench/ is on sys.path when run as ``python bench/sweep.py``
+from _results import load_average, record  # bench/ is on sys.path when run as ``python bench/sweep.py``
 
 from zooscope.pipelines.datasets import load_dataset
 from zooscope.pipelines.archs import Arch, init_params
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _load_note() -> str:
-    return "load average {:.1f} / {:.1f} / {:.1f} (1/5/15 min) on {} cores".format(*os.getloadavg(), os.cpu_count())
+    return f"{load_average()} (1/5/15 min) on {os.cpu_count()} cores"
 
 
 def paper000(args) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from _results import CHECKPOINTS, best_time, checkpoint_path, record
+from _results import CHECKPOINTS, best_time, checkpoint_path, load_average, record
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -113,7 +113,6 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="each tool in a fresh process, as a user runs it")
     args = parser.parse_args()
     if args.fresh:
-        import os
         import tempfile
 
         rows = ["| checkpoint | MB | weightwatcher s | zooscope analyze s | speedup | max abs Δalpha |",
@@ -127,10 +126,8 @@ def main() -> None:
                 t_ww, t_zs, dalpha = fresh_process(path, args.repeats, Path(tmp))
                 rows.append(f"| {name} ({path.name}) | {path.stat().st_size / 1e6:.1f} | {t_ww:.2f} | {t_zs:.2f} | "
                             f"{t_ww / t_zs:.1f}x | {dalpha:.1e} |")
-        load = os.getloadavg()
         record("zooscope analyze vs weightwatcher 0.7.7, fresh process each (file in, table out)", "\n".join(rows),
-               notes=f"best of {args.repeats} per tool, imports included; load average {load[0]:.2f} / "
-                     f"{load[1]:.2f} / {load[2]:.2f}")
+               notes=f"best of {args.repeats} per tool, imports included; {load_average()}")
         return
     rows = ["| checkpoint | zooscope route | layers compared | only in one tool | max abs Δalpha | "
             "max rel Δ other columns | weightwatcher s | zooscope s | speedup |",

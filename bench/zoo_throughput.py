@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _results import importable_tree, record
+from _results import importable_tree, load_average, record
 from make_zoo import write_zoo
 
 HERE = Path(__file__).resolve().parent
@@ -276,10 +276,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{1e3 * cold:.0f}", f"{cold_b / cold:.2f}x", "", note))
     else:
         rows.append(("cold start", "zooscope analyze FILE, fresh process", 1, f"{1e3 * cold:.0f}", "", "", note))
-    load = os.getloadavg()
     table = "\n".join("| " + " | ".join(map(str, r)) + " |" for r in rows[:1] + [("---",) * 7] + rows[1:])
     record("Zoo throughput: batch engine (bench/zoo_throughput.py)", table,
-           notes=f"load average at the end {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")
+           notes=f"at the end: {load_average()}")
     return 0
 
 
